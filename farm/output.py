@@ -1,0 +1,60 @@
+"""Outputs: a PNG with the full spec in its metadata, written atomically (never half a file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from farm import __version__
+from farm.specfile import PNG_KEY
+from pipeline.errors import UserError
+from pipeline.spec import RenderSpec
+
+
+def check_output_path(out: str | Path, overwrite: bool) -> Path:
+    """Refuse, before any work, an output we could not or should not write."""
+    path = Path(out).expanduser()
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--out {path}: the output must be a .png file (it carries the spec in its metadata)")
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; give a file name such as {path / 'render.png'}")
+    if path.exists() and not overwrite:
+        raise UserError(f"--out {path} already exists; pass --overwrite to replace it or choose another name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"--out {path}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {path}: folder {parent} is not writable")
+    return path
+
+
+def to_pil(image: torch.Tensor):
+    """[1, 3, H, W] in [0, 1] -> an 8-bit RGB PIL image."""
+    from PIL import Image
+
+    array = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def save_png(image: torch.Tensor, spec: RenderSpec, path: Path, plan_text: str = "") -> Path:
+    """Write the image with `{"spec": ..., "version": ...}` under the PNG text key 'tilefarm'."""
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    meta.add_text(PNG_KEY, json.dumps({"version": __version__, "spec": spec.to_dict()}))
+    meta.add_text("Software", f"tilefarm {__version__}")
+    if plan_text:
+        meta.add_text("Comment", plan_text)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            to_pil(image).save(handle, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

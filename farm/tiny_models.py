@@ -1,0 +1,140 @@
+"""Tiny random-weight models built from the real classes, for the demo, the tests and the CPU benches.
+
+Random weights make abstract images; these exist so the real loading and render code can run
+end to end on a machine with no model weights and no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+TINY_NATIVE_PX = 256  # the tiny UNet's "native" size: sample_size 32 latents x VAE factor 8
+_VERSION = "v1"  # bump when a tiny config changes, so cached models are rebuilt
+
+
+def _byte_vocab() -> dict[str, int]:
+    """A byte-level BPE vocabulary with no merges: enough for CLIPTokenizer to tokenize offline."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def _tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=77)
+
+
+def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+    """Save a tiny SDXL-architecture diffusers folder (UNet with text_time embeddings, 8x VAE, two CLIPs)."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        sample_size=TINY_NATIVE_PX,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        scaling_factor=0.13025,
+    )
+    text_config = dict(
+        bos_token_id=len(_byte_vocab()) - 2,
+        eos_token_id=len(_byte_vocab()) - 1,
+        pad_token_id=len(_byte_vocab()) - 1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(_byte_vocab()),
+        projection_dim=32,
+        hidden_act="gelu",
+        max_position_embeddings=77,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=_tiny_tokenizer(),
+        tokenizer_2=_tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+    from transformers.utils import logging as tlog
+
+    tlog.disable_progress_bar()
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_upscaler(path: Path, scale: int = 4, seed: int = 0) -> Path:
+    """Save a tiny spandrel-detectable Compact (SRVGGNet) upscaler as .safetensors."""
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
+
+    torch.manual_seed(seed)
+    net = SRVGGNetCompact(num_feat=8, num_conv=2, upscale=scale)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+def demo_cache_dir() -> Path:
+    """Where the demo keeps its tiny models: $XDG_CACHE_HOME/tilefarm (default ~/.cache/tilefarm)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tilefarm" / f"tiny-models-{_VERSION}"
+
+
+def ensure_tiny_models(root: Path | None = None) -> tuple[Path, Path]:
+    """Build (once) and return the tiny SDXL folder and tiny 4x upscaler file."""
+    root = root or demo_cache_dir()
+    model, upscaler = root / "tiny-sdxl", root / "tiny-compact-4x.safetensors"
+    if not (model / "model_index.json").exists():
+        tmp = root / "tiny-sdxl.partial"
+        build_tiny_sdxl(tmp)
+        os.replace(tmp, model)
+    if not upscaler.exists():
+        tmp = root / "tiny-compact-4x.partial.safetensors"
+        build_tiny_upscaler(tmp)
+        os.replace(tmp, upscaler)
+    return model, upscaler

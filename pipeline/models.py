@@ -1,0 +1,236 @@
+"""Model loading in one place: diffusion models, upscalers; safe formats, errors a user can act on.
+
+Each loader returns a descriptor that carries what callers need (family, latent channels, VAE
+factor, native size, scale) so no caller inspects a network. Pickled checkpoints only ever go
+through PyTorch's restricted unpickler (weights_only=True): a pickle that holds code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import ModelFileError
+from pipeline.sampler import Denoiser, PromptEmbeds
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a diffusion model is, read from its config files without loading weights."""
+
+    path: Path
+    family: str  # "sdxl"
+    latent_channels: int
+    vae_factor: int
+    native_px: int
+    single_file: bool
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise ModelFileError(f"{what} {path} does not exist; check the path (it must be reachable from this machine)")
+    return path
+
+
+def _check_safetensors(file: Path) -> None:
+    """Parse a .safetensors header: a truncated or foreign file fails here, named, before loading."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as err:
+        raise ModelFileError(
+            f"{file} is not a readable .safetensors file ({err}); re-download or re-export it"
+        ) from None
+
+
+def inspect_diffusion_model(path: str | Path) -> ModelInfo:
+    """Family, latent channels, VAE factor and native size of a diffusers folder or single file."""
+    path = _require(Path(path).expanduser(), "model path")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelFileError(
+                f"model file {path} is not .safetensors; single-file checkpoints must be safetensors "
+                "(pickled .ckpt files can run code when loaded): convert it, or pass a diffusers folder"
+            )
+        _check_safetensors(path)
+        return ModelInfo(path, "sdxl", 4, 8, 1024, single_file=True)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelFileError(
+            f"model folder {path} has no model_index.json, so it is not a diffusers pipeline folder; "
+            "pass a folder saved with save_pretrained or an SDXL .safetensors file"
+        )
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+        unet_cfg = json.loads((path / "unet" / "config.json").read_text())
+        vae_cfg = json.loads((path / "vae" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"model folder {path} has unreadable config files ({err})") from None
+    if "StableDiffusionXL" not in class_name:
+        raise ModelFileError(
+            f"model folder {path} holds a {class_name or 'unknown'} pipeline; this render needs SDXL "
+            "(StableDiffusionXLPipeline)"
+        )
+    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    return ModelInfo(
+        path,
+        "sdxl",
+        latent_channels=vae_cfg.get("latent_channels", 4),
+        vae_factor=vae_factor,
+        native_px=unet_cfg["sample_size"] * vae_factor,
+        single_file=False,
+    )
+
+
+@dataclass
+class DiffusionModel:
+    """A loaded SDXL model: the denoiser, the VAE and the prompt encoder, on one device."""
+
+    info: ModelInfo
+    pipe: object  # the diffusers pipeline holding the components
+    denoiser: Denoiser
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    def encode_prompt(self, prompt: str, negative: str, cfg: float) -> PromptEmbeds:
+        """Encode the prompts once per render with diffusers' own SDXL prompt encoder."""
+        embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt,
+            negative_prompt=negative,
+            do_classifier_free_guidance=cfg > 1.0,
+            device=self.denoiser.device,
+        )
+        return PromptEmbeds(embeds, pooled, neg if cfg > 1.0 else None, neg_pooled if cfg > 1.0 else None)
+
+
+def _quiet_hf_logs() -> None:
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+def load_diffusion_model(
+    path: str | Path, device: torch.device, dtype: torch.dtype, config: str | Path | None = None
+) -> DiffusionModel:
+    """Load an SDXL diffusers folder (local files only) or single .safetensors checkpoint.
+
+    A single file needs the pipeline's configs and tokenizers: `config` is a diffusers folder
+    holding them (weights in it are not read).
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    info = inspect_diffusion_model(path)
+    _quiet_hf_logs()
+    if not info.single_file:
+        for weights in sorted(info.path.glob("*/*.safetensors")):
+            _check_safetensors(weights)
+    try:
+        if info.single_file:
+            if config is None:
+                raise ModelFileError(
+                    f"single-file checkpoint {info.path} needs --model-config: a diffusers SDXL folder "
+                    "with its configs and tokenizers (no downloads happen here)"
+                )
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(info.path), config=str(config), local_files_only=True, dtype=dtype
+            )
+        else:
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(info.path), local_files_only=True, dtype=dtype)
+    except ModelFileError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelFileError(f"could not load the SDXL model at {info.path}: {err}") from None
+    pipe.to(device)
+    if dtype != torch.float32 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+    pipe.unet.set_attn_processor(_default_attention())
+    denoiser = Denoiser(pipe.unet, dict(pipe.scheduler.config), info.vae_factor)
+    return DiffusionModel(info, pipe, denoiser)
+
+
+def _default_attention():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return AttnProcessor2_0()  # PyTorch SDPA
+
+
+@dataclass
+class Upscaler:
+    """A loaded spandrel image-to-image model and what the tiler needs to know about it."""
+
+    path: Path
+    descriptor: object  # spandrel.ImageModelDescriptor
+    scale: int
+    supports_half: bool
+    architecture: str
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from .safetensors, or from a pickle through PyTorch's restricted unpickler only."""
+    from safetensors.torch import load_file
+
+    if path.suffix == ".safetensors":
+        _check_safetensors(path)
+        return load_file(str(path))
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise ModelFileError(
+            f"upscaler {path} has an unknown extension {path.suffix!r}; use .safetensors (or .pth/.pt/.ckpt)"
+        )
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "forbidden content"
+        raise ModelFileError(
+            f"upscaler {path} is a pickle that holds more than tensors ({first}); it was not loaded "
+            "because unpickling it could run code. Use a .safetensors version of the model"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ModelFileError(f"upscaler {path} is not a readable PyTorch checkpoint ({err})") from None
+    for key in ("params_ema", "params", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]  # common wrappers around the weights
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"upscaler {path} does not hold a state dict of tensors")
+    return state
+
+
+def load_upscaler(path: str | Path, device: torch.device, half: bool = False) -> Upscaler:
+    """Load any image-to-image model spandrel detects, in fp16 when asked and the model supports it."""
+    import spandrel
+
+    path = _require(Path(path).expanduser(), "upscaler")
+    if path.is_dir():
+        raise ModelFileError(f"upscaler {path} is a folder; pass the model file (.safetensors or .pth)")
+    state = read_state_dict(path)
+    try:
+        descriptor = spandrel.ModelLoader().load_from_state_dict(spandrel.canonicalize_state_dict(state))
+    except spandrel.UnsupportedModelError:
+        raise ModelFileError(
+            f"upscaler {path} is not an architecture spandrel knows (ESRGAN, Compact, SwinIR, ...); "
+            "check that it is an image upscaling model"
+        ) from None
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise ModelFileError(f"upscaler {path} could not be built ({err})") from None
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor):
+        raise ModelFileError(f"upscaler {path} is a {descriptor.architecture.name} inpainting model, not an upscaler")
+    descriptor.to(device).eval()
+    if half and descriptor.supports_half and device.type == "cuda":
+        descriptor.half()
+    return Upscaler(path, descriptor, descriptor.scale, descriptor.supports_half, descriptor.architecture.name)

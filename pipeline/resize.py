@@ -1,0 +1,29 @@
+"""Exact output sizes: resize pixels to cover the requested size, then centre-crop the excess."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic resize with antialiasing (a plain bicubic downscale aliases), clamped to [0, 1]."""
+    if image.shape[-2:] == (height, width):
+        return image
+    return F.interpolate(image, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """The smallest size with the input's aspect ratio that covers the target on both axes."""
+    scale = max(target_h / height, target_w / width)
+    return max(target_h, math.ceil(height * scale - 1e-6)), max(target_w, math.ceil(width * scale - 1e-6))
+
+
+def fit_exact(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, 3, H, W] -> exactly [B, 3, height, width]: aspect kept, excess cropped from the centre."""
+    ch, cw = cover_size(image.shape[-2], image.shape[-1], height, width)
+    image = resize(image, ch, cw)
+    top, left = (ch - height) // 2, (cw - width) // 2
+    return image[..., top : top + height, left : left + width]

@@ -1,0 +1,120 @@
+"""The tile sampler: diffusers' SDXL UNet and schedulers, driven with our own noise.
+
+diffusers' pipelines draw their own noise; a tile render needs each tile's noise to be its slice
+of the one scaffold, and many tiles in one batch. The loop below is the one of diffusers'
+StableDiffusionXL(Img2Img)Pipeline, with the noise supplied (tests check they agree to 1e-4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.schedule import make_scheduler, refine_schedule
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for one render, computed once: SDXL token and pooled embeddings."""
+
+    embeds: torch.Tensor  # [1, T, D]
+    pooled: torch.Tensor  # [1, P]
+    negative_embeds: torch.Tensor | None  # None when CFG is off
+    negative_pooled: torch.Tensor | None
+
+    def for_batch(self, batch: int, cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token embeds, pooled) for `batch` items; with CFG the negatives come first, as in diffusers."""
+        embeds, pooled = self.embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1)
+        if not cfg:
+            return embeds, pooled
+        neg = self.negative_embeds.expand(batch, -1, -1)
+        neg_pooled = self.negative_pooled.expand(batch, -1)
+        return torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
+
+
+def sdxl_time_ids(height_px: int, width_px: int) -> torch.Tensor:
+    """SDXL micro-conditioning: original size, crop top-left (0, 0), target size (Podell et al. 2023, 2.2)."""
+    return torch.tensor([height_px, width_px, 0, 0, height_px, width_px], dtype=torch.float32)
+
+
+@dataclass
+class Denoiser:
+    """An SDXL UNet with what a sampling loop needs around it."""
+
+    unet: torch.nn.Module
+    scheduler_config: dict
+    vae_factor: int
+    clock: Callable[[str], object] | None = None  # clock("unet") -> context manager timing a forward
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, cfg: float) -> torch.Tensor:
+        """Noise prediction for a batch x at timestep t, with classifier-free guidance when cfg > 1."""
+        use_cfg = cfg > 1.0
+        batch, _, h, w = x.shape
+        embeds, pooled = cond.for_batch(batch, use_cfg)
+        time_ids = sdxl_time_ids(h * self.vae_factor, w * self.vae_factor)
+        time_ids = time_ids.to(self.device, embeds.dtype).repeat(embeds.shape[0], 1)
+        model_in = torch.cat([x, x]) if use_cfg else x
+        with self.clock("unet") if self.clock else nullcontext():
+            out = self.unet(
+                model_in,
+                t,
+                encoder_hidden_states=embeds.to(self.device, self.dtype),
+                added_cond_kwargs={"text_embeds": pooled.to(self.device, self.dtype), "time_ids": time_ids},
+                return_dict=False,
+            )[0]
+        if not use_cfg:
+            return out
+        uncond, text = out.chunk(2)
+        return uncond + cfg * (text - uncond)
+
+
+def _run(denoiser: Denoiser, scheduler, timesteps, latents, cond: PromptEmbeds, cfg: float) -> torch.Tensor:
+    """The sampling loop of diffusers' SDXL pipelines: scale input, predict, step."""
+    for t in timesteps:
+        x = scheduler.scale_model_input(latents, t)
+        noise_pred = denoiser.predict(x, t, cond, cfg)
+        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+    return latents
+
+
+@torch.no_grad()
+def generate(
+    denoiser: Denoiser, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str
+) -> torch.Tensor:
+    """txt2img from given unit noise [B, C, h, w]: x_T = noise * init_noise_sigma, as StableDiffusionXLPipeline."""
+    scheduler = make_scheduler(sampler, denoiser.scheduler_config)
+    scheduler.set_timesteps(steps, device=denoiser.device)
+    latents = noise.to(denoiser.device, denoiser.dtype) * scheduler.init_noise_sigma
+    return _run(denoiser, scheduler, scheduler.timesteps, latents, cond, cfg)
+
+
+@torch.no_grad()
+def refine(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    cond: PromptEmbeds,
+    cfg: float,
+    steps: int,
+    denoise: float,
+    sampler: str,
+) -> torch.Tensor:
+    """img2img on a batch of latent tiles with their own noise: run `steps` steps from sigmas[N - steps]."""
+    scheduler = make_scheduler(sampler, denoiser.scheduler_config)
+    schedule = refine_schedule(scheduler, steps, denoise, device=denoiser.device)
+    timesteps = schedule.timesteps
+    latents = latents.to(denoiser.device, denoiser.dtype)
+    noise = noise.to(denoiser.device, denoiser.dtype)
+    latents = scheduler.add_noise(latents, noise, timesteps[:1])
+    return _run(denoiser, scheduler, timesteps, latents, cond, cfg)

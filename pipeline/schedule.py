@@ -1,0 +1,62 @@
+"""Samplers and what `steps` and `denoise` mean (DESIGN rule 4).
+
+`steps` is the number of denoising steps that actually run (model calls per tile, doubled by
+CFG), as in ComfyUI's KSampler. `denoise d` builds the sampler's schedule for
+N = round(steps / d) steps and runs the last `steps` of it, so a refine starts at sigma_start =
+sigmas[N - steps] of that schedule. The start sigma depends on the schedule: under Karras sigmas
+a low denoise starts at a much lower sigma than under a uniform one, so plans report it.
+
+diffusers' img2img with num_inference_steps = N and strength = steps / N runs the same steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+SAMPLERS = ("dpmpp_2m_karras", "euler")
+
+
+def make_scheduler(name: str, base_config: dict) -> SchedulerMixin:
+    """A fresh scheduler (they are stateful) for a sampler name, from the model's scheduler config."""
+    if name == "dpmpp_2m_karras":
+        return DPMSolverMultistepScheduler.from_config(
+            base_config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
+        )
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(base_config)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def schedule_length(steps: int, denoise: float) -> int:
+    """N, the length of the full schedule whose last `steps` steps a refine at `denoise` runs."""
+    return max(steps, round(steps / denoise))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The steps a sampler will run: their timesteps, where they begin and the sigma they start at."""
+
+    timesteps: torch.Tensor
+    begin_index: int
+    start_sigma: float
+    length: int
+
+
+def refine_schedule(scheduler: SchedulerMixin, steps: int, denoise: float, device=None) -> Schedule:
+    """Set `scheduler` to run the last `steps` steps of a schedule of length round(steps / denoise)."""
+    if steps < 1 or not 0 < denoise <= 1:
+        raise ValueError(f"need steps >= 1 and 0 < denoise <= 1, got steps={steps} denoise={denoise}")
+    length = schedule_length(steps, denoise)
+    scheduler.set_timesteps(length, device=device)
+    begin = (length - steps) * scheduler.order
+    scheduler.set_begin_index(begin)
+    return Schedule(scheduler.timesteps[begin:], begin, float(scheduler.sigmas[begin]), length)
+
+
+def start_sigma(sampler: str, base_config: dict, steps: int, denoise: float) -> float:
+    """The noise level a refine starts from, for plans and logs."""
+    return refine_schedule(make_scheduler(sampler, base_config), steps, denoise).start_sigma

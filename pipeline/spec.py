@@ -1,0 +1,119 @@
+"""RenderSpec: everything that decides a render's pixels, as plain data you can save, diff and replay."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from pipeline.errors import SpecError
+from pipeline.schedule import SAMPLERS
+
+MAX_SIDE = 65536  # beyond this no machine we target holds the pixel buffers
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_KIND_NAMES = {int: "a whole number", float: "a number", str: "a string"}
+
+
+@dataclass
+class RenderSpec:
+    """A top-down render: target size, prompts, models and sampling settings (pixels unless noted)."""
+
+    model: str = ""
+    prompt: str = ""
+    negative: str = ""
+    width: int = 4096
+    height: int = 4096
+    seed: int = 0
+    steps: int = 20  # refine steps that run per tile (see pipeline.schedule)
+    base_steps: int = 30
+    cfg: float = 7.0
+    denoise: float = 0.35
+    tile: int = 1024
+    tile_batch: int = 4
+    sampler: str = "dpmpp_2m_karras"
+    upscaler: str = ""  # spandrel model file; empty = bicubic resize of the base
+    upscale_tile: int = 512
+    native: int = 0  # the model's native size in px; 0 = read from the model
+    model_config: str = ""  # diffusers folder with configs, for single-file checkpoints
+    precision: str = "auto"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str) -> RenderSpec:
+        """Build a spec from a mapping (TOML, PNG metadata), naming `source` for unknown keys or bad types."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise SpecError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}")
+        values = {}
+        for key, value in data.items():
+            kind = type(getattr(cls(), key))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise SpecError(f"{source}: {key} must be {_KIND_NAMES[kind]}, got {value!r}")
+            values[key] = value
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> RenderSpec:
+        """Check every value against its rule before any model is loaded; raise SpecError naming the fix."""
+        _check_size(self.width, self.height)
+        if not self.model:
+            raise SpecError("no model given: pass --model PATH (a diffusers SDXL folder or .safetensors file)")
+        if self.steps < 1:
+            raise SpecError(f"steps {self.steps}: must be at least 1 (steps that run per tile)")
+        if self.base_steps < 1:
+            raise SpecError(f"base_steps {self.base_steps}: must be at least 1")
+        if not 0 < self.denoise <= 1:
+            raise SpecError(f"denoise {self.denoise}: must be in (0, 1]; 0.2-0.5 keeps the upscaled image's layout")
+        if not 1 <= self.cfg <= 30:
+            raise SpecError(f"cfg {self.cfg}: must be in [1, 30]; 1 turns classifier-free guidance off")
+        if self.tile < 64 or self.tile % 8:
+            raise SpecError(f"tile {self.tile}: must be a multiple of 8 and at least 64 (e.g. 1024)")
+        if self.tile > self.width or self.tile > self.height:
+            raise SpecError(
+                f"tile {self.tile} is larger than the target {self.width}x{self.height}; "
+                f"use a tile of at most {min(self.width, self.height) // 8 * 8}"
+            )
+        if self.tile_batch < 1:
+            raise SpecError(f"tile_batch {self.tile_batch}: must be at least 1")
+        if self.sampler not in SAMPLERS:
+            raise SpecError(f"sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if self.upscale_tile < 64:
+            raise SpecError(f"upscale_tile {self.upscale_tile}: must be at least 64 px")
+        if self.native and (self.native < 64 or self.native % 8):
+            raise SpecError(f"native {self.native}: must be a multiple of 8 and at least 64 (0 = from the model)")
+        if self.precision not in PRECISIONS:
+            raise SpecError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.seed < 2**63:
+            raise SpecError(f"seed {self.seed}: must be in [0, 2^63)")
+        return self
+
+
+def _check_size(width: int, height: int) -> None:
+    if width <= 0 or height <= 0:
+        raise SpecError(f"size {width}x{height}: width and height must be positive (e.g. 4096x4096)")
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise SpecError(f"size {width}x{height}: each side must be at most {MAX_SIDE} px")
+    for name, value in (("width", width), ("height", height)):
+        if value % 8:
+            low, high = value // 8 * 8, value // 8 * 8 + 8
+            raise SpecError(
+                f"size {width}x{height}: {name} {value} must be a multiple of 8 (the VAE factor); "
+                f"try {low or high} or {high}"
+            )
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'4096x2304' -> (4096, 2304)."""
+    parts = text.lower().replace("*", "x").split("x")
+    if len(parts) != 2:
+        raise SpecError(f"size {text!r}: write it as WIDTHxHEIGHT, e.g. 4096x4096")
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise SpecError(f"size {text!r}: write it as WIDTHxHEIGHT with whole numbers, e.g. 4096x4096") from None

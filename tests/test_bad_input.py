@@ -1,0 +1,138 @@
+"""Bad input: a clear message naming the input, exit code 2, no traceback, and no output file."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from farm.cli import main
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def files(tmp_path, tiny_sdxl, tiny_upscaler):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(tiny_upscaler.read_bytes()[:100])
+    evil = tmp_path / "evil.pth"
+    torch.save({"params": _RunsCode(tmp_path / "pwned")}, evil)
+    existing = tmp_path / "out" / "exists.png"
+    existing.parent.mkdir()
+    existing.write_bytes(b"keep me")
+    return {
+        "model": str(tiny_sdxl),
+        "upscaler": str(tiny_upscaler),
+        "corrupt": str(corrupt),
+        "evil": str(evil),
+        "missing": str(tmp_path / "no-such-model"),
+        "existing": str(existing),
+        "tmp": tmp_path,
+    }
+
+
+# (case id, flags replacing the good ones, text the message must contain)
+CASES = [
+    ("size-not-multiple-of-8", {"--size": "1030x1024"}, ["1030", "multiple of 8", "1024 or 1032"]),
+    ("size-zero", {"--size": "0x1024"}, ["0x1024", "positive"]),
+    ("size-negative", {"--size": "-512x512"}, ["-512x512", "positive"]),
+    ("size-garbage", {"--size": "big"}, ["'big'", "WIDTHxHEIGHT"]),
+    ("size-absurd-side", {"--size": "100000x8"}, ["100000x8", "at most"]),
+    ("size-absurd-memory", {"--size": "65536x65536"}, ["65536x65536", "GiB of host memory"]),
+    ("missing-model", {"--model": "{missing}"}, ["{missing}", "does not exist"]),
+    ("model-not-diffusers", {"--model": "{tmp}"}, ["{tmp}", "model_index.json"]),
+    ("missing-upscaler", {"--upscaler": "{missing}.pth"}, ["{missing}.pth", "does not exist"]),
+    ("corrupt-safetensors", {"--upscaler": "{corrupt}"}, ["{corrupt}", "not a readable .safetensors"]),
+    ("pickle-with-code", {"--upscaler": "{evil}"}, ["{evil}", "could run code", ".safetensors"]),
+    ("denoise-zero", {"--denoise": "0"}, ["denoise 0.0", "(0, 1]"]),
+    ("denoise-above-one", {"--denoise": "1.5"}, ["denoise 1.5", "(0, 1]"]),
+    ("steps-zero", {"--steps": "0"}, ["steps 0", "at least 1"]),
+    ("tile-larger-than-target", {"--tile": "1024"}, ["tile 1024", "larger than the target 512x512"]),
+    ("tile-not-multiple", {"--tile": "100"}, ["tile 100", "multiple of 8"]),
+    ("cfg-below-one", {"--cfg": "0.5"}, ["cfg 0.5", "[1, 30]"]),
+    ("unknown-sampler", {"--sampler": "magic"}, ["'magic'", "dpmpp_2m_karras"]),
+    ("existing-output", {"--out": "{existing}"}, ["{existing}", "--overwrite"]),
+    ("output-not-png", {"--out": "{tmp}/x.jpg"}, ["x.jpg", ".png"]),
+    ("output-folder-missing", {"--out": "{tmp}/nowhere/x.png"}, ["nowhere", "does not exist"]),
+    ("half-precision-on-cpu", {"--precision": "fp16", "--device": "cpu"}, ["fp16", "GPU"]),
+]
+
+
+@pytest.mark.parametrize("case,flags,expect", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_cleanly(files, case, flags, expect, capsys):
+    out = files["tmp"] / "out" / "render.png"
+    good = {
+        "--model": files["model"],
+        "--upscaler": files["upscaler"],
+        "--prompt": "x",
+        "--size": "512x512",
+        "--tile": "128",
+        "--native": "128",
+        "--steps": "1",
+        "--base-steps": "1",
+        "--out": str(out),
+    }
+    args = ["render", "--quiet"]
+    for flag, value in (good | flags).items():
+        args += [f"{flag}={value.format(**files)}"]
+    before = sorted(p.name for p in out.parent.iterdir())
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("farm: error: ") and "Traceback" not in err
+    for text in expect:
+        assert text.format(**files) in err, err
+    assert not out.exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == before  # no partial files either
+    assert not (files["tmp"] / "pwned").exists()
+    if case == "existing-output":
+        assert Path(files["existing"]).read_bytes() == b"keep me"
+
+
+def test_spec_file_errors_name_the_file(tmp_path, capsys):
+    spec = tmp_path / "spec.toml"
+    spec.write_text('prompt = "x"\nwidht = 1024\n')
+    assert main(["render", str(spec), "--out", str(tmp_path / "a.png")]) == 2
+    assert "widht" in capsys.readouterr().err
+    spec.write_text('prompt = "x\n')
+    assert main(["render", str(spec), "--out", str(tmp_path / "a.png")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    spec.write_text('steps = "many"\n')
+    assert main(["render", str(spec), "--out", str(tmp_path / "a.png")]) == 2
+    assert "steps must be a whole number" in capsys.readouterr().err
+    not_png = tmp_path / "fake.png"
+    not_png.write_text("hello")
+    assert main(["render", "--from-png", str(not_png), "--out", str(tmp_path / "b.png")]) == 2
+    assert str(not_png) in capsys.readouterr().err
+    assert sorted(tmp_path.glob("*.png")) == [not_png]
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    farm = Path(sys.executable).with_name("farm")
+    proc = subprocess.run(
+        [
+            str(farm),
+            "render",
+            "--model",
+            str(tmp_path / "nope"),
+            "--prompt",
+            "x",
+            "--size",
+            "1024x1024",
+            "--out",
+            str(tmp_path / "o.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.png").exists()
