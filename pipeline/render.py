@@ -83,7 +83,7 @@ def render(
     diffusion = models.diffusion
     diffusion.denoiser.clock = clock.model
 
-    with clock.stage("prompt"), progress("prompt", 1, "encode") as bar:
+    with clock.stage("prompt"), progress("prompt", 1, "encode") as bar, clock.model("text encoders"):
         cond = diffusion.encode_prompt(spec.prompt, spec.negative, spec.cfg)
         bar.update()
 

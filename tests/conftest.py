@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,21 @@ def small_spec(tiny_sdxl, tiny_upscaler):
         native=128,
         upscale_tile=64,
     )
+
+
+class _RunsCode:
+    """A pickle payload that creates a file if it is ever unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def evil_pickle(tmp_path) -> tuple[Path, Path]:
+    """(a .pth whose pickle runs code, the file that code would create)."""
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
+    torch.save({"params": _RunsCode(marker)}, evil)
+    return evil, marker

@@ -1,30 +1,19 @@
 """Bad input: a clear message naming the input, exit code 2, no traceback, and no output file."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from farm.cli import main
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.fixture
-def files(tmp_path, tiny_sdxl, tiny_upscaler):
+def files(tmp_path, tiny_sdxl, tiny_upscaler, evil_pickle):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(tiny_upscaler.read_bytes()[:100])
-    evil = tmp_path / "evil.pth"
-    torch.save({"params": _RunsCode(tmp_path / "pwned")}, evil)
+    evil, _ = evil_pickle
     existing = tmp_path / "out" / "exists.png"
     existing.parent.mkdir()
     existing.write_bytes(b"keep me")

@@ -1,7 +1,6 @@
 """Model loading through our loaders: real files, real formats, and the ways they go wrong."""
 
 import json
-import os
 import shutil
 
 import pytest
@@ -12,16 +11,6 @@ from pipeline.errors import ModelFileError
 from pipeline.models import inspect_diffusion_model, load_diffusion_model, load_upscaler, read_state_dict
 
 CPU = torch.device("cpu")
-
-
-class _RunsCode:
-    """A pickle payload that would create a file if it were ever unpickled."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_inspect_reads_facts_without_weights(tiny_sdxl):
@@ -54,10 +43,8 @@ def test_upscaler_from_plain_pth_goes_through_restricted_unpickler(tiny_upscaler
     assert up.scale == 4
 
 
-def test_pickle_holding_code_is_refused_and_never_run(tmp_path):
-    marker = tmp_path / "pwned"
-    evil = tmp_path / "evil.pth"
-    torch.save({"params": _RunsCode(marker)}, evil)
+def test_pickle_holding_code_is_refused_and_never_run(evil_pickle):
+    evil, marker = evil_pickle
     with pytest.raises(ModelFileError, match="could run code") as err:
         load_upscaler(evil, CPU)
     assert str(evil) in str(err.value)
