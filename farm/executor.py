@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from pipeline.clock import Clock
 from pipeline.errors import UserError
-from pipeline.models import inspect_diffusion_model, load_diffusion_model, load_upscaler
+from pipeline.models import inspect_diffusion_model
 from pipeline.plan import RenderPlan, make_plan
-from pipeline.render import Models, Progress, RenderResult, no_progress, render
+from pipeline.render import Progress, RenderResult, no_progress, render
 from pipeline.spec import RenderSpec
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' is CUDA when torch sees a GPU, else the CPU."""
-    if name not in DEVICES:
-        raise UserError(f"--device {name!r}: choose one of {', '.join(DEVICES)}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu or auto")
-    return torch.device(name)
-
-
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """'auto' is fp16 on a GPU and fp32 on the CPU; half precision on the CPU is refused."""
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if precision in ("fp16", "bf16") and device.type == "cpu":
-        raise UserError(f"precision {precision} needs a GPU; use fp32 (or auto) on the CPU")
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+from pipeline.taskgraph import Task, check_graph
+from pipeline.worker import TileWorker, WorkerConfig
 
 
 def prepare(spec: RenderSpec) -> RenderPlan:
@@ -48,12 +28,37 @@ def prepare(spec: RenderSpec) -> RenderPlan:
     return make_plan(spec, info)
 
 
-def load_models(plan: RenderPlan, device: torch.device, dtype: torch.dtype) -> Models:
-    """The small upscaler first, so a bad file fails before the large model loads."""
-    spec = plan.spec
-    upscaler = load_upscaler(spec.upscaler, device, half=dtype != torch.float32) if spec.upscaler else None
-    diffusion = load_diffusion_model(spec.model, device, dtype, config=spec.model_config or None)
-    return Models(diffusion, upscaler)
+class LocalExecutor:
+    """Runs worker calls and task graphs in this process, tasks in id order, with a progress bar per group."""
+
+    def __init__(self, worker: TileWorker, progress: Progress = no_progress):
+        self.worker = worker
+        self.progress = progress
+
+    def share(self, value: Any) -> Any:
+        return value
+
+    def call(self, stage: str, method: str, *args: Any) -> Any:
+        with self.progress(stage, 1, "call") as bar:
+            result = getattr(self.worker, method)(*args)
+            bar.update()
+        return result
+
+    def run(self, stage: str, tasks: list[Task]) -> dict[int, Any]:
+        check_graph(tasks)
+        totals: dict[str, int] = {}
+        for task in tasks:
+            totals[task.group or stage] = totals.get(task.group or stage, 0) + task.units
+        results: dict[int, Any] = {}
+        with ExitStack() as stack:
+            bars = {
+                g: stack.enter_context(self.progress(f"{stage} {g}" if g != stage else g, n, "tile"))
+                for g, n in totals.items()
+            }
+            for task in sorted(tasks, key=lambda t: t.id):
+                results[task.id] = getattr(self.worker, task.method)(*task.args(results))
+                bars[task.group or stage].update(task.units)
+        return results
 
 
 @dataclass
@@ -61,17 +66,15 @@ class LocalRun:
     plan: RenderPlan
     result: RenderResult
     clock: Clock
-    device: torch.device
+    device: str
 
 
 def run_local(
     plan: RenderPlan, device_name: str = "auto", progress: Progress = no_progress, clock: Clock | None = None
 ) -> LocalRun:
     """Load the models and run the plan on one device."""
-    device = pick_device(device_name)
-    dtype = pick_dtype(plan.spec.precision, device)
     clock = clock or Clock()
     with clock.stage("load"):
-        models = load_models(plan, device, dtype)
-    result = render(plan, models, progress=progress, clock=clock)
-    return LocalRun(plan, result, clock, device)
+        worker = TileWorker(WorkerConfig.from_spec(plan.spec, device_name), clock=clock)
+    result = render(plan, LocalExecutor(worker, progress), clock=clock)
+    return LocalRun(plan, result, clock, str(worker.device))

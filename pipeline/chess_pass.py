@@ -1,22 +1,25 @@
 """The chess refiner: even tiles, composited; then odd tiles, read from that canvas, feathered in.
 
-A tile's result depends only on (canvas after the previous pass, scaffold, settings, tile),
-never on which worker ran it or which tiles shared its batch's neighbours in time.
+An odd batch waits only for the even batches whose tiles overlap it (a dependency graph, not a
+barrier between passes), and reads the canvas through a region composite of exactly those even
+tiles, which is bit-identical to the finished even canvas there. So a tile's result depends only
+on the spec and its tile id, never on which worker ran it or when.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
+import numpy as np
 import torch
 
 from pipeline.chess import Tile, TileGrid
 from pipeline.feather import composite_pass
 from pipeline.sampler import Denoiser, PromptEmbeds, refine
-from pipeline.scaffold import noise_slice
+from pipeline.taskgraph import Executor, Task
 
-PASSES = (("even", "paste"), ("odd", "feather"))
+Batches = tuple[tuple[Tile, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -29,73 +32,87 @@ class RefineSettings:
     sampler: str
 
 
-def tile_inputs(
-    batch: tuple[Tile, ...], canvas: torch.Tensor, scaffold: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack a batch's latent crops and their scaffold noise slices: two [B, C, h, w] tensors."""
-    latents = torch.cat([canvas[..., t.y : t.y + t.h, t.x : t.x + t.w] for t in batch])
-    noise = torch.cat([noise_slice(scaffold, t.y, t.x, t.h, t.w) for t in batch])
-    return latents, noise
+def crops(canvas: torch.Tensor, tiles: tuple[Tile, ...]) -> torch.Tensor:
+    """[B, C, h, w]: the canvas under each tile."""
+    return torch.cat([canvas[..., t.y : t.y + t.h, t.x : t.x + t.w] for t in tiles])
 
 
-def refine_batch(
+def tile_noise(scaffold, tiles: tuple[Tile, ...]) -> torch.Tensor:
+    """[B, C, h, w]: each tile's slice of the scaffold, copied 1:1 (works on a read-only shared array)."""
+    return torch.from_numpy(np.concatenate([np.array(scaffold[..., t.y : t.y + t.h, t.x : t.x + t.w]) for t in tiles]))
+
+
+def refine_tiles(
     denoiser: Denoiser,
     cond: PromptEmbeds,
     settings: RefineSettings,
-    batch: tuple[Tile, ...],
-    canvas: torch.Tensor,
-    scaffold: torch.Tensor,
+    tiles: tuple[Tile, ...],
+    latents: torch.Tensor,
+    noise: torch.Tensor,
 ) -> dict[int, torch.Tensor]:
     """Refine one batch of tiles; results keyed by tile id, float32 on the CPU."""
-    latents, noise = tile_inputs(batch, canvas, scaffold)
-    out = refine(denoiser, latents, noise, cond, settings.cfg, settings.steps, settings.denoise, settings.sampler)
-    out = out.float().cpu()
+    s = settings
+    out = refine(denoiser, latents, noise, cond, s.cfg, s.steps, s.denoise, s.sampler).float().cpu()
     if not torch.isfinite(out).all():
-        raise FloatingPointError(f"tiles {[t.id for t in batch]} produced NaN/Inf latents")
-    return {t.id: out[i : i + 1] for i, t in enumerate(batch)}
+        raise FloatingPointError(f"tiles {[t.id for t in tiles]} produced NaN/Inf latents on {denoiser.device}")
+    return {t.id: out[i : i + 1] for i, t in enumerate(tiles)}
 
 
-@dataclass
-class PassContext:
-    """What every tile of a render shares: the scaffold, the prompt embeddings, the settings."""
-
-    scaffold: torch.Tensor
-    cond: PromptEmbeds
-    settings: RefineSettings
+def _overlaps(a: Tile, b: Tile) -> bool:
+    return a.y < b.y + b.h and b.y < a.y + a.h and a.x < b.x + b.w and b.x < a.x + a.w
 
 
-Batches = tuple[tuple[Tile, ...], ...]
-# run_pass(pass name, its batches, the canvas to read, context) -> every tile's result, by id
-RunPass = Callable[[str, Batches, torch.Tensor, PassContext], dict[int, torch.Tensor]]
+def _merged(done: dict, ids) -> dict[int, torch.Tensor]:
+    merged: dict[int, torch.Tensor] = {}
+    for i in sorted(ids):
+        merged |= done[i]
+    return merged
 
 
-def sequential_runner(denoiser: Denoiser, progress) -> RunPass:
-    """Run a pass's batches one after another on one device (the local executor)."""
+def _even_args(canvas, batch, shared, done):
+    return (batch, crops(canvas, batch), *shared)
 
-    def run_pass(name: str, pass_batches: Batches, canvas: torch.Tensor, ctx: PassContext):
-        results: dict[int, torch.Tensor] = {}
-        with progress(f"chess {name}", sum(len(b) for b in pass_batches), "tile") as bar:
-            for batch in pass_batches:
-                results |= refine_batch(denoiser, ctx.cond, ctx.settings, batch, canvas, ctx.scaffold)
-                bar.update(len(batch))
-        return results
 
-    return run_pass
+def _odd_args(canvas, grid, batch, deps, shared, done):
+    even = _merged(done, deps)
+    boxes = [composite_pass(canvas, grid, even, "paste", region=(t.y, t.x, t.h, t.w)) for t in batch]
+    return (batch, torch.cat(boxes), *shared)
+
+
+def chess_tasks(
+    grid: TileGrid, even_batches: Batches, odd_batches: Batches, canvas: torch.Tensor, scaffold, cond, settings
+) -> list[Task]:
+    """Even batches first (no dependencies), then odd batches, each waiting on the even batches under it."""
+    shared = (scaffold, cond, settings)
+    tasks = [
+        Task(i, "refine", partial(_even_args, canvas, batch, shared), group="even", units=len(batch))
+        for i, batch in enumerate(even_batches)
+    ]
+    for j, batch in enumerate(odd_batches):
+        deps = frozenset(i for i, even in enumerate(even_batches) if any(_overlaps(o, e) for o in batch for e in even))
+        args = partial(_odd_args, canvas, grid, batch, deps, shared)
+        tasks.append(Task(len(even_batches) + j, "refine", args, deps, group="odd", units=len(batch)))
+    return tasks
 
 
 def chess_refine(
-    canvas: torch.Tensor,
+    ex: Executor,
     grid: TileGrid,
     even_batches: Batches,
     odd_batches: Batches,
-    ctx: PassContext,
-    run_pass: RunPass,
+    canvas: torch.Tensor,
+    scaffold,
+    cond,
+    settings: RefineSettings,
 ) -> torch.Tensor:
-    """Both passes; the odd pass reads the canvas as the even pass left it."""
-    for (name, mode), pass_batches in zip(PASSES, (even_batches, odd_batches), strict=True):
-        results = run_pass(name, pass_batches, canvas, ctx)
-        expected = {t.id for b in pass_batches for t in b}
+    """Run both passes through the executor and composite them: even pasted, odd feathered."""
+    done = ex.run("chess", chess_tasks(grid, even_batches, odd_batches, canvas, scaffold, cond, settings))
+    n_even = len(even_batches)
+    even = _merged(done, range(n_even))
+    odd = _merged(done, range(n_even, n_even + len(odd_batches)))
+    for name, results, batches_ in (("even", even, even_batches), ("odd", odd, odd_batches)):
+        expected = {t.id for b in batches_ for t in b}
         if set(results) != expected:
             raise RuntimeError(f"{name} pass returned tiles {sorted(results)}, expected {sorted(expected)}")
-        canvas = composite_pass(canvas, grid, results, mode)
-    return canvas
+    canvas = composite_pass(canvas, grid, even, "paste")
+    return composite_pass(canvas, grid, odd, "feather")

@@ -49,25 +49,34 @@ def composite_pass(
     grid: TileGrid,
     results: dict[int, torch.Tensor],
     mode: str,
+    region: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Composite one pass of refined tiles ([C, h, w] or [1, C, h, w] by tile id) into a new canvas.
+    """Composite one pass of refined tiles ([1, C, h, w] by tile id) into the canvas; return the new canvas.
 
     mode "paste" (the even pass): wherever a tile has weight it replaces the canvas; tiles that
     overlap each other blend by their ramps. mode "feather" (the odd pass): tiles blend into the
-    canvas over their interior overlaps.
+    canvas over their interior overlaps. With `region` (y, x, h, w) only that box is computed and
+    returned, bit-identical to the same box of the whole composite: a pixel depends only on the
+    tiles over it, added in tile id order either way.
     """
     if mode not in ("paste", "feather"):
         raise ValueError(f"unknown composite mode {mode!r}")
-    tiles = tuple(t for t in grid.tiles if t.id in results)
-    acc = torch.zeros_like(canvas)
-    weight = torch.zeros(grid.canvas_h, grid.canvas_w, dtype=canvas.dtype)
-    for tile in tiles:  # grid order = tile id order: a fixed summation order keeps results bit-stable
-        mask = feather_mask(grid, tile).to(canvas.dtype)
-        box = (..., slice(tile.y, tile.y + tile.h), slice(tile.x, tile.x + tile.w))
-        acc[box] += results[tile.id].reshape(acc[box].shape).to(canvas.dtype) * mask
-        weight[box[1:]] += mask
+    ry, rx, rh, rw = region or (0, 0, grid.canvas_h, grid.canvas_w)
+    base = canvas[..., ry : ry + rh, rx : rx + rw]
+    acc = torch.zeros_like(base)
+    weight = torch.zeros(rh, rw, dtype=canvas.dtype)
+    for tile in grid.tiles:  # grid order = tile id order: a fixed summation order keeps results bit-stable
+        if tile.id not in results:
+            continue
+        y0, y1 = max(tile.y, ry), min(tile.y + tile.h, ry + rh)
+        x0, x1 = max(tile.x, rx), min(tile.x + tile.w, rx + rw)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        mask = feather_mask(grid, tile).to(canvas.dtype)[y0 - tile.y : y1 - tile.y, x0 - tile.x : x1 - tile.x]
+        result = results[tile.id].to(canvas.dtype)[..., y0 - tile.y : y1 - tile.y, x0 - tile.x : x1 - tile.x]
+        acc[..., y0 - ry : y1 - ry, x0 - rx : x1 - rx] += result * mask
+        weight[y0 - ry : y1 - ry, x0 - rx : x1 - rx] += mask
     if mode == "paste":
-        covered = weight > 0
-        return torch.where(covered, acc / weight.clamp_min(1e-12), canvas)
+        return torch.where(weight > 0, acc / weight.clamp_min(1e-12), base)
     scale = weight.clamp_min(1.0)
-    return canvas * (1 - weight / scale) + acc / scale
+    return base * (1 - weight / scale) + acc / scale

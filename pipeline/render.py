@@ -1,7 +1,10 @@
 """The top-down render of seed 002, stage by stage: plan at the target size, sample at native size.
 
-scaffold -> pooled native noise -> base -> decode -> model upscale -> encode (the canvas)
--> chess refine (even, odd) -> decode -> exact size.
+scaffold -> pooled native noise -> base -> model upscale (tiles) -> encode (the canvas)
+-> chess refine (even, odd) -> decode (tiles) -> exact size.
+
+Every stage hands its work to an executor (local: one device in-process; cluster: Ray actors)
+as worker calls and task graphs fixed by the plan, so both executors produce the same pixels.
 """
 
 from __future__ import annotations
@@ -12,15 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import vae
-from pipeline.chess_pass import PassContext, RefineSettings, RunPass, chess_refine, sequential_runner
+from pipeline.chess_pass import RefineSettings, chess_refine
 from pipeline.clock import Clock
-from pipeline.models import DiffusionModel, Upscaler
 from pipeline.plan import RenderPlan
 from pipeline.resize import fit_exact, resize
-from pipeline.sampler import generate
 from pipeline.scaffold import make_scaffold, pool_noise
-from pipeline.upscale import upscale_grid, upscale_image
+from pipeline.taskgraph import Executor
+from pipeline.tiling import run_tiled
 
 UPSCALE_OVERLAP = 32  # px of input shared by neighbouring upscaler tiles
 
@@ -28,7 +29,7 @@ UPSCALE_OVERLAP = 32  # px of input shared by neighbouring upscaler tiles
 class Bar:
     """A progress sink: `update(n)` after n units of work."""
 
-    def update(self, n: int = 1) -> None:  # pragma: no cover - a no-op by design
+    def update(self, n: int = 1) -> None:
         pass
 
 
@@ -41,76 +42,55 @@ def no_progress(stage: str, total: int, unit: str) -> AbstractContextManager[Bar
 
 
 @dataclass
-class Models:
-    """The models a render uses, loaded once."""
-
-    diffusion: DiffusionModel
-    upscaler: Upscaler | None
-
-
-@dataclass
 class RenderResult:
-    """The final image ([1, 3, H, W] in [0, 1], CPU) and the canvas it was decoded from."""
+    """The final image ([1, 3, H, W] in [0, 1], CPU) and the latent canvas it was decoded from."""
 
     image: torch.Tensor
     canvas: torch.Tensor
 
 
-def upscale_to_target(
-    plan: RenderPlan, upscaler: Upscaler | None, base: torch.Tensor, progress: Progress, clock: Clock
-) -> torch.Tensor:
-    """Base pixels -> target pixels: the upscale model (tiled), then an exact resize if its scale differs."""
+def upscale_to_target(plan: RenderPlan, ex: Executor, base: torch.Tensor, scale: int) -> torch.Tensor:
+    """Base pixels -> target pixels: the upscale model over tiles, then an exact resize if its scale differs."""
     target = (plan.spec.height, plan.spec.width)
-    if upscaler is None or plan.k == 1:
+    if not scale or plan.k == 1:
         return resize(base, *target)
-    tiles = len(upscale_grid(base.shape[-2], base.shape[-1], plan.spec.upscale_tile, UPSCALE_OVERLAP).tiles)
-    with progress("upscale", tiles, "tile") as bar:
-        image = upscale_image(
-            upscaler, base, plan.spec.upscale_tile, UPSCALE_OVERLAP, on_tile=bar.update, clock=clock.model
-        )
+    image = run_tiled(ex, "upscale", "upscale_tile", base, plan.spec.upscale_tile, UPSCALE_OVERLAP, scale, 3)
     return resize(image, *target)
 
 
-def render(
-    plan: RenderPlan,
-    models: Models,
-    progress: Progress = no_progress,
-    clock: Clock | None = None,
-    run_pass: RunPass | None = None,
-) -> RenderResult:
-    """Run every stage of the plan in order; chess batches go to `run_pass` (default: this device)."""
-    spec, clock = plan.spec, clock or Clock()
-    diffusion = models.diffusion
-    diffusion.denoiser.clock = clock.model
+def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: int) -> torch.Tensor:
+    """Latent canvas -> pixels, decoded in overlapping latent tiles the VAE handles in one call."""
+    return run_tiled(ex, "decode", "decode_tile", canvas, tile, max(1, tile // 4), plan.f, 3)
 
-    with clock.stage("prompt"), progress("prompt", 1, "encode") as bar, clock.model("text encoders"):
-        cond = diffusion.encode_prompt(spec.prompt, spec.negative, spec.cfg)
-        bar.update()
+
+def render(plan: RenderPlan, ex: Executor, clock: Clock | None = None) -> RenderResult:
+    """Run every stage of the plan in order."""
+    spec, clock = plan.spec, clock or Clock()
+    facts = ex.call("load", "facts")
+
+    with clock.stage("prompt"):
+        cond = ex.share(ex.call("prompt", "encode_prompt", spec.prompt, spec.negative, spec.cfg))
 
     with clock.stage("scaffold"):
         scaffold = make_scaffold(spec.seed, plan.model.latent_channels, plan.latent_h, plan.latent_w)
         native_noise = pool_noise(scaffold, plan.k)
+        shared_scaffold = ex.share(scaffold.numpy())
 
-    with clock.stage("base"), progress("base", 1, "image") as bar:
-        base_latents = generate(diffusion.denoiser, native_noise, cond, spec.cfg, spec.base_steps, spec.sampler)
-        base = vae.decode(diffusion.vae, base_latents, clock=clock.model)
-        bar.update()
+    with clock.stage("base"):
+        base = ex.call("base", "base", native_noise, cond, spec.cfg, spec.base_steps, spec.sampler)
 
     with clock.stage("upscale"):
-        pixels = upscale_to_target(plan, models.upscaler, base, progress, clock)
+        pixels = upscale_to_target(plan, ex, base, facts.upscale)
 
-    with clock.stage("encode"), progress("encode", 1, "canvas") as bar:
-        canvas = vae.encode(diffusion.vae, pixels, clock=clock.model)
-        bar.update()
+    with clock.stage("encode"):
+        canvas = ex.call("encode", "encode", pixels)
     del pixels
 
     with clock.stage("chess"):
         settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler)
-        ctx = PassContext(scaffold, cond, settings)
-        run_pass = run_pass or sequential_runner(diffusion.denoiser, progress)
-        canvas = chess_refine(canvas, plan.grid, plan.even_batches, plan.odd_batches, ctx, run_pass)
+        grid, even, odd = plan.grid, plan.even_batches, plan.odd_batches
+        canvas = chess_refine(ex, grid, even, odd, canvas, shared_scaffold, cond, settings)
 
-    with clock.stage("decode"), progress("decode", 1, "canvas") as bar:
-        image = vae.decode(diffusion.vae, canvas, clock=clock.model)
-        bar.update()
+    with clock.stage("decode"):
+        image = decode_canvas(plan, ex, canvas, facts.decode_tile)
     return RenderResult(fit_exact(image, spec.height, spec.width), canvas)

@@ -43,9 +43,12 @@ def encode(vae, pixels: torch.Tensor, clock=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, clock=None) -> torch.Tensor:
+def decode(vae, latents: torch.Tensor, clock=None, tiled: bool = True) -> torch.Tensor:
     """[B, C, h, w] model latents -> [B, 3, h*f, w*f] pixels in [0, 1] (float32, CPU)."""
-    vae.enable_tiling()
+    if tiled:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
     param = next(vae.parameters())
     z = from_model_latents(latents.float(), vae.config).to(param.device, param.dtype)
     with clock("vae") if clock else nullcontext():

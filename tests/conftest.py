@@ -34,6 +34,14 @@ def tiny_model(tiny_sdxl):
     return load_diffusion_model(tiny_sdxl, torch.device("cpu"), torch.float32)
 
 
+@pytest.fixture(scope="session")
+def tiny_worker(tiny_sdxl, tiny_upscaler):
+    """A TileWorker holding the tiny models, on the CPU."""
+    from pipeline.worker import TileWorker, WorkerConfig
+
+    return TileWorker(WorkerConfig(str(tiny_sdxl), str(tiny_upscaler), "", "fp32", "cpu"))
+
+
 @pytest.fixture
 def small_spec(tiny_sdxl, tiny_upscaler):
     """A 512 px top-down render from a 128 px base (k = 4): 5 x 5 chess tiles of 128 px."""

@@ -85,3 +85,15 @@ def test_even_pass_replaces_what_its_tiles_cover():
     covered = coverage(grid, grid.even) > 0
     assert torch.allclose(out[0, 0][covered], torch.tensor(5.0))
     assert (out[0, 0][~covered] == 0).all()
+
+
+@pytest.mark.parametrize("mode,parity", [("paste", "even"), ("feather", "odd")])
+def test_region_composite_is_bit_identical_to_the_whole(mode, parity):
+    grid = chess_grid(96, 160, 32)
+    canvas = torch.randn(1, 4, 96, 160)
+    results = {t.id: torch.randn(1, 4, t.h, t.w) for t in getattr(grid, parity)}
+    whole = composite_pass(canvas, grid, results, mode)
+    for tile in grid.tiles:
+        box = (tile.y, tile.x, tile.h, tile.w)
+        part = composite_pass(canvas, grid, results, mode, region=box)
+        assert torch.equal(part, whole[..., tile.y : tile.y + tile.h, tile.x : tile.x + tile.w])

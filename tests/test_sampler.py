@@ -5,10 +5,14 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from pipeline.chess import chess_grid
-from pipeline.chess_pass import RefineSettings, refine_batch
+from pipeline.chess_pass import RefineSettings, crops, refine_tiles, tile_noise
 from pipeline.sampler import generate, refine
 from pipeline.scaffold import make_scaffold, pool_noise
 from pipeline.schedule import make_scheduler, refine_schedule, schedule_length
+
+
+def refine_batch(denoiser, cond, settings, tiles, canvas, scaffold):
+    return refine_tiles(denoiser, cond, settings, tiles, crops(canvas, tiles), tile_noise(scaffold, tiles))
 
 
 def _pipe(cls, tiny_model, sampler):

@@ -1,0 +1,45 @@
+"""Work as a graph of tasks: what each executor runs, so the plan (not the executor) decides the image.
+
+A task names a worker method, the tasks it waits for, and how to build its arguments from their
+results. Ids order the graph (a task only waits for smaller ids), so running tasks in id order is
+always valid; a parallel executor may run any task whose dependencies are done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work for any worker."""
+
+    id: int
+    method: str  # a TileWorker method
+    args: Callable[[dict[int, Any]], tuple]  # results of finished tasks -> the method's arguments
+    deps: frozenset[int] = frozenset()
+    group: str = ""  # progress is reported per group (e.g. "even", "odd")
+    units: int = 1  # progress units (tiles) this task completes
+
+
+def check_graph(tasks: list[Task]) -> None:
+    """Ids are unique and every dependency is an earlier task."""
+    ids = [t.id for t in tasks]
+    if len(set(ids)) != len(ids):
+        raise ValueError("task ids must be unique")
+    known = set(ids)
+    for task in tasks:
+        if any(d >= task.id or d not in known for d in task.deps):
+            raise ValueError(f"task {task.id} depends on {sorted(task.deps)}: dependencies must be earlier tasks")
+
+
+class Executor(Protocol):
+    """Runs worker methods: one call, or a task graph; `share` turns a large value into a cheap handle."""
+
+    def share(self, value: Any) -> Any: ...
+
+    def call(self, stage: str, method: str, *args: Any) -> Any: ...
+
+    def run(self, stage: str, tasks: list[Task]) -> dict[int, Any]: ...

@@ -1,0 +1,124 @@
+"""The tile worker: the models of one device and the units of work a render hands out.
+
+The local executor holds one in-process; on a cluster each GPU actor wraps one. Both run the
+same methods on the same inputs, so the image does not depend on where they ran.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import vae
+from pipeline.chess import Tile
+from pipeline.chess_pass import RefineSettings, refine_tiles, tile_noise
+from pipeline.errors import UserError
+from pipeline.models import load_diffusion_model, load_upscaler
+from pipeline.sampler import PromptEmbeds, generate
+from pipeline.spec import RenderSpec
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' is CUDA when torch sees a GPU, else the CPU (never Ray's GPU ids: they may be fake)."""
+    if name not in DEVICES:
+        raise UserError(f"--device {name!r}: choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu or auto")
+    return torch.device(name)
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' is fp16 on a GPU and fp32 on the CPU; half precision on the CPU is refused."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision in ("fp16", "bf16") and device.type == "cpu":
+        raise UserError(f"precision {precision} needs a GPU; use fp32 (or auto) on the CPU")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker loads: the spec's model files, precision and device choice."""
+
+    model: str
+    upscaler: str
+    model_config: str
+    precision: str
+    device: str = "auto"
+
+    @classmethod
+    def from_spec(cls, spec: RenderSpec, device: str = "auto") -> WorkerConfig:
+        return cls(spec.model, spec.upscaler, spec.model_config, spec.precision, device)
+
+
+@dataclass(frozen=True)
+class WorkerFacts:
+    """What the driver needs to know about the loaded models to cut work into tiles."""
+
+    device: str
+    upscale: int  # the upscaler's scale; 0 without one
+    decode_tile: int  # latent tile the VAE decodes comfortably (its sample size / factor)
+
+
+class TileWorker:
+    """Loads the models once; every method is one unit of work with tensors in and out (CPU, float32)."""
+
+    def __init__(self, config: WorkerConfig, clock=None):
+        self.config = config
+        self.clock = clock
+        self.device = pick_device(config.device)
+        dtype = pick_dtype(config.precision, self.device)
+        # the small upscaler first, so a bad file fails before the large model loads
+        self.upscaler = (
+            load_upscaler(config.upscaler, self.device, half=dtype != torch.float32) if config.upscaler else None
+        )
+        self.model = load_diffusion_model(config.model, self.device, dtype, config=config.model_config or None)
+        self.model.denoiser.clock = clock.model if clock else None
+
+    def _timed(self, name: str):
+        return self.clock.model(name) if self.clock else nullcontext()
+
+    def facts(self) -> WorkerFacts:
+        vae_cfg = self.model.vae.config
+        return WorkerFacts(
+            str(self.device),
+            self.upscaler.scale if self.upscaler else 0,
+            vae_cfg["sample_size"] // self.model.info.vae_factor,
+        )
+
+    def encode_prompt(self, prompt: str, negative: str, cfg: float) -> PromptEmbeds:
+        with self._timed("text encoders"):
+            cond = self.model.encode_prompt(prompt, negative, cfg)
+        return PromptEmbeds(*(None if t is None else t.float().cpu() for t in vars(cond).values()))
+
+    def base(self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str) -> torch.Tensor:
+        """txt2img at native size from the pooled scaffold, decoded to pixels."""
+        latents = generate(self.model.denoiser, noise, cond, cfg, steps, sampler)
+        return vae.decode(self.model.vae, latents, clock=self._clock_fn())
+
+    def upscale_tile(self, patch: torch.Tensor) -> torch.Tensor:
+        param = next(self.upscaler.descriptor.model.parameters())
+        with self._timed("upscaler"), torch.no_grad():
+            out = self.upscaler.descriptor(patch.to(param.device, param.dtype))
+        return out.float().clamp(0, 1).cpu()
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return vae.encode(self.model.vae, pixels, clock=self._clock_fn())
+
+    def refine(
+        self, tiles: tuple[Tile, ...], latents: torch.Tensor, scaffold, cond: PromptEmbeds, settings: RefineSettings
+    ) -> dict[int, torch.Tensor]:
+        """Refine a batch of chess tiles, each with its own slice of the scaffold as noise."""
+        return refine_tiles(self.model.denoiser, cond, settings, tiles, latents, tile_noise(scaffold, tiles))
+
+    def decode_tile(self, latents: torch.Tensor) -> torch.Tensor:
+        return vae.decode(self.model.vae, latents, clock=self._clock_fn(), tiled=False)
+
+    def _clock_fn(self):
+        return self.clock.model if self.clock else None
