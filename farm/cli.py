@@ -40,6 +40,17 @@ def _add_exec_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output .png path")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--cluster",
+        metavar="auto|ADDRESS",
+        help="run on Ray: 'auto' joins a running cluster or starts one here; or HOST:PORT",
+    )
+    parser.add_argument("--workers", type=int, help="with --cluster: at most this many actors (default: one per GPU)")
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="with --cluster: GPUs per actor, fractions allowed (default 1; 0 = CPU actors)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,16 +130,30 @@ def run(args: argparse.Namespace) -> int:
     from farm.output import check_output_path, save_png
     from farm.progress import tqdm_progress
 
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be at least 1")
+    if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
+        raise UserError(f"--gpus-per-worker {args.gpus_per_worker}: must be 0 or more")
+    if (args.workers or args.gpus_per_worker is not None) and not args.cluster:
+        raise UserError("--workers and --gpus-per-worker apply to cluster renders: add --cluster auto|ADDRESS")
     spec, out = _spec_for_render(args) if args.command == "render" else _spec_for_demo(args)
     out = check_output_path(out, args.overwrite)
     plan = prepare(spec)
     if not args.quiet:
         print(plan.describe(), file=sys.stderr)
     start = time.perf_counter()
-    run_ = run_local(plan, args.device, progress=tqdm_progress(not args.quiet))
+    progress = tqdm_progress(not args.quiet)
+    if args.cluster:
+        from cluster.executor import run_cluster  # Ray is imported only on this path
+
+        run_ = run_cluster(plan, args.cluster, args.workers, args.gpus_per_worker, progress=progress)
+        where = f"{run_.workers} Ray worker(s)"
+    else:
+        run_ = run_local(plan, args.device, progress=progress)
+        where = run_.device
     save_png(run_.result.image, spec, out, plan.describe())
     seconds = time.perf_counter() - start
-    print(f"wrote {out} ({spec.width}x{spec.height}) in {seconds:.1f} s on {run_.device}", file=sys.stderr)
+    print(f"wrote {out} ({spec.width}x{spec.height}) in {seconds:.1f} s on {where}", file=sys.stderr)
     if args.command == "demo":
         print(
             "random weights make an abstract image; point `farm render --model` at a real SDXL checkpoint.",
@@ -144,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"farm: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if type(err).__name__ != "ClusterError":
+            raise
+        print(f"farm: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("farm: interrupted; no output was written", file=sys.stderr)
         return 130

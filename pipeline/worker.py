@@ -51,10 +51,13 @@ class WorkerConfig:
     model_config: str
     precision: str
     device: str = "auto"
+    cpu_threads: int = 0  # torch threads on a CPU device; 0 = leave as is
 
     @classmethod
     def from_spec(cls, spec: RenderSpec, device: str = "auto") -> WorkerConfig:
-        return cls(spec.model, spec.upscaler, spec.model_config, spec.precision, device)
+        """The driver's thread count travels with the config: CPU kernels split work by thread count,
+        and their sums round differently, so every worker must use the same one."""
+        return cls(spec.model, spec.upscaler, spec.model_config, spec.precision, device, torch.get_num_threads())
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class TileWorker:
         self.config = config
         self.clock = clock
         self.device = pick_device(config.device)
+        if self.device.type == "cpu" and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
         dtype = pick_dtype(config.precision, self.device)
         # the small upscaler first, so a bad file fails before the large model loads
         self.upscaler = (

@@ -1,0 +1,38 @@
+"""The GPU actor: one TileWorker per GPU (or GPU fraction), models loaded once in __init__."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+
+from pipeline.worker import TileWorker, WorkerConfig
+
+
+class GpuWorker:
+    """Ray actor around a TileWorker; the device comes from torch, never from Ray's (possibly fake) GPU ids."""
+
+    def __init__(self, config: WorkerConfig):
+        self.worker = TileWorker(config)
+
+    def run(self, method: str, *args, crash: bool = False):
+        """Run one unit of work. `crash` is fault injection: the process dies as a lost GPU or node would."""
+        if crash:
+            os._exit(1)
+        return getattr(self.worker, method)(*args)
+
+    def info(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {
+            "node": ctx.get_node_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.worker.device),
+        }
+
+
+def start_actors(config: WorkerConfig, count: int, gpus: float, max_restarts: int) -> list:
+    """Start `count` actors with `gpus` GPUs each; a killed actor is restarted (its models reload)."""
+    cls = ray.remote(GpuWorker).options(num_gpus=gpus, num_cpus=0 if gpus else 1, max_restarts=max_restarts)
+    return [cls.remote(config) for _ in range(count)]

@@ -1,0 +1,189 @@
+"""The Ray executor: connect, check the cluster, start one actor per GPU, run the plan over them.
+
+The driver holds the plan, the scaffold (put in the object store once) and the canvas; actors do
+every model call. It runs the same worker calls and task graphs as the local executor, so the
+image is the same for the local executor and for 1, 2 or N actors.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.clock import Clock
+from pipeline.errors import UserError
+from pipeline.plan import RenderPlan
+from pipeline.render import Progress, RenderResult, no_progress, render
+from pipeline.taskgraph import Task
+from pipeline.worker import WorkerConfig
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ClusterError(RuntimeError):
+    """The cluster lost what the render needs (every worker); names what was lost and what was kept."""
+
+
+def _reachable(address: str) -> None:
+    """Fail fast, with the fix, when nothing listens at a host:port address."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--cluster {address!r}: give 'auto' or a Ray address HOST:PORT (e.g. 127.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise UserError(
+            f"--cluster {address}: cannot reach a Ray cluster there ({err.strerror or err}); start one with "
+            "`ray start --head` on that machine, check the address and port, or use --cluster auto"
+        ) from None
+
+
+def connect(address: str) -> None:
+    """Join the cluster at `address`; 'auto' joins a running one (RAY_ADDRESS or local) or starts one here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address != "auto":
+        _reachable(address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+    except ConnectionError:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def _check_node(paths: list[str]) -> dict:
+    return {"host": socket.gethostname(), "missing": [p for p in paths if p and not Path(p).expanduser().exists()]}
+
+
+def gpus_per_worker_for(requested: float | None) -> float:
+    """Default: one GPU per actor on a cluster with GPUs, CPU actors on one without."""
+    import ray
+
+    if requested is not None:
+        return requested
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return 1.0
+    print("tilefarm: the cluster has no GPUs; running CPU workers", file=sys.stderr)
+    return 0.0
+
+
+def preflight(config: WorkerConfig, gpus_per_worker: float) -> None:
+    """Before any work: the cluster has the GPUs asked for, and every GPU node sees the model files."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    total_gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus_per_worker > 0 and total_gpus < gpus_per_worker:
+        raise UserError(
+            f"the cluster has {total_gpus:g} GPUs but each worker needs {gpus_per_worker:g}; add GPU nodes "
+            "(`ray start --address HEAD:6379` on a GPU machine) or pass --gpus-per-worker 0 to run on CPUs"
+        )
+    nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("GPU", 0) > 0 or not gpus_per_worker)]
+    check = ray.remote(num_cpus=0)(_check_node)
+    paths = [config.model, config.upscaler, config.model_config]
+    reports = ray.get(
+        [
+            check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
+            for n in nodes
+        ]
+    )
+    for node, report in zip(nodes, reports, strict=True):
+        if report["missing"]:
+            raise UserError(
+                f"{', '.join(report['missing'])} does not exist on worker node {report['host']} "
+                f"({node['NodeManagerAddress']}); every GPU node needs the model files at the same path"
+            )
+
+
+def worker_count(requested: int | None, gpus_per_worker: float) -> int:
+    """One actor per GPU (or per GPU fraction) unless capped by --workers."""
+    import ray
+
+    if gpus_per_worker <= 0:
+        return requested or 1
+    fit = int(ray.cluster_resources().get("GPU", 0) // gpus_per_worker)
+    return max(1, min(fit, requested) if requested else fit)
+
+
+class ClusterExecutor:
+    """Worker calls and task graphs over Ray actors, with progress per stage and group on the driver."""
+
+    def __init__(self, actors: list, progress: Progress = no_progress, faults=None, max_failures: int = 3):
+        from cluster.scheduler import PullScheduler
+
+        self.scheduler = PullScheduler(actors, max_failures=max_failures, faults=set(faults or ()))
+        self.progress = progress
+
+    def share(self, value: Any) -> Any:
+        import ray
+
+        return ray.put(value)
+
+    def call(self, stage: str, method: str, *args: Any) -> Any:
+        return self.run(stage, [Task(0, method, lambda done: args, group=stage)])[0]
+
+    def run(self, stage: str, tasks: list[Task]) -> dict[int, Any]:
+        from cluster.scheduler import WorkersLost
+
+        totals: dict[str, int] = {}
+        for task in tasks:
+            totals[task.group or stage] = totals.get(task.group or stage, 0) + task.units
+        with ExitStack() as stack:
+            bars = {
+                g: stack.enter_context(self.progress(f"{stage} {g}" if g != stage else g, n, "tile"))
+                for g, n in totals.items()
+            }
+            try:
+                return self.scheduler.run(stage, tasks, on_done=lambda t: bars[t.group or stage].update(t.units))
+            except WorkersLost as lost:
+                raise ClusterError(f"{lost}; the finished tasks are kept in this process") from None
+
+
+@dataclass
+class ClusterRun:
+    plan: RenderPlan
+    result: RenderResult
+    clock: Clock
+    workers: int
+    executor: ClusterExecutor
+
+
+def run_cluster(
+    plan: RenderPlan,
+    address: str = "auto",
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    progress: Progress = no_progress,
+    faults=None,
+) -> ClusterRun:
+    """Connect, check, start actors and run the plan on them."""
+    import ray
+
+    connect(address)
+    gpus_per_worker = gpus_per_worker_for(gpus_per_worker)
+    config = WorkerConfig.from_spec(plan.spec)
+    preflight(config, gpus_per_worker)
+    count = worker_count(workers, gpus_per_worker)
+    clock = Clock()
+    actors = []
+    try:
+        with clock.stage("load"):
+            from cluster.actor import start_actors
+
+            actors = start_actors(config, count, gpus_per_worker, max_restarts=3)
+        executor = ClusterExecutor(actors, progress, faults=faults)
+        result = render(plan, executor, clock=clock)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return ClusterRun(plan, result, clock, count, executor)

@@ -1,0 +1,41 @@
+"""Entry point for Ray job submission.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m cluster.job spec.toml
+
+Runs on the head node as the job's driver, joins the cluster, renders the spec over its GPU
+actors and writes the PNG the spec's `out` names, on the machine the driver runs on (use an
+absolute path: the job's working directory is a temporary copy). Progress goes to the job log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from farm.cli import main as farm_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.job", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("spec", help="TOML render spec (with out = an absolute .png path)")
+    parser.add_argument("--out", help="output .png (overrides the spec's out)")
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--gpus-per-worker", type=float)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    forwarded = ["render", args.spec, "--cluster", "auto"]
+    if args.out:
+        forwarded += ["--out", args.out]
+    if args.workers is not None:
+        forwarded += ["--workers", str(args.workers)]
+    if args.gpus_per_worker is not None:
+        forwarded += ["--gpus-per-worker", str(args.gpus_per_worker)]
+    if args.overwrite:
+        forwarded.append("--overwrite")
+    return farm_main(forwarded)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
