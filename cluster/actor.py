@@ -7,6 +7,7 @@ import socket
 
 import ray
 
+from cluster.wire import from_wire, to_wire
 from pipeline.worker import TileWorker, WorkerConfig
 
 
@@ -20,7 +21,7 @@ class GpuWorker:
         """Run one unit of work. `crash` is fault injection: the process dies as a lost GPU or node would."""
         if crash:
             os._exit(1)
-        return getattr(self.worker, method)(*args)
+        return to_wire(getattr(self.worker, method)(*from_wire(args)))
 
     def info(self) -> dict:
         ctx = ray.get_runtime_context()

@@ -127,7 +127,9 @@ class ClusterExecutor:
     def share(self, value: Any) -> Any:
         import ray
 
-        return ray.put(value)
+        from cluster.wire import to_wire
+
+        return ray.put(to_wire(value))
 
     def call(self, stage: str, method: str, *args: Any) -> Any:
         return self.run(stage, [Task(0, method, lambda done: args, group=stage)])[0]

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from cluster.wire import WireTensor, from_wire, to_wire
 from pipeline.taskgraph import Task, check_graph
 
 
@@ -47,6 +48,8 @@ def payload(args: tuple) -> tuple[tuple, int]:
     for arg in args:
         if isinstance(arg, ray.ObjectRef):
             refs.append(arg)
+        elif isinstance(arg, WireTensor):
+            size += int(arg.array.nbytes)
         elif hasattr(arg, "nbytes"):
             size += int(arg.nbytes)
         elif hasattr(arg, "element_size"):
@@ -64,6 +67,7 @@ class PullScheduler:
     log: list[Dispatch] = field(default_factory=list)
     failures: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     lost: set[int] = field(default_factory=set)
+    reviving: dict = field(default_factory=dict)  # probe ref -> actor being restarted (outlives one run)
 
     def run(self, stage: str, tasks: list[Task], on_done: Callable[[Task], None] | None = None) -> dict[int, Any]:
         check_graph(tasks)
@@ -75,9 +79,9 @@ class PullScheduler:
                 dependents[d].append(t.id)
         ready = [t.id for t in tasks if not t.deps]
         heapq.heapify(ready)
-        idle = deque(i for i in range(len(self.actors)) if i not in self.lost)
+        reviving = self.reviving
+        idle = deque(i for i in range(len(self.actors)) if i not in self.lost and i not in reviving.values())
         in_flight: dict[ray.ObjectRef, tuple[int, int, Dispatch, float]] = {}
-        reviving: dict[ray.ObjectRef, int] = {}  # probes of restarting actors
         args: dict[int, tuple] = {}
         results: dict[int, Any] = {}
 
@@ -85,7 +89,7 @@ class PullScheduler:
             while idle and ready:
                 tid, actor = heapq.heappop(ready), idle.popleft()
                 if tid not in args:
-                    args[tid] = by_id[tid].args(results)
+                    args[tid] = to_wire(by_id[tid].args(results))
                 crash = (stage, tid) in self.faults
                 self.faults.discard((stage, tid))
                 ref = self.actors[actor].run.remote(by_id[tid].method, *args[tid], crash=crash)
@@ -120,7 +124,7 @@ class PullScheduler:
             idle.append(actor)
             if tid in results:
                 continue  # a duplicate: the first result stands
-            results[tid] = value
+            results[tid] = from_wire(value)
             args.pop(tid, None)
             if on_done:
                 on_done(by_id[tid])

@@ -53,6 +53,9 @@ def save_png(image: torch.Tensor, spec: RenderSpec, path: Path, plan_text: str =
     try:
         with os.fdopen(fd, "wb") as handle:
             to_pil(image).save(handle, format="PNG", pnginfo=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,131 @@
+"""Scaling of the chess passes over Ray actors, with the tile cost simulated (a sleep per tile).
+
+Runs the real scheduler and the real chess task graph (dependencies, region composites, final
+composites) of an 8K canvas with 1024 px tiles (9 x 9 = 81 tiles) on a local Ray, for 1, 2, 4
+and 8 actors, and for 8 actors with one 3x slower. Prints speedups against 1 actor, the slow
+actor's share of tiles, and the driver's dispatch overhead per batch (measured with zero cost).
+
+    python bench/scaling.py                    # 0.2 s per tile, batches of 1
+    python bench/scaling.py --tile-batch 4 --cost 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from cluster.executor import ClusterExecutor
+from cluster.wire import to_wire
+from pipeline.chess import batches, chess_grid
+from pipeline.chess_pass import RefineSettings, chess_refine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sim_worker import SimWorker  # noqa: E402
+
+
+def measure(actors: list, grid, even, odd, canvas, scaffold) -> tuple[float, float, list]:
+    """(seconds the scheduler ran the graph, seconds including the final composites, dispatch log)."""
+    ex = ClusterExecutor(actors)
+    inner = {}
+    run = ex.scheduler.run
+
+    def timed_run(stage, tasks, on_done=None):
+        start = time.perf_counter()
+        try:
+            return run(stage, tasks, on_done)
+        finally:
+            inner["s"] = time.perf_counter() - start
+
+    ex.scheduler.run = timed_run
+    start = time.perf_counter()
+    chess_refine(ex, grid, even, odd, canvas, scaffold, None, RefineSettings(1.0, 1, 0.5, "euler"))
+    return inner["s"], time.perf_counter() - start, ex.scheduler.log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cost", type=float, default=0.2, help="simulated seconds per tile")
+    parser.add_argument("--tile-batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=8192, help="square canvas in px")
+    args = parser.parse_args()
+
+    # workers import the simulated actor by module (a class pickled from __main__ was measured slower)
+    paths = {"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}"}
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": paths},
+    )
+    latent = args.size // 8
+    grid = chess_grid(latent, latent, 128)
+    even, odd = tuple(batches(grid.even, args.tile_batch)), tuple(batches(grid.odd, args.tile_batch))
+    canvas = torch.randn(1, 4, latent, latent)
+    scaffold = ray.put(np.random.default_rng(0).standard_normal((1, 4, latent, latent), dtype=np.float32))
+    n_tiles, n_batches = len(grid.tiles), len(even) + len(odd)
+    remote = ray.remote(num_cpus=1)(SimWorker)
+
+    def actors(n: int, cost: float, slow: int = 0):
+        made = [remote.remote(0.0, 3.0 if i < slow else 1.0) for i in range(n)]
+        # warm-up: a first tensor argument imports torch in the actor, and the first graph run in a
+        # session is slower (fresh object-store memory); time the steady state of a running farm
+        warm = to_wire((grid.tiles[:1], canvas[..., :128, :128]))
+        ray.get([a.run.remote("refine", *warm) for a in made])
+        first = measure(made, grid, even, odd, canvas, scaffold)[0]
+        ray.get([a.set_cost.remote(cost) for a in made])
+        return made, first
+
+    def measure_and_stop(made_first):
+        made, _ = made_first
+        try:
+            return measure(made, grid, even, odd, canvas, scaffold)
+        finally:
+            for a in made:
+                ray.kill(a)
+
+    print(
+        f"{args.size} px canvas, {grid.rows}x{grid.cols} = {n_tiles} tiles ({len(grid.even)} even + "
+        f"{len(grid.odd)} odd), batches of {args.tile_batch}: {n_batches} batches; {args.cost} s per tile\n"
+    )
+
+    made = actors(1, 0.0)
+    first = made[1]
+    span, total, log = measure_and_stop(made)
+    print(
+        f"dispatch overhead (1 actor, zero cost): {1000 * span / n_batches:.2f} ms per batch in the scheduler, "
+        f"{1000 * total / n_batches:.2f} ms per batch with the final composites "
+        f"(first graph run of a fresh session: {1000 * first / n_batches:.2f} ms per batch)\n"
+    )
+
+    print("| actors | chess span s | speedup | target 0.9 N | with composites s | speedup |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    base_span = base_total = None
+    for n in (1, 2, 4, 8):
+        span, total, _ = measure_and_stop(actors(n, args.cost))
+        base_span, base_total = base_span or span, base_total or total
+        ok = "yes" if base_span / span >= 0.9 * n else "no"
+        print(f"| {n} | {span:.2f} | {base_span / span:.2f} | {ok} | {total:.2f} | {base_total / total:.2f} |")
+
+    span, total, log = measure_and_stop(actors(8, args.cost, slow=1))
+    speed = 7 + 1 / 3  # tiles per cost unit of 7 normal actors and one 3x slower
+    ideal = n_tiles * args.cost / speed
+    one_batch = 3 * args.cost * args.tile_batch  # one batch on the slow actor
+    slow_tiles = sum(len(b) for d in log for b in [(*even, *odd)[d.task]] if d.actor == 0)
+    print(
+        f"\n8 actors, one 3x slower: chess span {span:.2f} s; ideal speed-proportional {ideal:.2f} s; "
+        f"excess {span - ideal:.2f} s vs one slow batch {one_batch:.2f} s "
+        f"({'within' if span - ideal <= one_batch else 'over'}); slow actor took {slow_tiles} of {n_tiles} tiles "
+        f"(proportional share {n_tiles / speed / 3:.1f})"
+    )
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

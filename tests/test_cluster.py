@@ -1,0 +1,126 @@
+"""The Ray executor on a real local Ray with fake GPUs: same pixels as the local executor, faults, checks."""
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from cluster.actor import start_actors  # noqa: E402
+from cluster.executor import ClusterError, ClusterExecutor, preflight, run_cluster  # noqa: E402
+from farm.cli import main  # noqa: E402
+from farm.executor import prepare, run_local  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.render import render  # noqa: E402
+from pipeline.worker import WorkerConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster_plan(tiny_sdxl, tiny_upscaler):
+    from pipeline.spec import RenderSpec
+
+    spec = RenderSpec(
+        model=str(tiny_sdxl),
+        upscaler=str(tiny_upscaler),
+        prompt="a harbour at night",
+        negative="blurry",
+        width=512,
+        height=512,
+        seed=11,
+        steps=2,
+        base_steps=2,
+        cfg=3.0,
+        denoise=0.5,
+        tile=128,
+        tile_batch=4,
+        native=128,
+        upscale_tile=64,
+    )
+    return prepare(spec)
+
+
+@pytest.fixture(scope="module")
+def local_image(cluster_plan):
+    return run_local(cluster_plan).result.image
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_same_pixels_as_the_local_executor(local_ray, cluster_plan, local_image, workers):
+    run = run_cluster(cluster_plan, workers=workers)
+    assert run.workers == workers
+    assert torch.equal(run.result.image, local_image)
+    used = {d.actor for d in run.executor.scheduler.log}
+    assert used == set(range(workers))  # every actor took work
+
+
+def test_actors_killed_in_the_even_and_odd_pass_change_nothing(local_ray, cluster_plan, local_image):
+    n_even = len(cluster_plan.even_batches)
+    faults = {("chess", 1), ("chess", n_even + 1)}  # a batch of each pass crashes its actor's process
+    run = run_cluster(cluster_plan, workers=2, faults=faults)
+    scheduler = run.executor.scheduler
+    assert sum(scheduler.failures.values()) == 2 and not scheduler.lost  # no call reached a restarting actor
+    runs = [d.task for d in scheduler.log if d.stage == "chess"]
+    assert runs.count(1) == 2 and runs.count(n_even + 1) == 2  # each ran again elsewhere
+    assert torch.equal(run.result.image, local_image)
+
+
+def test_scaffold_goes_to_the_object_store_once(local_ray, cluster_plan):
+    run = run_cluster(cluster_plan, workers=2)
+    refines = [d for d in run.executor.scheduler.log if d.stage == "chess"]
+    scaffold_refs = {d.refs[0] for d in refines}
+    assert len(scaffold_refs) == 1  # every tile task names the same stored scaffold
+    assert scaffold_refs.isdisjoint(r for d in run.executor.scheduler.log if d.stage != "chess" for r in d.refs)
+    # by value each task carries its batch's latent crops and nothing else: its noise comes from the ref
+    tile_bytes = 4 * cluster_plan.grid.tile_h * cluster_plan.grid.tile_w * cluster_plan.model.latent_channels
+    sizes = [len(b) for b in (*cluster_plan.even_batches, *cluster_plan.odd_batches)]
+    assert sorted((d.task, d.bytes_by_value) for d in refines) == [(i, n * tile_bytes) for i, n in enumerate(sizes)]
+
+
+def test_no_worker_left_is_a_clear_error(local_ray, cluster_plan):
+    config = WorkerConfig.from_spec(cluster_plan.spec)
+    actors = start_actors(config, 1, 1, max_restarts=0)
+    ex = ClusterExecutor(actors, faults={("chess", 2)})
+    with pytest.raises(ClusterError, match=r"all 1 workers were lost during chess .* 2 of \d+ chess tasks"):
+        render(cluster_plan, ex)
+
+
+def test_gpus_required_but_missing(local_ray, cluster_plan, tmp_path, capsys):
+    spec = cluster_plan.spec
+    args = [
+        "render",
+        "--model",
+        spec.model,
+        "--upscaler",
+        spec.upscaler,
+        "--prompt",
+        "x",
+        "--size",
+        "512x512",
+        "--tile",
+        "128",
+        "--native",
+        "128",
+        "--out",
+        str(tmp_path / "o.png"),
+        "--cluster",
+        "auto",
+        "--gpus-per-worker",
+        "4",
+        "--quiet",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the cluster has 3 GPUs but each worker needs 4" in err and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_model_missing_on_the_workers(local_ray, tmp_path):
+    config = WorkerConfig(str(tmp_path / "only-on-the-driver"), "", "", "auto")
+    with pytest.raises(UserError, match="only-on-the-driver does not exist on worker node"):
+        preflight(config, gpus_per_worker=1)
