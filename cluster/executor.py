@@ -48,11 +48,12 @@ def connect(address: str) -> None:
     """Join the cluster at `address`; 'auto' joins a running one (RAY_ADDRESS or local) or starts one here."""
     import ray
 
+    if address != "auto":
+        _reachable(address)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address != "auto":
-        _reachable(address)
         ray.init(address=address, log_to_driver=True)
         return
     try:
@@ -118,11 +119,19 @@ def worker_count(requested: int | None, gpus_per_worker: float) -> int:
 class ClusterExecutor:
     """Worker calls and task graphs over Ray actors, with progress per stage and group on the driver."""
 
-    def __init__(self, actors: list, progress: Progress = no_progress, faults=None, max_failures: int = 3):
+    def __init__(
+        self,
+        actors: list,
+        progress: Progress = no_progress,
+        faults=None,
+        max_failures: int = 3,
+        keep_path: Path | None = None,
+    ):
         from cluster.scheduler import PullScheduler
 
         self.scheduler = PullScheduler(actors, max_failures=max_failures, faults=set(faults or ()))
         self.progress = progress
+        self.keep_path = keep_path  # where finished work goes if every worker is lost
 
     def share(self, value: Any) -> Any:
         import ray
@@ -148,7 +157,23 @@ class ClusterExecutor:
             try:
                 return self.scheduler.run(stage, tasks, on_done=lambda t: bars[t.group or stage].update(t.units))
             except WorkersLost as lost:
-                raise ClusterError(f"{lost}; the finished tasks are kept in this process") from None
+                raise ClusterError(f"{lost}; {self._keep(stage, lost.results)}") from None
+
+    def _keep(self, stage: str, results: dict[int, Any]) -> str:
+        """Write the stage's finished results (tensors by task and tile id) for a later resume."""
+        if self.keep_path is None or not results:
+            return "nothing finished in this stage was kept"
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for task, value in results.items():
+            items = value.items() if isinstance(value, dict) else [("out", value)]
+            for key, tensor in items:
+                tensors[f"{task}/{key}"] = tensor.contiguous()
+        tmp = self.keep_path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"stage": stage})
+        os.replace(tmp, self.keep_path)
+        return f"the {len(results)} finished {stage} tasks were saved to {self.keep_path}"
 
 
 @dataclass
@@ -167,6 +192,7 @@ def run_cluster(
     gpus_per_worker: float | None = None,
     progress: Progress = no_progress,
     faults=None,
+    keep_path: Path | None = None,
 ) -> ClusterRun:
     """Connect, check, start actors and run the plan on them."""
     import ray
@@ -183,7 +209,7 @@ def run_cluster(
             from cluster.actor import start_actors
 
             actors = start_actors(config, count, gpus_per_worker, max_restarts=3)
-        executor = ClusterExecutor(actors, progress, faults=faults)
+        executor = ClusterExecutor(actors, progress, faults=faults, keep_path=keep_path)
         result = render(plan, executor, clock=clock)
     finally:
         for actor in actors:

@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     if args.cluster:
         from cluster.executor import run_cluster  # Ray is imported only on this path
 
-        run_ = run_cluster(plan, args.cluster, args.workers, args.gpus_per_worker, progress=progress)
+        keep = out.with_name(out.stem + ".partial.safetensors")
+        run_ = run_cluster(plan, args.cluster, args.workers, args.gpus_per_worker, progress=progress, keep_path=keep)
         where = f"{run_.workers} Ray worker(s)"
     else:
         run_ = run_local(plan, args.device, progress=progress)

@@ -51,6 +51,10 @@ CASES = [
     ("existing-output", {"--out": "{existing}"}, ["{existing}", "--overwrite"]),
     ("output-not-png", {"--out": "{tmp}/x.jpg"}, ["x.jpg", ".png"]),
     ("output-folder-missing", {"--out": "{tmp}/nowhere/x.png"}, ["nowhere", "does not exist"]),
+    ("unreachable-cluster", {"--cluster": "127.0.0.1:9"}, ["127.0.0.1:9", "cannot reach a Ray cluster"]),
+    ("cluster-address-garbage", {"--cluster": "nowhere"}, ["'nowhere'", "HOST:PORT"]),
+    ("workers-zero", {"--cluster": "auto", "--workers": "0"}, ["--workers 0", "at least 1"]),
+    ("workers-without-cluster", {"--workers": "2"}, ["--cluster"]),
     ("half-precision-on-cpu", {"--precision": "fp16", "--device": "cpu"}, ["fp16", "GPU"]),
 ]
 

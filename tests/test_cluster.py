@@ -82,12 +82,20 @@ def test_scaffold_goes_to_the_object_store_once(local_ray, cluster_plan):
     assert sorted((d.task, d.bytes_by_value) for d in refines) == [(i, n * tile_bytes) for i, n in enumerate(sizes)]
 
 
-def test_no_worker_left_is_a_clear_error(local_ray, cluster_plan):
+def test_no_worker_left_is_a_clear_error_and_keeps_what_is_done(local_ray, cluster_plan, tmp_path):
+    from safetensors import safe_open
+
     config = WorkerConfig.from_spec(cluster_plan.spec)
     actors = start_actors(config, 1, 1, max_restarts=0)
-    ex = ClusterExecutor(actors, faults={("chess", 2)})
-    with pytest.raises(ClusterError, match=r"all 1 workers were lost during chess .* 2 of \d+ chess tasks"):
+    keep = tmp_path / "render.partial.safetensors"
+    ex = ClusterExecutor(actors, faults={("chess", 2)}, keep_path=keep)
+    with pytest.raises(ClusterError, match=r"all 1 workers were lost during chess .* 2 of \d+ chess tasks") as err:
         render(cluster_plan, ex)
+    assert str(keep) in str(err.value)
+    with safe_open(str(keep), "pt") as kept:
+        tiles = {t.id for b in cluster_plan.even_batches[:2] for t in b}
+        assert {k for k in kept.keys()} == {f"{i}/{t.id}" for i in (0, 1) for t in cluster_plan.even_batches[i]}
+        assert kept.metadata()["stage"] == "chess" and len(tiles) == len(list(kept.keys()))
 
 
 def test_gpus_required_but_missing(local_ray, cluster_plan, tmp_path, capsys):
