@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.clock import Clock
-from pipeline.errors import UserError
+from pipeline.errors import RenderError, UserError
 from pipeline.plan import RenderPlan
 from pipeline.render import Progress, RenderResult, no_progress, render
 from pipeline.taskgraph import Task
@@ -25,7 +25,7 @@ from pipeline.worker import WorkerConfig
 CONNECT_TIMEOUT_S = 5.0
 
 
-class ClusterError(RuntimeError):
+class ClusterError(RenderError):
     """The cluster lost what the render needs (every worker); names what was lost and what was kept."""
 
 

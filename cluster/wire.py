@@ -38,35 +38,27 @@ def _rebuild(array: np.ndarray, dtype: torch.dtype) -> WireTensor:
     return wire
 
 
-def to_wire(value: Any) -> Any:
-    """Replace every torch tensor inside tuples, lists, dicts and dataclasses with a WireTensor."""
-    if isinstance(value, torch.Tensor):
-        return WireTensor(value)
+def _walk(value: Any, leaf) -> Any:
+    """Apply `leaf` to every value inside tuples, lists, dicts and dataclasses; rebuild only what changed."""
     if isinstance(value, tuple):
-        return tuple(to_wire(v) for v in value)
+        return tuple(_walk(v, leaf) for v in value)
     if isinstance(value, list):
-        return [to_wire(v) for v in value]
+        return [_walk(v, leaf) for v in value]
     if isinstance(value, dict):
-        return {k: to_wire(v) for k, v in value.items()}
+        return {k: _walk(v, leaf) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changed = {f.name: to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        changed = {f.name: _walk(getattr(value, f.name), leaf) for f in dataclasses.fields(value)}
         if any(changed[k] is not getattr(value, k) for k in changed):
             return dataclasses.replace(value, **changed)
-    return value
+        return value
+    return leaf(value)
+
+
+def to_wire(value: Any) -> Any:
+    """Replace every torch tensor inside tuples, lists, dicts and dataclasses with a WireTensor."""
+    return _walk(value, lambda v: WireTensor(v) if isinstance(v, torch.Tensor) else v)
 
 
 def from_wire(value: Any) -> Any:
     """The inverse of to_wire."""
-    if isinstance(value, WireTensor):
-        return value.tensor()
-    if isinstance(value, tuple):
-        return tuple(from_wire(v) for v in value)
-    if isinstance(value, list):
-        return [from_wire(v) for v in value]
-    if isinstance(value, dict):
-        return {k: from_wire(v) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changed = {f.name: from_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if any(changed[k] is not getattr(value, k) for k in changed):
-            return dataclasses.replace(value, **changed)
-    return value
+    return _walk(value, lambda v: v.tensor() if isinstance(v, WireTensor) else v)

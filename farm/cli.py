@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from pipeline.errors import UserError
+from pipeline.errors import RenderError, UserError
 
 DEMO_PROMPT = "a lighthouse on a cliff above a stormy sea, golden hour, highly detailed"
 
@@ -170,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"farm: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        if type(err).__name__ != "ClusterError":
-            raise
+    except RenderError as err:
         print(f"farm: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

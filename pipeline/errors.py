@@ -11,3 +11,7 @@ class SpecError(UserError):
 
 class ModelFileError(UserError):
     """A model file or folder is missing, corrupt, unsafe or of the wrong kind."""
+
+
+class RenderError(Exception):
+    """A render that could not finish for a reason outside the user's input (e.g. every worker lost)."""

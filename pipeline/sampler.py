@@ -25,6 +25,10 @@ class PromptEmbeds:
     negative_embeds: torch.Tensor | None  # None when CFG is off
     negative_pooled: torch.Tensor | None
 
+    def to(self, device: torch.device, dtype: torch.dtype) -> PromptEmbeds:
+        """The same embeddings on the sampling device and dtype."""
+        return PromptEmbeds(*(None if t is None else t.to(device, dtype) for t in vars(self).values()))
+
     def for_batch(self, batch: int, cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(token embeds, pooled) for `batch` items; with CFG the negatives come first, as in diffusers."""
         embeds, pooled = self.embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1)
@@ -69,8 +73,8 @@ class Denoiser:
             out = self.unet(
                 model_in,
                 t,
-                encoder_hidden_states=embeds.to(self.device, self.dtype),
-                added_cond_kwargs={"text_embeds": pooled.to(self.device, self.dtype), "time_ids": time_ids},
+                encoder_hidden_states=embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
                 return_dict=False,
             )[0]
         if not use_cfg:
@@ -81,6 +85,7 @@ class Denoiser:
 
 def _run(denoiser: Denoiser, scheduler, timesteps, latents, cond: PromptEmbeds, cfg: float) -> torch.Tensor:
     """The sampling loop of diffusers' SDXL pipelines: scale input, predict, step."""
+    cond = cond.to(denoiser.device, denoiser.dtype)  # once per call, not per step
     for t in timesteps:
         x = scheduler.scale_model_input(latents, t)
         noise_pred = denoiser.predict(x, t, cond, cfg)

@@ -42,7 +42,7 @@ def tiny_worker(tiny_sdxl, tiny_upscaler):
     return TileWorker(WorkerConfig(str(tiny_sdxl), str(tiny_upscaler), "", "fp32", "cpu"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_spec(tiny_sdxl, tiny_upscaler):
     """A 512 px top-down render from a 128 px base (k = 4): 5 x 5 chess tiles of 128 px."""
     from pipeline.spec import RenderSpec

@@ -22,27 +22,8 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def cluster_plan(tiny_sdxl, tiny_upscaler):
-    from pipeline.spec import RenderSpec
-
-    spec = RenderSpec(
-        model=str(tiny_sdxl),
-        upscaler=str(tiny_upscaler),
-        prompt="a harbour at night",
-        negative="blurry",
-        width=512,
-        height=512,
-        seed=11,
-        steps=2,
-        base_steps=2,
-        cfg=3.0,
-        denoise=0.5,
-        tile=128,
-        tile_batch=4,
-        native=128,
-        upscale_tile=64,
-    )
-    return prepare(spec)
+def cluster_plan(small_spec):
+    return prepare(small_spec)
 
 
 @pytest.fixture(scope="module")
