@@ -72,7 +72,7 @@ class RenderPlan:
                 f"{len(g.even)} even + {len(g.odd)} odd, stride {sx * f}x{sy * f} px, "
                 f"overlap >= {ox * f}x{oy * f} px, work x{g.work_multiplier:.2f}",
                 f"batches of {s.tile_batch}: {len(self.even_batches)} even + {len(self.odd_batches)} odd, "
-                f"{s.steps} steps at denoise {s.denoise} ({s.sampler}), {tile_calls} UNet calls",
+                f"{s.steps} steps at denoise {s.denoise} ({s.sampler}), {tile_calls} UNet calls for the tiles",
             ]
         )
 
