@@ -62,8 +62,8 @@ class RenderPlan:
         s, g, f = self.spec, self.grid, self.f
         sy, sx = g.stride
         oy, ox = g.overlap
-        cfg_mult = 2 if s.cfg > 1 else 1
-        tile_calls = (len(self.even_batches) + len(self.odd_batches)) * s.steps * cfg_mult
+        tile_calls = (len(self.even_batches) + len(self.odd_batches)) * s.steps
+        cfg_note = " (CFG doubles each call's batch)" if s.cfg > 1 else ""
         return "\n".join(
             [
                 f"target {s.width}x{s.height} px, latent {self.latent_w}x{self.latent_h}x{self.model.latent_channels}",
@@ -72,7 +72,8 @@ class RenderPlan:
                 f"{len(g.even)} even + {len(g.odd)} odd, stride {sx * f}x{sy * f} px, "
                 f"overlap >= {ox * f}x{oy * f} px, work x{g.work_multiplier:.2f}",
                 f"batches of {s.tile_batch}: {len(self.even_batches)} even + {len(self.odd_batches)} odd, "
-                f"{s.steps} steps at denoise {s.denoise} ({s.sampler}), {tile_calls} UNet calls for the tiles",
+                f"{s.steps} steps at denoise {s.denoise} ({s.sampler}), "
+                f"{tile_calls} UNet calls for the tiles{cfg_note}",
             ]
         )
 
