@@ -61,13 +61,17 @@ class Denoiser:
     def device(self) -> torch.device:
         return self.unet.device
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, cfg: float) -> torch.Tensor:
+    def conditioning(self, cond: PromptEmbeds, latents: torch.Tensor, cfg: float) -> tuple[torch.Tensor, ...]:
+        """(token embeds, pooled, time ids) for a batch of latents, on the device: built once per sampler call."""
+        batch, _, h, w = latents.shape
+        embeds, pooled = cond.to(self.device, self.dtype).for_batch(batch, cfg > 1.0)
+        time_ids = sdxl_time_ids(h * self.vae_factor, w * self.vae_factor)
+        return embeds, pooled, time_ids.to(self.device, self.dtype).repeat(embeds.shape[0], 1)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: tuple, cfg: float) -> torch.Tensor:
         """Noise prediction for a batch x at timestep t, with classifier-free guidance when cfg > 1."""
         use_cfg = cfg > 1.0
-        batch, _, h, w = x.shape
-        embeds, pooled = cond.for_batch(batch, use_cfg)
-        time_ids = sdxl_time_ids(h * self.vae_factor, w * self.vae_factor)
-        time_ids = time_ids.to(self.device, embeds.dtype).repeat(embeds.shape[0], 1)
+        embeds, pooled, time_ids = conditioning
         model_in = torch.cat([x, x]) if use_cfg else x
         with self.clock("unet") if self.clock else nullcontext():
             out = self.unet(
@@ -85,10 +89,10 @@ class Denoiser:
 
 def _run(denoiser: Denoiser, scheduler, timesteps, latents, cond: PromptEmbeds, cfg: float) -> torch.Tensor:
     """The sampling loop of diffusers' SDXL pipelines: scale input, predict, step."""
-    cond = cond.to(denoiser.device, denoiser.dtype)  # once per call, not per step
+    conditioning = denoiser.conditioning(cond, latents, cfg)  # once per call, not per step
     for t in timesteps:
         x = scheduler.scale_model_input(latents, t)
-        noise_pred = denoiser.predict(x, t, cond, cfg)
+        noise_pred = denoiser.predict(x, t, conditioning, cfg)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
     return latents
 
