@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from pipeline.clock import Clock
 from pipeline.errors import RenderError, UserError
 from pipeline.plan import RenderPlan
-from pipeline.render import Progress, RenderResult, no_progress, render
+from pipeline.render import Progress, RenderResult, no_progress, render, task_progress
 from pipeline.taskgraph import Task
 from pipeline.worker import WorkerConfig
 
@@ -146,16 +145,9 @@ class ClusterExecutor:
     def run(self, stage: str, tasks: list[Task]) -> dict[int, Any]:
         from cluster.scheduler import WorkersLost
 
-        totals: dict[str, int] = {}
-        for task in tasks:
-            totals[task.group or stage] = totals.get(task.group or stage, 0) + task.units
-        with ExitStack() as stack:
-            bars = {
-                g: stack.enter_context(self.progress(f"{stage} {g}" if g != stage else g, n, "tile"))
-                for g, n in totals.items()
-            }
+        with task_progress(self.progress, stage, tasks) as done:
             try:
-                return self.scheduler.run(stage, tasks, on_done=lambda t: bars[t.group or stage].update(t.units))
+                return self.scheduler.run(stage, tasks, on_done=done)
             except WorkersLost as lost:
                 raise ClusterError(f"{lost}; {self._keep(stage, lost.results)}") from None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from pipeline.clock import Clock
 from pipeline.errors import UserError
 from pipeline.models import inspect_diffusion_model
 from pipeline.plan import RenderPlan, make_plan
-from pipeline.render import Progress, RenderResult, no_progress, render
+from pipeline.render import Progress, RenderResult, no_progress, render, task_progress
 from pipeline.spec import RenderSpec
 from pipeline.taskgraph import Task, check_graph
 from pipeline.worker import TileWorker, WorkerConfig
@@ -46,18 +45,11 @@ class LocalExecutor:
 
     def run(self, stage: str, tasks: list[Task]) -> dict[int, Any]:
         check_graph(tasks)
-        totals: dict[str, int] = {}
-        for task in tasks:
-            totals[task.group or stage] = totals.get(task.group or stage, 0) + task.units
         results: dict[int, Any] = {}
-        with ExitStack() as stack:
-            bars = {
-                g: stack.enter_context(self.progress(f"{stage} {g}" if g != stage else g, n, "tile"))
-                for g, n in totals.items()
-            }
+        with task_progress(self.progress, stage, tasks) as done:
             for task in sorted(tasks, key=lambda t: t.id):
                 results[task.id] = getattr(self.worker, task.method)(*task.args(results))
-                bars[task.group or stage].update(task.units)
+                done(task)
         return results
 
 

@@ -9,8 +9,8 @@ as worker calls and task graphs fixed by the plan, so both executors produce the
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +20,7 @@ from pipeline.clock import Clock
 from pipeline.plan import RenderPlan
 from pipeline.resize import fit_exact, resize
 from pipeline.scaffold import make_scaffold, pool_noise
-from pipeline.taskgraph import Executor
+from pipeline.taskgraph import Executor, Task
 from pipeline.tiling import run_tiled
 
 UPSCALE_OVERLAP = 32  # px of input shared by neighbouring upscaler tiles
@@ -39,6 +39,20 @@ Progress = Callable[[str, int, str], AbstractContextManager[Bar]]
 
 def no_progress(stage: str, total: int, unit: str) -> AbstractContextManager[Bar]:
     return nullcontext(Bar())
+
+
+@contextmanager
+def task_progress(progress: Progress, stage: str, tasks: list[Task]) -> Iterator[Callable[[Task], None]]:
+    """One bar per task group of a stage (e.g. 'chess even', 'chess odd'); yields done(task) to report each."""
+    totals: dict[str, int] = {}
+    for task in tasks:
+        totals[task.group or stage] = totals.get(task.group or stage, 0) + task.units
+    with ExitStack() as stack:
+        bars = {
+            group: stack.enter_context(progress(f"{stage} {group}" if group != stage else group, n, "tile"))
+            for group, n in totals.items()
+        }
+        yield lambda task: bars[task.group or stage].update(task.units)
 
 
 @dataclass
