@@ -90,7 +90,7 @@ def preflight(config: WorkerConfig, gpus_per_worker: float) -> None:
         )
     nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("GPU", 0) > 0 or not gpus_per_worker)]
     check = ray.remote(num_cpus=0)(_check_node)
-    paths = [config.model, config.upscaler, config.model_config]
+    paths = [config.model, config.upscaler, config.model_config, config.detector]
     reports = ray.get(
         [
             check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
@@ -185,6 +185,7 @@ def run_cluster(
     progress: Progress = no_progress,
     faults=None,
     keep_path: Path | None = None,
+    log=lambda text: None,
 ) -> ClusterRun:
     """Connect, check, start actors and run the plan on them."""
     import ray
@@ -202,7 +203,7 @@ def run_cluster(
 
             actors = start_actors(config, count, gpus_per_worker, max_restarts=3)
         executor = ClusterExecutor(actors, progress, faults=faults, keep_path=keep_path)
-        result = render(plan, executor, clock=clock)
+        result = render(plan, executor, clock=clock, log=log)
     finally:
         for actor in actors:
             ray.kill(actor)

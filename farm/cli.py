@@ -26,6 +26,8 @@ SPEC_FLAGS = {
     "--native": ("native", int, "the model's native size in px (default: from the model)"),
     "--upscale-tile": ("upscale_tile", int, "upscaler input tile in px (default 512)"),
     "--model-config": ("model_config", str, "diffusers folder with configs for a single-file checkpoint"),
+    "--detector": ("detector", str, "SAM3 model folder for the semantic detailer (with --concept)"),
+    "--detail-padding": ("detail_padding", float, "context around a detection per side, x its size (default 0.25)"),
 }
 EXEC_FLAGS = {
     "--tile-batch": ("tile_batch", int, "tiles per sampler batch (default 4)"),
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--size", help="target WIDTHxHEIGHT in px, multiples of 8 (e.g. 4096x4096)")
     for flag, (dest, kind, text) in SPEC_FLAGS.items():
         render.add_argument(flag, dest=dest, type=kind, help=text)
+    render.add_argument(
+        "--concept",
+        action="append",
+        metavar="NAME[;KEY=VALUE...]",
+        help="refine what the detector finds for NAME, e.g. 'face;layer=0;denoise=0.45;prompt=a detailed face' "
+        "(keys: prompt, layer 0-5, selection largest|center|first|all, max_objects, threshold, denoise); repeatable",
+    )
     _add_exec_flags(render)
 
     demo = sub.add_parser("demo", help="a small render with tiny random-weight models (abstract image)")
@@ -78,6 +87,7 @@ def _flag_layer(args: argparse.Namespace, flags: dict) -> dict:
 
 def _spec_for_render(args: argparse.Namespace):
     from farm.specfile import build_spec, read_png_spec, read_toml
+    from pipeline.detection import parse_concept
     from pipeline.spec import parse_size
 
     layers, out = [], None
@@ -87,6 +97,8 @@ def _spec_for_render(args: argparse.Namespace):
     if args.from_png:
         layers.append((read_png_spec(args.from_png), args.from_png))
     flags = _flag_layer(args, SPEC_FLAGS) | _flag_layer(args, EXEC_FLAGS)
+    if args.concept:
+        flags["concepts"] = [parse_concept(text) for text in args.concept]
     if args.size:
         flags["width"], flags["height"] = parse_size(args.size)
     layers.append((flags, "command line"))
@@ -143,14 +155,17 @@ def run(args: argparse.Namespace) -> int:
         print(plan.describe(), file=sys.stderr)
     start = time.perf_counter()
     progress = tqdm_progress(not args.quiet)
+    log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
     if args.cluster:
         from cluster.executor import run_cluster  # Ray is imported only on this path
 
         keep = out.with_name(out.stem + ".partial.safetensors")
-        run_ = run_cluster(plan, args.cluster, args.workers, args.gpus_per_worker, progress=progress, keep_path=keep)
+        run_ = run_cluster(
+            plan, args.cluster, args.workers, args.gpus_per_worker, progress=progress, keep_path=keep, log=log
+        )
         where = f"{run_.workers} Ray worker(s)"
     else:
-        run_ = run_local(plan, args.device, progress=progress)
+        run_ = run_local(plan, args.device, progress=progress, log=log)
         where = run_.device
     save_png(run_.result.image, spec, out, plan.describe())
     seconds = time.perf_counter() - start

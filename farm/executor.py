@@ -11,6 +11,7 @@ from pipeline.errors import UserError
 from pipeline.models import inspect_diffusion_model
 from pipeline.plan import RenderPlan, make_plan
 from pipeline.render import Progress, RenderResult, no_progress, render, task_progress
+from pipeline.sam3 import inspect_detector
 from pipeline.spec import RenderSpec
 from pipeline.taskgraph import Task, check_graph
 from pipeline.worker import TileWorker, WorkerConfig
@@ -24,6 +25,8 @@ def prepare(spec: RenderSpec) -> RenderPlan:
         raise UserError(f"upscaler {spec.upscaler} does not exist; pass a .safetensors or .pth upscaler file")
     if spec.model_config and not Path(spec.model_config).expanduser().is_dir():
         raise UserError(f"model_config {spec.model_config} is not a folder")
+    if spec.detector:
+        inspect_detector(spec.detector)
     return make_plan(spec, info)
 
 
@@ -62,11 +65,15 @@ class LocalRun:
 
 
 def run_local(
-    plan: RenderPlan, device_name: str = "auto", progress: Progress = no_progress, clock: Clock | None = None
+    plan: RenderPlan,
+    device_name: str = "auto",
+    progress: Progress = no_progress,
+    clock: Clock | None = None,
+    log=lambda text: None,
 ) -> LocalRun:
     """Load the models and run the plan on one device."""
     clock = clock or Clock()
     with clock.stage("load"):
         worker = TileWorker(WorkerConfig.from_spec(plan.spec, device_name), clock=clock)
-    result = render(plan, LocalExecutor(worker, progress), clock=clock)
+    result = render(plan, LocalExecutor(worker, progress), clock=clock, log=log)
     return LocalRun(plan, result, clock, str(worker.device))

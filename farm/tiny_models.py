@@ -119,6 +119,59 @@ def build_tiny_upscaler(path: Path, scale: int = 4, seed: int = 0) -> Path:
     return path
 
 
+TINY_SAM3_PX = 112  # the tiny SAM3's input size (8 x 8 patches of 14 px)
+
+
+def build_tiny_sam3(path: Path, seed: int = 0) -> Path:
+    """Save a tiny SAM3 (Sam3Model + Sam3Processor) folder: the real architecture, a few layers of width 32."""
+    from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+    from transformers.utils import logging as tlog
+
+    torch.manual_seed(seed)
+    patches = TINY_SAM3_PX // 14
+    vocab = len(_byte_vocab())
+    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    config = Sam3Config(
+        vision_config=dict(
+            backbone_config=dict(
+                model_type="sam3_vit_model",
+                num_hidden_layers=2,
+                image_size=TINY_SAM3_PX,
+                pretrain_image_size=TINY_SAM3_PX,
+                patch_size=14,
+                window_size=4,
+                global_attn_indexes=[1],
+                **small,
+            ),
+            fpn_hidden_size=32,
+            backbone_feature_sizes=[[patches * 4] * 2, [patches * 2] * 2, [patches] * 2],
+        ),
+        text_config=dict(
+            vocab_size=vocab,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+            projection_dim=32,
+            num_hidden_layers=1,
+            max_position_embeddings=32,
+            **small,
+        ),
+        geometry_encoder_config=dict(num_layers=1, **small),
+        detr_encoder_config=dict(num_layers=1, **small),
+        detr_decoder_config=dict(num_layers=1, num_queries=8, **small),
+        mask_decoder_config=dict(hidden_size=32, num_attention_heads=2),
+    )
+    tokenizer = _tiny_tokenizer()
+    tokenizer.model_max_length = 32  # SAM3 pads text to 32 tokens
+    processor = Sam3Processor(
+        image_processor=Sam3ImageProcessor(size={"height": TINY_SAM3_PX, "width": TINY_SAM3_PX}), tokenizer=tokenizer
+    )
+    tlog.disable_progress_bar()
+    Sam3Model(config).save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return path
+
+
 def demo_cache_dir() -> Path:
     """Where the demo keeps its tiny models: $XDG_CACHE_HOME/tilefarm (default ~/.cache/tilefarm)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

@@ -51,6 +51,11 @@ class RenderPlan:
         return self.model.vae_factor
 
     @property
+    def native_latent(self) -> int:
+        """The model's native size in latent px (the size every tile and crop is sampled at)."""
+        return (self.spec.native or self.model.native_px) // self.f
+
+    @property
     def base_h(self) -> int:
         return self.latent_h // self.k * self.f
 
@@ -64,6 +69,12 @@ class RenderPlan:
         oy, ox = g.overlap
         tile_calls = (len(self.even_batches) + len(self.odd_batches)) * s.steps
         cfg_note = " (CFG doubles each call's batch)" if s.cfg > 1 else ""
+        detail = [
+            f"detail layer {c.layer}: {c.name!r} ({c.selection}, up to "
+            f"{'all' if c.selection == 'all' else c.max_objects}, threshold {c.threshold}), denoise {c.denoise}, "
+            f"crops padded {s.detail_padding:g} per side, refined at {self.native_latent * f} px"
+            for c in sorted(s.concepts, key=lambda c: c.layer)
+        ]
         return "\n".join(
             [
                 f"target {s.width}x{s.height} px, latent {self.latent_w}x{self.latent_h}x{self.model.latent_channels}",
@@ -74,6 +85,7 @@ class RenderPlan:
                 f"batches of {s.tile_batch}: {len(self.even_batches)} even + {len(self.odd_batches)} odd, "
                 f"{s.steps} steps at denoise {s.denoise} ({s.sampler}), "
                 f"{tile_calls} UNet calls for the tiles{cfg_note}",
+                *detail,
             ]
         )
 

@@ -1,7 +1,8 @@
 """The top-down render of seed 002, stage by stage: plan at the target size, sample at native size.
 
-scaffold -> pooled native noise -> base -> model upscale (tiles) -> encode (the canvas)
--> chess refine (even, odd) -> decode (tiles) -> exact size.
+scaffold -> pooled native noise -> base -> detections on the base -> model upscale (tiles)
+-> semantic detailer (crops) -> encode (the canvas) -> chess refine (even, odd) -> decode (tiles)
+-> exact size.
 
 Every stage hands its work to an executor (local: one device in-process; cluster: Ray actors)
 as worker calls and task graphs fixed by the plan, so both executors produce the same pixels.
@@ -17,6 +18,8 @@ import torch
 
 from pipeline.chess_pass import RefineSettings, chess_refine
 from pipeline.clock import Clock
+from pipeline.detailer import detail, plan_jobs
+from pipeline.detection import choose
 from pipeline.plan import RenderPlan
 from pipeline.resize import fit_exact, resize
 from pipeline.scaffold import make_scaffold, pool_noise
@@ -57,10 +60,13 @@ def task_progress(progress: Progress, stage: str, tasks: list[Task]) -> Iterator
 
 @dataclass
 class RenderResult:
-    """The final image ([1, 3, H, W] in [0, 1], CPU) and the latent canvas it was decoded from."""
+    """The final image ([1, 3, H, W] in [0, 1], CPU), the latent canvas it was decoded from, and the
+    detailer's refinement mask (latent resolution; all zero without detections)."""
 
     image: torch.Tensor
     canvas: torch.Tensor
+    refined_mask: torch.Tensor | None = None
+    notes: tuple[str, ...] = ()
 
 
 def upscale_to_target(plan: RenderPlan, ex: Executor, base: torch.Tensor, scale: int) -> torch.Tensor:
@@ -77,13 +83,47 @@ def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: in
     return run_tiled(ex, "decode", "decode_tile", canvas, tile, max(1, tile // 4), plan.f, 3)
 
 
-def render(plan: RenderPlan, ex: Executor, clock: Clock | None = None) -> RenderResult:
-    """Run every stage of the plan in order."""
-    spec, clock = plan.spec, clock or Clock()
+def detail_stage(plan: RenderPlan, ex: Executor, base, pixels, scaffold, cond, log) -> tuple:
+    """Detect the spec's concepts on the base image and refine each selection's crop on the target pixels."""
+    spec = plan.spec
+    candidates = ex.call("detect", "detect", base, spec.concepts)
+    detections = choose(candidates, spec.concepts)
+    for c in spec.concepts:
+        kept, found = (sum(d.concept == c.name for d in ds) for ds in (detections, candidates))
+        log(f"detect {c.name!r} (layer {c.layer}): kept {kept} of {found} candidate(s) at threshold {c.threshold}")
+    jobs = plan_jobs(detections, spec.concepts, (plan.latent_h, plan.latent_w), plan.native_latent, spec.detail_padding)
+    conds = {"": cond}
+    for prompt in sorted({job.prompt for job in jobs} - {""}):
+        conds[prompt] = ex.call("prompt", "encode_prompt", prompt, spec.negative, spec.cfg)
+    settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler)
+    return detail(
+        ex,
+        pixels,
+        jobs,
+        scaffold,
+        conds,
+        settings,
+        spec.seed,
+        plan.native_latent * plan.f,
+        plan.f,
+        spec.tile_batch,
+        log,
+    )
+
+
+def render(plan: RenderPlan, ex: Executor, clock: Clock | None = None, log=lambda text: None) -> RenderResult:
+    """Run every stage of the plan in order; `log(text)` receives notes on what a stage found."""
+    spec, clock, notes = plan.spec, clock or Clock(), []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        log(text)
+
     facts = ex.call("load", "facts")
 
     with clock.stage("prompt"):
-        cond = ex.share(ex.call("prompt", "encode_prompt", spec.prompt, spec.negative, spec.cfg))
+        cond_value = ex.call("prompt", "encode_prompt", spec.prompt, spec.negative, spec.cfg)
+        cond = ex.share(cond_value)
 
     with clock.stage("scaffold"):
         scaffold = make_scaffold(spec.seed, plan.model.latent_channels, plan.latent_h, plan.latent_w)
@@ -96,6 +136,11 @@ def render(plan: RenderPlan, ex: Executor, clock: Clock | None = None) -> Render
     with clock.stage("upscale"):
         pixels = upscale_to_target(plan, ex, base, facts.upscale)
 
+    refined_mask = None
+    if spec.concepts:
+        with clock.stage("detail"):
+            pixels, refined_mask = detail_stage(plan, ex, base, pixels, scaffold, cond_value, note)
+
     with clock.stage("encode"):
         canvas = ex.call("encode", "encode", pixels)
     del pixels
@@ -107,4 +152,4 @@ def render(plan: RenderPlan, ex: Executor, clock: Clock | None = None) -> Render
 
     with clock.stage("decode"):
         image = decode_canvas(plan, ex, canvas, facts.decode_tile)
-    return RenderResult(fit_exact(image, spec.height, spec.width), canvas)
+    return RenderResult(fit_exact(image, spec.height, spec.width), canvas, refined_mask, tuple(notes))

@@ -29,6 +29,14 @@ class PromptEmbeds:
         """The same embeddings on the sampling device and dtype."""
         return PromptEmbeds(*(None if t is None else t.to(device, dtype) for t in vars(self).values()))
 
+    @staticmethod
+    def stack(items: list[PromptEmbeds]) -> PromptEmbeds:
+        """One batch of per-item conditionings (e.g. a different prompt per crop), in order."""
+        first = items[0]
+        return PromptEmbeds(
+            *(None if getattr(first, k) is None else torch.cat([getattr(e, k) for e in items]) for k in vars(first))
+        )
+
     def for_batch(self, batch: int, cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(token embeds, pooled) for `batch` items; with CFG the negatives come first, as in diffusers."""
         embeds, pooled = self.embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from pipeline.detection import Concept
 from pipeline.errors import SpecError
 from pipeline.schedule import SAMPLERS
 
@@ -34,6 +35,9 @@ class RenderSpec:
     native: int = 0  # the model's native size in px; 0 = read from the model
     model_config: str = ""  # diffusers folder with configs, for single-file checkpoints
     precision: str = "auto"
+    detector: str = ""  # SAM3 folder for the semantic detailer
+    concepts: tuple[Concept, ...] = ()  # what the detailer looks for; none = no detail stage
+    detail_padding: float = 0.25  # context around a detection, per side, as a fraction of its longer side
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -48,6 +52,14 @@ class RenderSpec:
             raise SpecError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}")
         values = {}
         for key, value in data.items():
+            if key == "concepts":
+                if not isinstance(value, list | tuple):
+                    raise SpecError(f"{source}: concepts must be a list of tables ([[concepts]] in TOML)")
+                values[key] = tuple(
+                    c if isinstance(c, Concept) else Concept.from_dict(c, f"{source} concepts[{i}]")
+                    for i, c in enumerate(value)
+                )
+                continue
             kind = type(getattr(cls(), key))
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -91,7 +103,17 @@ class RenderSpec:
             raise SpecError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if not 0 <= self.seed < 2**63:
             raise SpecError(f"seed {self.seed}: must be in [0, 2^63)")
+        self._validate_detail()
         return self
+
+    def _validate_detail(self) -> None:
+        names = [c.validate().name for c in self.concepts]
+        if len(set(names)) != len(names):
+            raise SpecError(f"concepts {names}: each concept name may appear once (it is the detector's prompt)")
+        if self.concepts and not self.detector:
+            raise SpecError("the spec lists concepts but no detector: pass --detector PATH (a SAM3 model folder)")
+        if not 0 <= self.detail_padding <= 2:
+            raise SpecError(f"detail_padding {self.detail_padding}: must be in [0, 2] (0.25 = a quarter per side)")
 
 
 def _check_size(width: int, height: int) -> None:

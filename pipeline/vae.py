@@ -32,9 +32,12 @@ def from_model_latents(x: torch.Tensor, config) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(vae, pixels: torch.Tensor, clock=None) -> torch.Tensor:
+def encode(vae, pixels: torch.Tensor, clock=None, tiled: bool = True) -> torch.Tensor:
     """[B, 3, H, W] pixels in [0, 1] -> [B, C, H/f, W/f] model latents (float32, CPU)."""
-    vae.enable_tiling()
+    if tiled:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
     param = next(vae.parameters())
     x = (pixels * 2 - 1).to(param.device, param.dtype)
     with clock("vae") if clock else nullcontext():

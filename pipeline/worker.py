@@ -14,9 +14,10 @@ import torch
 from pipeline import vae
 from pipeline.chess import Tile
 from pipeline.chess_pass import RefineSettings, refine_tiles, tile_noise
+from pipeline.detection import Concept, Detection
 from pipeline.errors import UserError
 from pipeline.models import load_diffusion_model, load_upscaler
-from pipeline.sampler import PromptEmbeds, generate
+from pipeline.sampler import PromptEmbeds, generate, refine
 from pipeline.spec import RenderSpec
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -52,12 +53,21 @@ class WorkerConfig:
     precision: str
     device: str = "auto"
     cpu_threads: int = 0  # torch threads on a CPU device; 0 = leave as is
+    detector: str = ""  # SAM3 folder, loaded on the first detect call
 
     @classmethod
     def from_spec(cls, spec: RenderSpec, device: str = "auto") -> WorkerConfig:
         """The driver's thread count travels with the config: CPU kernels split work by thread count,
         and their sums round differently, so every worker must use the same one."""
-        return cls(spec.model, spec.upscaler, spec.model_config, spec.precision, device, torch.get_num_threads())
+        return cls(
+            spec.model,
+            spec.upscaler,
+            spec.model_config,
+            spec.precision,
+            device,
+            torch.get_num_threads(),
+            spec.detector,
+        )
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,7 @@ class TileWorker:
         )
         self.model = load_diffusion_model(config.model, self.device, dtype, config=config.model_config or None)
         self.model.denoiser.clock = clock.model if clock else None
+        self.detector = None  # loaded on first use: most renders never detect
 
     def _timed(self, name: str):
         return self.clock.model(name) if self.clock else nullcontext()
@@ -121,6 +132,28 @@ class TileWorker:
     ) -> dict[int, torch.Tensor]:
         """Refine a batch of chess tiles, each with its own slice of the scaffold as noise."""
         return refine_tiles(self.model.denoiser, cond, settings, tiles, latents, tile_noise(scaffold, tiles))
+
+    def detect(self, image: torch.Tensor, concepts: tuple[Concept, ...]) -> list[Detection]:
+        """Every candidate for the concepts on the base image (the detailer selects among them)."""
+        from pipeline.sam3 import Sam3Detector
+
+        if self.detector is None:
+            if not self.config.detector:
+                raise UserError("the spec lists concepts but no detector: pass --detector PATH (a SAM3 folder)")
+            self.detector = Sam3Detector(self.config.detector, self.device)
+        with self._timed("detector"):
+            return self.detector.detect(image, concepts)
+
+    def detail(
+        self, pixels: torch.Tensor, noise: torch.Tensor, cond: PromptEmbeds, settings: RefineSettings
+    ) -> torch.Tensor:
+        """Refine a batch of native-size crops: encode, refine with their noise, decode (pixels in, pixels out)."""
+        latents = vae.encode(self.model.vae, pixels, clock=self._clock_fn(), tiled=False)
+        s = settings
+        out = refine(self.model.denoiser, latents, noise, cond, s.cfg, s.steps, s.denoise, s.sampler).float()
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"a detail crop batch produced NaN/Inf latents on {self.device}")
+        return vae.decode(self.model.vae, out, clock=self._clock_fn(), tiled=False)
 
     def decode_tile(self, latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(self.model.vae, latents, clock=self._clock_fn(), tiled=False)

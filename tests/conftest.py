@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from farm.tiny_models import build_tiny_sdxl, build_tiny_upscaler
+from farm.tiny_models import build_tiny_sam3, build_tiny_sdxl, build_tiny_upscaler
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,11 @@ def tiny_sdxl(tiny_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_upscaler(tiny_dir) -> Path:
     return build_tiny_upscaler(tiny_dir / "compact-4x.safetensors", scale=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_sam3(tiny_dir) -> Path:
+    return build_tiny_sam3(tiny_dir / "tiny-sam3")
 
 
 @pytest.fixture(scope="session")

@@ -113,3 +113,31 @@ def test_model_missing_on_the_workers(local_ray, tmp_path):
     config = WorkerConfig(str(tmp_path / "only-on-the-driver"), "", "", "auto")
     with pytest.raises(UserError, match="only-on-the-driver does not exist on worker node"):
         preflight(config, gpus_per_worker=1)
+
+
+@pytest.fixture(scope="module")
+def detail_plan(small_spec, tiny_sam3):
+    from dataclasses import replace
+
+    from pipeline.detection import Concept
+
+    concepts = (
+        Concept("face", threshold=0.0, selection="all", max_objects=3),
+        Concept("eyes", layer=1, threshold=0.0, prompt="an eye", denoise=0.3),
+    )
+    return prepare(replace(small_spec, detector=str(tiny_sam3), concepts=concepts, tile_batch=2))
+
+
+@pytest.fixture(scope="module")
+def detail_local(detail_plan):
+    return run_local(detail_plan).result
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_detailer_gives_the_same_pixels_on_1_2_3_actors(local_ray, detail_plan, detail_local, workers):
+    run = run_cluster(detail_plan, workers=workers)
+    assert detail_local.refined_mask.max() > 0  # the detailer refined something
+    assert torch.equal(run.result.refined_mask, detail_local.refined_mask)
+    assert torch.equal(run.result.image, detail_local.image)
+    crops = [d for d in run.executor.scheduler.log if d.stage == "detail"]
+    assert crops and (workers == 1 or len({d.actor for d in crops}) > 1)  # the crop batches went over the actors
