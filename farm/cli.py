@@ -28,6 +28,11 @@ SPEC_FLAGS = {
     "--model-config": ("model_config", str, "diffusers folder with configs for a single-file checkpoint"),
     "--detector": ("detector", str, "SAM3 model folder for the semantic detailer (with --concept)"),
     "--detail-padding": ("detail_padding", float, "context around a detection per side, x its size (default 0.25)"),
+    "--detail-chess-denoise": (
+        "detail_chess_denoise",
+        float,
+        "chess denoise inside detailed areas, below --denoise (default 0: the same everywhere)",
+    ),
 }
 EXEC_FLAGS = {
     "--tile-batch": ("tile_batch", int, "tiles per sampler batch (default 4)"),

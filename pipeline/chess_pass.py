@@ -16,7 +16,8 @@ import torch
 
 from pipeline.chess import Tile, TileGrid
 from pipeline.feather import composite_pass
-from pipeline.sampler import Denoiser, PromptEmbeds, refine
+from pipeline.sampler import Denoiser, Hold, PromptEmbeds, refine
+from pipeline.schedule import held_steps
 from pipeline.taskgraph import Executor, Task
 
 Batches = tuple[tuple[Tile, ...], ...]
@@ -30,6 +31,7 @@ class RefineSettings:
     steps: int
     denoise: float
     sampler: str
+    masked_denoise: float = 0.0  # the lower denoise inside the detailer's mask; 0 = none
 
 
 def crops(canvas: torch.Tensor, tiles: tuple[Tile, ...]) -> torch.Tensor:
@@ -49,10 +51,14 @@ def refine_tiles(
     tiles: tuple[Tile, ...],
     latents: torch.Tensor,
     noise: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Refine one batch of tiles; results keyed by tile id, float32 on the CPU."""
+    """Refine one batch of tiles (masked pixels at the lower denoise); results keyed by tile id, float32 on the CPU."""
     s = settings
-    out = refine(denoiser, latents, noise, cond, s.cfg, s.steps, s.denoise, s.sampler).float().cpu()
+    hold = None
+    if mask is not None and s.masked_denoise and mask.any():
+        hold = Hold(mask, held_steps(s.steps, s.denoise, s.masked_denoise))
+    out = refine(denoiser, latents, noise, cond, s.cfg, s.steps, s.denoise, s.sampler, hold).float().cpu()
     if not torch.isfinite(out).all():
         raise FloatingPointError(f"tiles {[t.id for t in tiles]} produced NaN/Inf latents on {denoiser.device}")
     return {t.id: out[i : i + 1] for i, t in enumerate(tiles)}
@@ -69,28 +75,41 @@ def _merged(done: dict, ids) -> dict[int, torch.Tensor]:
     return merged
 
 
-def _even_args(canvas, batch, shared, done):
-    return (batch, crops(canvas, batch), *shared)
+def _mask_arg(mask, batch) -> tuple:
+    return () if mask is None else (crops(mask, batch),)
 
 
-def _odd_args(canvas, grid, batch, deps, shared, done):
+def _even_args(canvas, batch, shared, mask, done):
+    return (batch, crops(canvas, batch), *shared, *_mask_arg(mask, batch))
+
+
+def _odd_args(canvas, grid, batch, deps, shared, mask, done):
     even = _merged(done, deps)
     boxes = [composite_pass(canvas, grid, even, "paste", region=(t.y, t.x, t.h, t.w)) for t in batch]
-    return (batch, torch.cat(boxes), *shared)
+    return (batch, torch.cat(boxes), *shared, *_mask_arg(mask, batch))
 
 
 def chess_tasks(
-    grid: TileGrid, even_batches: Batches, odd_batches: Batches, canvas: torch.Tensor, scaffold, cond, settings
+    grid: TileGrid,
+    even_batches: Batches,
+    odd_batches: Batches,
+    canvas: torch.Tensor,
+    scaffold,
+    cond,
+    settings,
+    mask: torch.Tensor | None = None,
 ) -> list[Task]:
-    """Even batches first (no dependencies), then odd batches, each waiting on the even batches under it."""
+    """Even batches first (no dependencies), then odd batches, each waiting on the even batches under it.
+
+    `mask` ([1, 1, H, W] latent, the detailer's) marks where tiles refine at `settings.masked_denoise`."""
     shared = (scaffold, cond, settings)
     tasks = [
-        Task(i, "refine", partial(_even_args, canvas, batch, shared), group="even", units=len(batch))
+        Task(i, "refine", partial(_even_args, canvas, batch, shared, mask), group="even", units=len(batch))
         for i, batch in enumerate(even_batches)
     ]
     for j, batch in enumerate(odd_batches):
         deps = frozenset(i for i, even in enumerate(even_batches) if any(_overlaps(o, e) for o in batch for e in even))
-        args = partial(_odd_args, canvas, grid, batch, deps, shared)
+        args = partial(_odd_args, canvas, grid, batch, deps, shared, mask)
         tasks.append(Task(len(even_batches) + j, "refine", args, deps, group="odd", units=len(batch)))
     return tasks
 
@@ -104,9 +123,10 @@ def chess_refine(
     scaffold,
     cond,
     settings: RefineSettings,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run both passes through the executor and composite them: even pasted, odd feathered."""
-    done = ex.run("chess", chess_tasks(grid, even_batches, odd_batches, canvas, scaffold, cond, settings))
+    done = ex.run("chess", chess_tasks(grid, even_batches, odd_batches, canvas, scaffold, cond, settings, mask))
     n_even = len(even_batches)
     even = _merged(done, range(n_even))
     odd = _merged(done, range(n_even, n_even + len(odd_batches)))

@@ -146,9 +146,10 @@ def render(plan: RenderPlan, ex: Executor, clock: Clock | None = None, log=lambd
     del pixels
 
     with clock.stage("chess"):
-        settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler)
+        settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler, spec.detail_chess_denoise)
         grid, even, odd = plan.grid, plan.even_batches, plan.odd_batches
-        canvas = chess_refine(ex, grid, even, odd, canvas, shared_scaffold, cond, settings)
+        mask = refined_mask if spec.detail_chess_denoise and refined_mask is not None else None
+        canvas = chess_refine(ex, grid, even, odd, canvas, shared_scaffold, cond, settings, mask)
 
     with clock.stage("decode"):
         image = decode_canvas(plan, ex, canvas, facts.decode_tile)

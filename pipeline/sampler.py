@@ -95,10 +95,27 @@ class Denoiser:
         return uncond + cfg * (text - uncond)
 
 
-def _run(denoiser: Denoiser, scheduler, timesteps, latents, cond: PromptEmbeds, cfg: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class Hold:
+    """Masked pixels stay on the noised input for the first `steps` steps, so they start later: a lower
+    denoise there (per-pixel strength as in Differential Diffusion, Levin & Fried 2023)."""
+
+    mask: torch.Tensor  # [B, 1, h, w] in [0, 1]; 1 = held the full `steps`
+    steps: int
+    original: torch.Tensor | None = None  # the clean latents (set by refine)
+    noise: torch.Tensor | None = None
+
+
+def _run(
+    denoiser: Denoiser, scheduler, timesteps, latents, cond: PromptEmbeds, cfg: float, hold: Hold | None = None
+) -> torch.Tensor:
     """The sampling loop of diffusers' SDXL pipelines: scale input, predict, step."""
     conditioning = denoiser.conditioning(cond, latents, cfg)  # once per call, not per step
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
+        if hold is not None and i <= hold.steps:
+            # add_noise reads the scheduler's current step index: the noised input at this step's sigma
+            held = scheduler.add_noise(hold.original, hold.noise, t.reshape(1))
+            latents = torch.lerp(latents, held, hold.mask)
         x = scheduler.scale_model_input(latents, t)
         noise_pred = denoiser.predict(x, t, conditioning, cfg)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
@@ -126,12 +143,17 @@ def refine(
     steps: int,
     denoise: float,
     sampler: str,
+    hold: Hold | None = None,
 ) -> torch.Tensor:
-    """img2img on a batch of latent tiles with their own noise: run `steps` steps from sigmas[N - steps]."""
+    """img2img on a batch of latent tiles with their own noise: run `steps` steps from sigmas[N - steps].
+
+    With `hold`, masked pixels start `hold.steps` steps later (see Hold)."""
     scheduler = make_scheduler(sampler, denoiser.scheduler_config)
     schedule = refine_schedule(scheduler, steps, denoise, device=denoiser.device)
     timesteps = schedule.timesteps
-    latents = latents.to(denoiser.device, denoiser.dtype)
+    original = latents.to(denoiser.device, denoiser.dtype)
     noise = noise.to(denoiser.device, denoiser.dtype)
-    latents = scheduler.add_noise(latents, noise, timesteps[:1])
-    return _run(denoiser, scheduler, timesteps, latents, cond, cfg)
+    latents = scheduler.add_noise(original, noise, timesteps[:1])
+    if hold is not None:
+        hold = Hold(hold.mask.to(denoiser.device, denoiser.dtype), hold.steps, original, noise)
+    return _run(denoiser, scheduler, timesteps, latents, cond, cfg, hold)

@@ -36,6 +36,12 @@ def schedule_length(steps: int, denoise: float) -> int:
     return max(steps, round(steps / denoise))
 
 
+def held_steps(steps: int, denoise: float, masked_denoise: float) -> int:
+    """Steps a pixel refined at `masked_denoise` waits inside a refine at `denoise`: it runs the last
+    round(masked_denoise * N) steps of the same schedule of length N."""
+    return steps - min(steps, round(masked_denoise * schedule_length(steps, denoise)))
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The steps a sampler will run: their timesteps, where they begin and the sigma they start at."""

@@ -38,6 +38,7 @@ class RenderSpec:
     detector: str = ""  # SAM3 folder for the semantic detailer
     concepts: tuple[Concept, ...] = ()  # what the detailer looks for; none = no detail stage
     detail_padding: float = 0.25  # context around a detection, per side, as a fraction of its longer side
+    detail_chess_denoise: float = 0.0  # chess denoise inside detailed areas; 0 = the same as elsewhere
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -112,6 +113,11 @@ class RenderSpec:
             raise SpecError(f"concepts {names}: each concept name may appear once (it is the detector's prompt)")
         if self.concepts and not self.detector:
             raise SpecError("the spec lists concepts but no detector: pass --detector PATH (a SAM3 model folder)")
+        if not 0 <= self.detail_chess_denoise <= self.denoise:
+            raise SpecError(
+                f"detail_chess_denoise {self.detail_chess_denoise}: must be in [0, denoise {self.denoise}] "
+                "(a lower denoise where the detailer refined; 0 = no difference)"
+            )
         if not 0 <= self.detail_padding <= 2:
             raise SpecError(f"detail_padding {self.detail_padding}: must be in [0, 2] (0.25 = a quarter per side)")
 

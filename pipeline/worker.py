@@ -128,10 +128,17 @@ class TileWorker:
         return vae.encode(self.model.vae, pixels, clock=self._clock_fn())
 
     def refine(
-        self, tiles: tuple[Tile, ...], latents: torch.Tensor, scaffold, cond: PromptEmbeds, settings: RefineSettings
+        self,
+        tiles: tuple[Tile, ...],
+        latents: torch.Tensor,
+        scaffold,
+        cond: PromptEmbeds,
+        settings: RefineSettings,
+        mask: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
         """Refine a batch of chess tiles, each with its own slice of the scaffold as noise."""
-        return refine_tiles(self.model.denoiser, cond, settings, tiles, latents, tile_noise(scaffold, tiles))
+        noise = tile_noise(scaffold, tiles)
+        return refine_tiles(self.model.denoiser, cond, settings, tiles, latents, noise, mask)
 
     def detect(self, image: torch.Tensor, concepts: tuple[Concept, ...]) -> list[Detection]:
         """Every candidate for the concepts on the base image (the detailer selects among them)."""

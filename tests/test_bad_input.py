@@ -10,7 +10,7 @@ from farm.cli import main
 
 
 @pytest.fixture
-def files(tmp_path, tiny_sdxl, tiny_upscaler, evil_pickle):
+def files(tmp_path, tiny_sdxl, tiny_upscaler, tiny_sam3, evil_pickle):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(tiny_upscaler.read_bytes()[:100])
     evil, _ = evil_pickle
@@ -19,6 +19,7 @@ def files(tmp_path, tiny_sdxl, tiny_upscaler, evil_pickle):
     existing.write_bytes(b"keep me")
     return {
         "model": str(tiny_sdxl),
+        "sam3": str(tiny_sam3),
         "upscaler": str(tiny_upscaler),
         "corrupt": str(corrupt),
         "evil": str(evil),
@@ -55,6 +56,30 @@ CASES = [
     ("cluster-address-garbage", {"--cluster": "nowhere"}, ["'nowhere'", "HOST:PORT"]),
     ("workers-zero", {"--cluster": "auto", "--workers": "0"}, ["--workers 0", "at least 1"]),
     ("workers-without-cluster", {"--workers": "2"}, ["--cluster"]),
+    (
+        "concept-unknown-selection",
+        {"--detector": "{sam3}", "--concept": "face;selection=biggest"},
+        ["'face'", "'biggest'", "largest, center, first, all"],
+    ),
+    (
+        "concept-threshold-above-one",
+        {"--detector": "{sam3}", "--concept": "face;threshold=1.5"},
+        ["'face'", "threshold 1.5", "[0, 1]"],
+    ),
+    (
+        "concept-layer-out-of-range",
+        {"--detector": "{sam3}", "--concept": "eyes;layer=7"},
+        ["'eyes'", "layer 7", "0..5"],
+    ),
+    ("concept-without-name", {"--detector": "{sam3}", "--concept": ";layer=1"}, ["no name", 'name = "face"']),
+    ("concept-bad-key", {"--detector": "{sam3}", "--concept": "face;strength=2"}, ["'strength=2'", "denoise"]),
+    ("concepts-without-detector", {"--concept": "face"}, ["no detector", "--detector"]),
+    (
+        "detector-not-sam3",
+        {"--detector": "{model}/text_encoder", "--concept": "face"},
+        ["{model}/text_encoder", "not SAM3"],
+    ),
+    ("detector-missing", {"--detector": "{missing}", "--concept": "face"}, ["{missing}", "does not exist"]),
     ("half-precision-on-cpu", {"--precision": "fp16", "--device": "cpu"}, ["fp16", "GPU"]),
 ]
 

@@ -258,3 +258,7 @@ def test_render_with_tiny_sam3_runs_the_detail_stage(small_spec, tiny_sam3):
     none = run_local(prepare(replace(spec, concepts=(Concept("face", threshold=1.0),))), log=notes.append)
     assert "detail: no detections, the stage changes nothing" in notes
     assert none.result.refined_mask.abs().sum() == 0
+    # the chess pass refines detailed areas at a lower denoise when asked
+    lower = run_local(prepare(replace(spec, detail_chess_denoise=0.2))).result
+    assert torch.equal(lower.refined_mask, run.result.refined_mask)
+    assert not torch.equal(lower.canvas, run.result.canvas) and torch.isfinite(lower.canvas).all()

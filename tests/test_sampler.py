@@ -125,3 +125,26 @@ def test_batched_tiles_match_tiles_refined_alone(tiny_model):
     for tile in grid.even[:4]:
         alone = refine_batch(tiny_model.denoiser, cond, settings, (tile,), canvas, scaffold)[tile.id]
         assert (alone - together[tile.id]).abs().max() < 1e-4
+
+
+def test_a_held_mask_is_a_lower_denoise_there_and_nothing_elsewhere(tiny_model):
+    from pipeline.sampler import Hold
+    from pipeline.schedule import held_steps
+
+    g = torch.Generator().manual_seed(4)
+    latents, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    cond = tiny_model.encode_prompt("a cat", "", 1.0)
+    den = tiny_model.denoiser
+    plain = refine(den, latents, noise, cond, 1.0, 4, 0.5, "euler")
+    zero = refine(den, latents, noise, cond, 1.0, 4, 0.5, "euler", Hold(torch.zeros(2, 1, 16, 16), 2))
+    assert torch.equal(zero, plain)
+    # held everywhere for held_steps(4, 0.5, 0.25) = 2 steps: the last 2 steps of the same 8-step schedule
+    assert held_steps(4, 0.5, 0.25) == 2
+    held = refine(den, latents, noise, cond, 1.0, 4, 0.5, "euler", Hold(torch.ones(2, 1, 16, 16), 2))
+    lower = refine(den, latents, noise, cond, 1.0, 2, 0.25, "euler")
+    assert torch.allclose(held, lower, atol=1e-5)
+    # a half mask is neither
+    half = torch.zeros(2, 1, 16, 16)
+    half[..., :8] = 1
+    mixed = refine(den, latents, noise, cond, 1.0, 4, 0.5, "euler", Hold(half, 2))
+    assert not torch.equal(mixed, plain) and not torch.equal(mixed, lower)
