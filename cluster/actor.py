@@ -8,6 +8,7 @@ import socket
 import ray
 
 from cluster.wire import from_wire, to_wire
+from pipeline.health import poison
 from pipeline.worker import TileWorker, WorkerConfig
 
 
@@ -17,11 +18,13 @@ class GpuWorker:
     def __init__(self, config: WorkerConfig):
         self.worker = TileWorker(config)
 
-    def run(self, method: str, *args, crash: bool = False):
-        """Run one unit of work. `crash` is fault injection: the process dies as a lost GPU or node would."""
-        if crash:
+    def run(self, method: str, *args, crash: str = ""):
+        """Run one unit of work. `crash` is fault injection: "exit" kills the process as a lost GPU or node
+        would; "nan" spoils the result as an fp16 overflow would."""
+        if crash == "exit":
             os._exit(1)
-        return to_wire(getattr(self.worker, method)(*from_wire(args)))
+        value = getattr(self.worker, method)(*from_wire(args))
+        return to_wire(poison(value) if crash == "nan" else value)
 
     def info(self) -> dict:
         ctx = ray.get_runtime_context()

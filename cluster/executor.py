@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpoint import Checkpointed
 from pipeline.clock import Clock
 from pipeline.errors import RenderError, UserError
+from pipeline.health import stage_row
 from pipeline.plan import RenderPlan
 from pipeline.render import Progress, RenderResult, no_progress, render, task_progress
 from pipeline.taskgraph import Task
@@ -139,15 +141,28 @@ class ClusterExecutor:
 
         return ray.put(to_wire(value))
 
+    @property
+    def record(self):
+        return self.scheduler.record
+
+    @record.setter
+    def record(self, sink) -> None:
+        import ray
+
+        self.scheduler.record = sink
+        if sink and not self.scheduler.info:  # who ran what, for the ledger
+            infos = ray.get([a.info.options(max_task_retries=-1).remote() for a in self.scheduler.actors])
+            self.scheduler.info = dict(enumerate(infos))
+
     def call(self, stage: str, method: str, *args: Any) -> Any:
         return self.run(stage, [Task(0, method, lambda done: args, group=stage)])[0]
 
-    def run(self, stage: str, tasks: list[Task]) -> dict[int, Any]:
+    def run(self, stage: str, tasks: list[Task], on_result=None) -> dict[int, Any]:
         from cluster.scheduler import WorkersLost
 
         with task_progress(self.progress, stage, tasks) as done:
             try:
-                return self.scheduler.run(stage, tasks, on_done=done)
+                return self.scheduler.run(stage, tasks, on_done=done, on_result=on_result)
             except WorkersLost as lost:
                 raise ClusterError(f"{lost}; {self._keep(stage, lost.results)}") from None
 
@@ -186,8 +201,11 @@ def run_cluster(
     faults=None,
     keep_path: Path | None = None,
     log=lambda text: None,
+    store=None,
+    record=None,
 ) -> ClusterRun:
-    """Connect, check, start actors and run the plan on them."""
+    """Connect, check, start actors and run the plan on them; `store` keeps finished units (resume),
+    `record` receives ledger rows."""
     import ray
 
     connect(address)
@@ -196,6 +214,8 @@ def run_cluster(
     preflight(config, gpus_per_worker)
     count = worker_count(workers, gpus_per_worker)
     clock = Clock()
+    if record:
+        clock.on_stage = lambda name, start, end: record(stage_row(name, start, end))
     actors = []
     try:
         with clock.stage("load"):
@@ -203,7 +223,8 @@ def run_cluster(
 
             actors = start_actors(config, count, gpus_per_worker, max_restarts=3)
         executor = ClusterExecutor(actors, progress, faults=faults, keep_path=keep_path)
-        result = render(plan, executor, clock=clock, log=log)
+        executor.record = record
+        result = render(plan, Checkpointed(executor, store, log) if store else executor, clock=clock, log=log)
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -19,7 +19,8 @@ import ray
 from ray.exceptions import RayActorError
 
 from cluster.wire import WireTensor, from_wire, to_wire
-from pipeline.taskgraph import Task, check_graph
+from pipeline.health import ATTEMPTS, bad_result_error, nonfinite, now, task_row
+from pipeline.taskgraph import OnResult, Task, check_graph
 
 
 class WorkersLost(RuntimeError):
@@ -63,14 +64,28 @@ class PullScheduler:
 
     actors: list
     max_failures: int = 3  # deaths of one actor before it is given up (Ray restarts it in between)
-    faults: set[tuple[str, int]] = field(default_factory=set)  # (stage, task id): crash its first run
+    # fault injection: (stage, task id) crashes the actor on the task's first run; (stage, task id, "nan")
+    # makes its first result NaN
+    faults: set[tuple] = field(default_factory=set)
+    record: Callable[[dict], None] | None = None  # receives a ledger row per finished task
+    info: dict[int, dict] = field(default_factory=dict)  # actor -> host, device (for the ledger)
     log: list[Dispatch] = field(default_factory=list)
     failures: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     lost: set[int] = field(default_factory=set)
     reviving: dict = field(default_factory=dict)  # probe ref -> actor being restarted (outlives one run)
 
-    def run(self, stage: str, tasks: list[Task], on_done: Callable[[Task], None] | None = None) -> dict[int, Any]:
+    def run(
+        self,
+        stage: str,
+        tasks: list[Task],
+        on_done: Callable[[Task], None] | None = None,
+        on_result: OnResult | None = None,
+    ) -> dict[int, Any]:
         check_graph(tasks)
+        errors: dict[int, list[str]] = defaultdict(list)  # per task: what went wrong on earlier attempts
+        tries: dict[int, int] = defaultdict(int)
+        bad: dict[int, list[str]] = defaultdict(list)  # per task: the workers that returned NaN/Inf
+        started: dict[int, float] = {}
         by_id = {t.id: t for t in tasks}
         waiting = {t.id: set(t.deps) for t in tasks}
         dependents: dict[int, list[int]] = defaultdict(list)
@@ -90,9 +105,12 @@ class PullScheduler:
                 tid, actor = heapq.heappop(ready), idle.popleft()
                 if tid not in args:
                     args[tid] = to_wire(by_id[tid].args(results))
-                crash = (stage, tid) in self.faults
+                crash = "exit" if (stage, tid) in self.faults else "nan" if (stage, tid, "nan") in self.faults else ""
                 self.faults.discard((stage, tid))
+                self.faults.discard((stage, tid, "nan"))
                 ref = self.actors[actor].run.remote(by_id[tid].method, *args[tid], crash=crash)
+                tries[tid] += 1
+                started.setdefault(tid, now())
                 entry = Dispatch(stage, tid, actor, *payload(args[tid]))
                 self.log.append(entry)
                 in_flight[ref] = (tid, actor, entry, time.perf_counter())
@@ -110,7 +128,10 @@ class PullScheduler:
             tid, actor, entry, start = in_flight.pop(ref)
             try:
                 value = ray.get(ref)
+            except FloatingPointError as err:  # the worker's own health check (raised in the actor)
+                value = err
             except RayActorError:
+                errors[tid].append(f"actor {actor} died")
                 self.failures[actor] += 1
                 if self.failures[actor] >= self.max_failures:
                     self.lost.add(actor)
@@ -124,8 +145,22 @@ class PullScheduler:
             idle.append(actor)
             if tid in results:
                 continue  # a duplicate: the first result stands
-            results[tid] = from_wire(value)
+            value = value if isinstance(value, FloatingPointError) else from_wire(value)
+            if isinstance(value, FloatingPointError) or nonfinite(value):
+                errors[tid].append(f"NaN/Inf on actor {actor}")
+                bad[tid].append(self._name(actor))
+                if len(bad[tid]) >= ATTEMPTS:
+                    self._record(stage, by_id[tid], actor, started[tid], tries[tid], "failed", errors[tid])
+                    raise bad_result_error(stage, by_id[tid], bad[tid])
+                heapq.heappush(ready, tid)  # once more, on the next free actor
+                continue
+            results[tid] = value
             args.pop(tid, None)
+            self._record(
+                stage, by_id[tid], actor, started[tid], tries[tid], "retried" if errors[tid] else "ok", errors[tid]
+            )
+            if on_result:
+                on_result(by_id[tid], value)
             if on_done:
                 on_done(by_id[tid])
             for child in dependents[tid]:
@@ -133,6 +168,28 @@ class PullScheduler:
                 if not waiting[child]:
                     heapq.heappush(ready, child)
         return results
+
+    def _name(self, actor: int) -> str:
+        info = self.info.get(actor, {})
+        return f"actor {actor} on {info.get('host', '?')} ({info.get('device', '?')})"
+
+    def _record(self, stage: str, task: Task, actor: int, start: float, attempts: int, outcome: str, errors) -> None:
+        if self.record:
+            info = self.info.get(actor, {})
+            self.record(
+                task_row(
+                    stage,
+                    task,
+                    f"actor {actor}",
+                    info.get("host", ""),
+                    info.get("device", ""),
+                    start,
+                    now(),
+                    attempts,
+                    outcome,
+                    "; ".join(errors),
+                )
+            )
 
     def _lost_message(self, stage: str, done: int, total: int) -> str:
         deaths = ", ".join(f"actor {a}: {self.failures[a]} deaths" for a in sorted(self.lost))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from pipeline.errors import RenderError, UserError
 
@@ -45,6 +46,10 @@ def _add_exec_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=dest, type=kind, help=text)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
     parser.add_argument("--out", help="output .png path")
+    parser.add_argument(
+        "--run-dir",
+        help="run folder for checkpoints and the ledger (default: next to the output, OUT_NAME.run)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
@@ -67,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="render a spec (TOML file and/or flags)")
     render.add_argument("spec", nargs="?", help="TOML spec file; flags override its values")
     render.add_argument("--from-png", help="reproduce the spec stored in a PNG tilefarm wrote")
+    render.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a stopped render from its run folder (same image as unstopped)"
+    )
     render.add_argument("--size", help="target WIDTHxHEIGHT in px, multiples of 8 (e.g. 4096x4096)")
     for flag, (dest, kind, text) in SPEC_FLAGS.items():
         render.add_argument(flag, dest=dest, type=kind, help=text)
@@ -78,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(keys: prompt, layer 0-5, selection largest|center|first|all, max_objects, threshold, denoise); repeatable",
     )
     _add_exec_flags(render)
+
+    ledger = sub.add_parser("ledger", help="summarise a render's run ledger: time per stage and worker, retries")
+    ledger.add_argument("run_dir", help="the render's run folder (OUT_NAME.run next to its output by default)")
 
     demo = sub.add_parser("demo", help="a small render with tiny random-weight models (abstract image)")
     demo.add_argument("--size", default="1024x1024", help="target size (default 1024x1024)")
@@ -142,10 +153,34 @@ def _spec_for_demo(args: argparse.Namespace):
     return build_spec([(data, "demo"), (_flag_layer(args, EXEC_FLAGS), "command line")]), args.out
 
 
+def _resumed(args: argparse.Namespace):
+    """(run folder, spec, output) of a stopped render; the spec is the stored one, never changed by flags."""
+    from farm.rundir import RunDir
+
+    changed = [flag for flag, (dest, _, _) in SPEC_FLAGS.items() if getattr(args, dest, None) is not None]
+    if args.spec or args.from_png or args.size or args.concept or changed:
+        raise UserError(
+            "--resume continues the stored spec as it was; drop the spec file and spec flags "
+            f"({', '.join(changed) or 'spec file / --size / --concept'}), or start a new render"
+        )
+    run_dir, spec, out = RunDir.open(args.resume)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"the render in {run_dir.path} is finished: {out} exists (pass --overwrite to render it again)")
+    return run_dir, spec, out
+
+
 def run(args: argparse.Namespace) -> int:
     from farm.executor import prepare, run_local
     from farm.output import check_output_path, save_png
     from farm.progress import tqdm_progress
+    from farm.rundir import RunDir
+    from pipeline.health import now, stage_row
+
+    if args.command == "ledger":
+        from farm.ledger import summary
+
+        print(summary(RunDir.open(args.run_dir)[0]))
+        return 0
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
@@ -153,26 +188,57 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--gpus-per-worker {args.gpus_per_worker}: must be 0 or more")
     if (args.workers or args.gpus_per_worker is not None) and not args.cluster:
         raise UserError("--workers and --gpus-per-worker apply to cluster renders: add --cluster auto|ADDRESS")
-    spec, out = _spec_for_render(args) if args.command == "render" else _spec_for_demo(args)
-    out = check_output_path(out, args.overwrite)
+    run_dir = None
+    if args.command == "render" and args.resume:
+        run_dir, spec, out = _resumed(args)
+        out = check_output_path(out, True)
+    else:
+        spec, out = _spec_for_render(args) if args.command == "render" else _spec_for_demo(args)
+        out = check_output_path(out, args.overwrite)
     plan = prepare(spec)
     if not args.quiet:
         print(plan.describe(), file=sys.stderr)
+    created = run_dir is None
+    run_dir = run_dir or RunDir.create(Path(args.run_dir or out.with_suffix(".run")).expanduser(), spec, out)
+    wall = now()
     start = time.perf_counter()
-    progress = tqdm_progress(not args.quiet)
-    log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
-    if args.cluster:
-        from cluster.executor import run_cluster  # Ray is imported only on this path
+    try:
+        progress = tqdm_progress(not args.quiet)
+        log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
+        if args.cluster:
+            from cluster.executor import run_cluster  # Ray is imported only on this path
 
-        keep = out.with_name(out.stem + ".partial.safetensors")
-        run_ = run_cluster(
-            plan, args.cluster, args.workers, args.gpus_per_worker, progress=progress, keep_path=keep, log=log
-        )
-        where = f"{run_.workers} Ray worker(s)"
-    else:
-        run_ = run_local(plan, args.device, progress=progress, log=log)
-        where = run_.device
-    save_png(run_.result.image, spec, out, plan.describe())
+            keep = out.with_name(out.stem + ".partial.safetensors")
+            run_ = run_cluster(
+                plan,
+                args.cluster,
+                args.workers,
+                args.gpus_per_worker,
+                progress=progress,
+                keep_path=keep,
+                log=log,
+                store=run_dir,
+                record=run_dir.add,
+            )
+            where = f"{run_.workers} Ray worker(s)"
+        else:
+            run_ = run_local(plan, args.device, progress=progress, log=log, store=run_dir, record=run_dir.add)
+            where = run_.device
+        with run_.clock.stage("save"):
+            save_png(run_.result.image, spec, out, plan.describe())
+        run_dir.add(stage_row("render", wall, now(), kind="render"))
+        run_dir.finished()
+    except UserError:
+        if created:  # refused before any work that could be resumed: leave nothing behind
+            run_dir.remove()
+        raise
+    except RenderError as err:
+        raise RenderError(
+            f"{err}\nfinished work is kept: continue with `farm render --resume {run_dir.path}`"
+        ) from None
+    except KeyboardInterrupt:
+        print(f"farm: finished work is kept: continue with `farm render --resume {run_dir.path}`", file=sys.stderr)
+        raise
     seconds = time.perf_counter() - start
     print(f"wrote {out} ({spec.width}x{spec.height}) in {seconds:.1f} s on {where}", file=sys.stderr)
     if args.command == "demo":
@@ -193,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     except RenderError as err:
         print(f"farm: error: {err}", file=sys.stderr)
         return 1
+    except Exception:
+        # a bug: keep the traceback, and say that the finished work is kept
+        print("farm: internal error; finished work is kept in the run folder for --resume", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
         print("farm: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpoint import Checkpointed, Store
 from pipeline.clock import Clock
 from pipeline.errors import UserError
+from pipeline.health import ATTEMPTS, bad_result_error, nonfinite, now, poison, stage_row, task_row
 from pipeline.models import inspect_diffusion_model
 from pipeline.plan import RenderPlan, make_plan
 from pipeline.render import Progress, RenderResult, no_progress, render, task_progress
 from pipeline.sam3 import inspect_detector
 from pipeline.spec import RenderSpec
-from pipeline.taskgraph import Task, check_graph
+from pipeline.taskgraph import OnResult, Task, check_graph
 from pipeline.worker import TileWorker, WorkerConfig
 
 
@@ -31,29 +34,60 @@ def prepare(spec: RenderSpec) -> RenderPlan:
 
 
 class LocalExecutor:
-    """Runs worker calls and task graphs in this process, tasks in id order, with a progress bar per group."""
+    """Runs worker calls and task graphs in this process, tasks in id order, with a progress bar per group.
 
-    def __init__(self, worker: TileWorker, progress: Progress = no_progress):
+    `faults` injects bad results for tests: each (stage, task id) entry spoils one result of that task with
+    a NaN (list it twice to spoil the retry too)."""
+
+    def __init__(self, worker: TileWorker, progress: Progress = no_progress, faults=(), record=None):
         self.worker = worker
         self.progress = progress
+        self.faults = list(faults)
+        self.record = record
+        self.host = socket.gethostname()
 
     def share(self, value: Any) -> Any:
         return value
 
     def call(self, stage: str, method: str, *args: Any) -> Any:
-        with self.progress(stage, 1, "call") as bar:
-            result = getattr(self.worker, method)(*args)
-            bar.update()
-        return result
+        return self.run(stage, [Task(0, method, lambda done: args, group=stage)])[0]
 
-    def run(self, stage: str, tasks: list[Task]) -> dict[int, Any]:
+    def run(self, stage: str, tasks: list[Task], on_result: OnResult | None = None) -> dict[int, Any]:
         check_graph(tasks)
         results: dict[int, Any] = {}
         with task_progress(self.progress, stage, tasks) as done:
             for task in sorted(tasks, key=lambda t: t.id):
-                results[task.id] = getattr(self.worker, task.method)(*task.args(results))
+                results[task.id] = self._run_task(stage, task, task.args(results))
+                if on_result:
+                    on_result(task, results[task.id])
                 done(task)
         return results
+
+    def _run_task(self, stage: str, task: Task, args: tuple) -> Any:
+        """Run one task; a NaN/Inf result is retried once, then stops the render."""
+        start, device, errors = now(), str(self.worker.device), []
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                value = getattr(self.worker, task.method)(*args)
+                if (stage, task.id) in self.faults:
+                    self.faults.remove((stage, task.id))
+                    value = poison(value)
+                if nonfinite(value):
+                    raise FloatingPointError("NaN/Inf in the result")
+            except FloatingPointError as err:
+                errors.append(f"attempt {attempt}: {err}")
+                continue
+            if self.record:
+                outcome = "retried" if errors else "ok"
+                self.record(
+                    task_row(stage, task, "local", self.host, device, start, now(), attempt, outcome, "; ".join(errors))
+                )
+            return value
+        if self.record:
+            self.record(
+                task_row(stage, task, "local", self.host, device, start, now(), ATTEMPTS, "failed", "; ".join(errors))
+            )
+        raise bad_result_error(stage, task, [f"local ({device})"])
 
 
 @dataclass
@@ -70,10 +104,17 @@ def run_local(
     progress: Progress = no_progress,
     clock: Clock | None = None,
     log=lambda text: None,
+    store: Store | None = None,
+    record=None,
+    faults=(),
 ) -> LocalRun:
-    """Load the models and run the plan on one device."""
+    """Load the models and run the plan on one device; `store` keeps finished units (resume), `record`
+    receives ledger rows."""
     clock = clock or Clock()
+    if record:
+        clock.on_stage = lambda name, start, end: record(stage_row(name, start, end))
     with clock.stage("load"):
         worker = TileWorker(WorkerConfig.from_spec(plan.spec, device_name), clock=clock)
-    result = render(plan, LocalExecutor(worker, progress), clock=clock, log=log)
+    ex = LocalExecutor(worker, progress, faults=faults, record=record)
+    result = render(plan, Checkpointed(ex, store, log) if store else ex, clock=clock, log=log)
     return LocalRun(plan, result, clock, str(worker.device))

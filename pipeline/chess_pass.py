@@ -75,6 +75,10 @@ def _merged(done: dict, ids) -> dict[int, torch.Tensor]:
     return merged
 
 
+def _boxes(batch: tuple[Tile, ...]) -> tuple:
+    return tuple((t.id, t.y, t.x, t.h, t.w) for t in batch)
+
+
 def _mask_arg(mask, batch) -> tuple:
     return () if mask is None else (crops(mask, batch),)
 
@@ -104,13 +108,20 @@ def chess_tasks(
     `mask` ([1, 1, H, W] latent, the detailer's) marks where tiles refine at `settings.masked_denoise`."""
     shared = (scaffold, cond, settings)
     tasks = [
-        Task(i, "refine", partial(_even_args, canvas, batch, shared, mask), group="even", units=len(batch))
+        Task(
+            i,
+            "refine",
+            partial(_even_args, canvas, batch, shared, mask),
+            group="even",
+            units=len(batch),
+            boxes=_boxes(batch),
+        )
         for i, batch in enumerate(even_batches)
     ]
     for j, batch in enumerate(odd_batches):
         deps = frozenset(i for i, even in enumerate(even_batches) if any(_overlaps(o, e) for o in batch for e in even))
         args = partial(_odd_args, canvas, grid, batch, deps, shared, mask)
-        tasks.append(Task(len(even_batches) + j, "refine", args, deps, group="odd", units=len(batch)))
+        tasks.append(Task(len(even_batches) + j, "refine", args, deps, "odd", len(batch), _boxes(batch)))
     return tasks
 
 

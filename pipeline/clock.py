@@ -12,7 +12,8 @@ import torch
 class Clock:
     """Accumulates seconds per stage and per model; syncs CUDA so GPU time lands where it was spent."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_stage=None) -> None:
+        self.on_stage = on_stage  # on_stage(name, start, end) in unix seconds, as each stage ends (the ledger)
         self.stages: dict[str, float] = defaultdict(float)
         self.models: dict[str, float] = defaultdict(float)
         self.calls: Counter[str] = Counter()
@@ -24,12 +25,14 @@ class Clock:
 
     @contextmanager
     def stage(self, name: str):
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         try:
             yield
         finally:
             self._sync()
             self.stages[name] += time.perf_counter() - start
+            if self.on_stage:
+                self.on_stage(name, wall, time.time())
 
     @contextmanager
     def model(self, name: str):

@@ -54,6 +54,10 @@ def job_batches(jobs: list[DetailJob], batch: int) -> list[tuple[DetailJob, ...]
     return [tuple(group[i : i + batch]) for group in groups.values() for i in range(0, len(group), batch)]
 
 
+def _boxes(batch: tuple[DetailJob, ...]) -> tuple:
+    return tuple((j.crop.id, j.crop.y, j.crop.x, j.crop.side, j.crop.side) for j in batch)
+
+
 def _batch_args(canvas, scaffold, seed, native_px, f, conds, settings, batch, done):
     pixels = []
     for job in batch:
@@ -92,7 +96,7 @@ def detail(
         source = canvas.clone()  # every crop of a layer reads the same canvas, whatever order they finish in
         args = partial(_batch_args, source, scaffold, seed, native_px, f, conds, settings)
         tasks = [
-            Task(i, "detail", partial(args, batch), group=f"layer {layer}", units=len(batch))
+            Task(i, "detail", partial(args, batch), group=f"layer {layer}", units=len(batch), boxes=_boxes(batch))
             for i, batch in enumerate(batches)
         ]
         log(f"detail layer {layer}: {len(mine)} crop(s) in {len(batches)} batch(es)")

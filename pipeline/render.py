@@ -119,7 +119,8 @@ def render(plan: RenderPlan, ex: Executor, clock: Clock | None = None, log=lambd
         notes.append(text)
         log(text)
 
-    facts = ex.call("load", "facts")
+    with clock.stage("load"):
+        facts = ex.call("load", "facts")  # on a cluster this waits for the actors' models
 
     with clock.stage("prompt"):
         cond_value = ex.call("prompt", "encode_prompt", spec.prompt, spec.negative, spec.cfg)

@@ -22,6 +22,7 @@ class Task:
     deps: frozenset[int] = frozenset()
     group: str = ""  # progress is reported per group (e.g. "even", "odd")
     units: int = 1  # progress units (tiles) this task completes
+    boxes: tuple[tuple[int, int, int, int, int], ...] = ()  # (tile id, y, x, h, w) of its tiles, for the ledger
 
 
 def check_graph(tasks: list[Task]) -> None:
@@ -35,11 +36,19 @@ def check_graph(tasks: list[Task]) -> None:
             raise ValueError(f"task {task.id} depends on {sorted(task.deps)}: dependencies must be earlier tasks")
 
 
+# on_result(task, value): called as each task's result is accepted (checkpoints hook in here)
+OnResult = Callable[[Task, Any], None]
+
+
 class Executor(Protocol):
-    """Runs worker methods: one call, or a task graph; `share` turns a large value into a cheap handle."""
+    """Runs worker methods: one call, or a task graph; `share` turns a large value into a cheap handle.
+
+    `record`, when set, receives one ledger row (pipeline.health.task_row) per finished task."""
+
+    record: Callable[[dict], None] | None
 
     def share(self, value: Any) -> Any: ...
 
     def call(self, stage: str, method: str, *args: Any) -> Any: ...
 
-    def run(self, stage: str, tasks: list[Task]) -> dict[int, Any]: ...
+    def run(self, stage: str, tasks: list[Task], on_result: OnResult | None = None) -> dict[int, Any]: ...

@@ -36,7 +36,10 @@ def run_tiled(
 ) -> torch.Tensor:
     """Run `method` on overlapping tiles of `source` [1, C, H, W] and blend its outputs into [1, channels, sH, sW]."""
     grid = cover_grid(source.shape[-2], source.shape[-1], tile, overlap)
-    tasks = [Task(t.id, method, partial(_crop, source, t), group=stage) for t in grid.tiles]
+    tasks = [
+        Task(t.id, method, partial(_crop, source, t), group=stage, boxes=((t.id, t.y, t.x, t.h, t.w),))
+        for t in grid.tiles
+    ]
     results = ex.run(stage, tasks)
     out_grid = scaled_grid(grid, scale)
     canvas = torch.zeros(1, channels, out_grid.canvas_h, out_grid.canvas_w)

@@ -141,3 +141,17 @@ def test_detailer_gives_the_same_pixels_on_1_2_3_actors(local_ray, detail_plan, 
     assert torch.equal(run.result.image, detail_local.image)
     crops = [d for d in run.executor.scheduler.log if d.stage == "detail"]
     assert crops and (workers == 1 or len({d.actor for d in crops}) > 1)  # the crop batches went over the actors
+
+
+def test_the_ledger_shows_a_killed_actor_and_a_nan_result_retried(local_ray, cluster_plan, local_image):
+    rows = []
+    faults = {("chess", 1), ("chess", 2, "nan")}
+    run = run_cluster(cluster_plan, workers=2, faults=faults, record=rows.append)
+    assert torch.equal(run.result.image, local_image)
+    chess = {r["task"]: r for r in rows if r["kind"] == "task" and r["stage"] == "chess"}
+    assert len(chess) == len(cluster_plan.even_batches) + len(cluster_plan.odd_batches)
+    assert chess[1]["attempts"] == 2 and chess[1]["outcome"] == "retried" and "died" in chess[1]["error"]
+    assert chess[2]["attempts"] == 2 and chess[2]["outcome"] == "retried" and "NaN/Inf" in chess[2]["error"]
+    assert {r["worker"] for r in chess.values()} <= {"actor 0", "actor 1"}
+    assert all(r["host"] and r["device"] == "cpu" for r in chess.values())
+    assert [r["stage"] for r in rows if r["kind"] == "stage"][:2] == ["load", "load"]

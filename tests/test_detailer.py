@@ -262,3 +262,28 @@ def test_render_with_tiny_sam3_runs_the_detail_stage(small_spec, tiny_sam3):
     lower = run_local(prepare(replace(spec, detail_chess_denoise=0.2))).result
     assert torch.equal(lower.refined_mask, run.result.refined_mask)
     assert not torch.equal(lower.canvas, run.result.canvas) and torch.isfinite(lower.canvas).all()
+
+
+def test_concepts_come_from_toml_flags_and_png_metadata(tmp_path, tiny_sam3):
+    import json
+
+    from farm.specfile import build_spec, read_toml
+    from pipeline.detection import parse_concept
+    from pipeline.spec import RenderSpec
+
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_text(
+        f'model = "m"\ndetector = "{tiny_sam3}"\n[[concepts]]\nname = "face"\nlayer = 0\ndenoise = 0.5\n'
+        '[[concepts]]\nname = "eyes"\nlayer = 1\nselection = "all"\n'
+    )
+    data, _ = read_toml(spec_file)
+    spec = build_spec([(data, str(spec_file))])
+    assert [(c.name, c.layer, c.selection, c.denoise) for c in spec.concepts] == [
+        ("face", 0, "largest", 0.5),
+        ("eyes", 1, "all", 0.45),
+    ]
+    assert RenderSpec.from_dict(json.loads(json.dumps(spec.to_dict())), "png") == spec
+    flags = [parse_concept("hand; layer=2; max-objects=3; prompt=a hand, five fingers")]
+    assert build_spec([(data, "f"), ({"concepts": flags}, "flags")]).concepts == (
+        Concept("hand", prompt="a hand, five fingers", layer=2, max_objects=3),
+    )

@@ -1,0 +1,90 @@
+"""Checkpoints: an executor wrapper that stores every accepted result and replays stored ones.
+
+A render is a fixed sequence of executor calls and task graphs (the plan decides it), so the n-th
+run of a stage and a task id name the same unit of work in every run of the same spec. Stored
+units are not run again: a stopped render resumes from its last finished tile batch, and since
+stored results are the exact tensors, the image equals an uninterrupted render's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from typing import Any, Protocol
+
+from pipeline.taskgraph import Executor, OnResult, Task
+
+CACHED_CALLS = ("base", "detect", "encode")  # single calls worth keeping: model work with a stage output
+
+
+class Store(Protocol):
+    """Where units of work are kept: `load` returns None for a unit not stored yet."""
+
+    def load(self, key: str) -> Any | None: ...
+
+    def save(self, key: str, value: Any) -> None: ...
+
+
+def _with_stored(stored: dict[int, Any], args, done: dict[int, Any]) -> tuple:
+    return args(stored | done)
+
+
+class Checkpointed:
+    """An Executor that saves each accepted result to `store` and skips units the store already holds."""
+
+    def __init__(self, inner: Executor, store: Store, log=lambda text: None):
+        self.inner = inner
+        self.store = store
+        self.log = log
+        self.runs: Counter[str] = Counter()
+        self.replayed = 0  # units taken from the store
+
+    @property
+    def record(self):
+        return self.inner.record
+
+    @record.setter
+    def record(self, sink) -> None:
+        self.inner.record = sink
+
+    def share(self, value: Any) -> Any:
+        return self.inner.share(value)
+
+    def _key(self, stage: str) -> str:
+        self.runs[stage] += 1
+        return f"{stage}.{self.runs[stage]}"
+
+    def call(self, stage: str, method: str, *args: Any) -> Any:
+        if stage not in CACHED_CALLS:
+            return self.inner.call(stage, method, *args)
+        key = self._key(stage)
+        value = self.store.load(key)
+        if value is not None:
+            self.replayed += 1
+            return value
+        value = self.inner.call(stage, method, *args)
+        self.store.save(key, value)
+        return value
+
+    def run(self, stage: str, tasks: list[Task], on_result: OnResult | None = None) -> dict[int, Any]:
+        key = self._key(stage)
+        stored = {}
+        for task in tasks:
+            value = self.store.load(f"{key}.{task.id}")
+            if value is not None:
+                stored[task.id] = value
+        if stored:
+            self.replayed += len(stored)
+            self.log(f"{stage}: {len(stored)} of {len(tasks)} task(s) taken from the run folder")
+        todo = [
+            replace(t, deps=t.deps - stored.keys(), args=lambda done, t=t: _with_stored(stored, t.args, done))
+            for t in tasks
+            if t.id not in stored
+        ]
+
+        def keep(task: Task, value: Any) -> None:
+            self.store.save(f"{key}.{task.id}", value)
+            if on_result:
+                on_result(task, value)
+
+        return stored | (self.inner.run(stage, todo, on_result=keep) if todo else {})

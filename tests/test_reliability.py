@@ -1,0 +1,152 @@
+"""Reliability: run folders, resume after SIGKILL, the Parquet ledger, NaN results retried then refused."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from farm.cli import main
+from farm.executor import prepare, run_local
+from farm.rundir import RunDir
+from pipeline.errors import RenderError
+
+FARM = str(Path(sys.executable).with_name("farm"))
+
+
+def _flags(spec, **extra) -> list[str]:
+    flags = {
+        "--model": spec.model,
+        "--upscaler": spec.upscaler,
+        "--prompt": spec.prompt,
+        "--negative": spec.negative,
+        "--size": f"{spec.width}x{spec.height}",
+        "--seed": str(spec.seed),
+        "--steps": "4",
+        "--base-steps": "3",
+        "--cfg": str(spec.cfg),
+        "--denoise": str(spec.denoise),
+        "--tile": str(spec.tile),
+        "--native": str(spec.native),
+        "--upscale-tile": str(spec.upscale_tile),
+        "--tile-batch": "1",
+    } | extra
+    args = []
+    for flag, value in flags.items():
+        args += [flag] if value is None else [flag, value]
+    return args
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _kill_when(args: list[str], marker, timeout: float = 240) -> None:
+    """Start `farm render ARGS`, SIGKILL it as soon as marker() is true."""
+    proc = subprocess.Popen([FARM, "render", *args, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not marker():
+        assert proc.poll() is None, f"the render ended before the kill point: {proc.stderr.read().decode()}"
+        assert time.monotonic() < deadline, "the kill point never came"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(small_spec, tmp_path_factory):
+    """The uninterrupted render (PNG) and its run folder."""
+    out = tmp_path_factory.mktemp("reference") / "ref.png"
+    assert main(["render", *_flags(small_spec), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_a_render_killed_in_the_odd_pass_resumes_to_the_same_image(small_spec, reference, tmp_path):
+    out = tmp_path / "killed.png"
+    plan = prepare(small_spec)
+    first_odd = len(plan.grid.even)  # batches of 1: task ids of the odd pass start after the even ones
+    state = tmp_path / "killed.run" / "state"
+    _kill_when([*_flags(small_spec), "--out", str(out)], lambda: (state / f"chess.1.{first_odd}.safetensors").exists())
+    assert not out.exists()
+    kept = {p.name for p in state.iterdir()}
+    assert f"chess.1.{first_odd}.safetensors" in kept and "encode.1.safetensors" in kept
+    assert len([k for k in kept if k.startswith("chess.")]) < len(plan.grid.tiles)  # stopped mid-pass
+    assert main(["render", "--resume", str(tmp_path / "killed.run"), "--quiet"]) == 0
+    assert np.array_equal(_pixels(out), _pixels(reference))
+    run, _, _ = RunDir.open(tmp_path / "killed.run")
+    chess = [r for r in run.rows if r["kind"] == "task" and r["stage"] == "chess"]
+    assert {r["task"] for r in chess} == set(range(len(plan.grid.tiles)))  # every batch ran once, across both runs
+    assert not (tmp_path / "killed.run" / "state").exists()  # the finished render drops its stored units
+
+
+def test_a_render_killed_in_the_detailer_resumes_to_the_same_image(small_spec, tiny_sam3, tmp_path):
+    concept = ["--detector", str(tiny_sam3), "--concept", "face;threshold=0;selection=all;max_objects=6"]
+    ref = tmp_path / "ref.png"
+    assert main(["render", *_flags(small_spec), *concept, "--out", str(ref), "--quiet"]) == 0
+    out = tmp_path / "killed.png"
+    state = tmp_path / "killed.run" / "state"
+    _kill_when([*_flags(small_spec), *concept, "--out", str(out)], lambda: (state / "detail.1.1.safetensors").exists())
+    assert not out.exists() and not (state / "encode.1.safetensors").exists()
+    assert main(["render", "--resume", str(tmp_path / "killed.run"), "--quiet"]) == 0
+    assert np.array_equal(_pixels(out), _pixels(ref))
+
+
+def test_the_ledger_has_every_batch_and_adds_up_to_the_wall_time(small_spec, reference, capsys):
+    from farm.ledger import summary
+
+    run, _, _ = RunDir.open(reference.with_suffix(".run"))
+    plan = prepare(small_spec)
+    rows = run.rows
+    by_stage = {}
+    for r in rows:
+        if r["kind"] == "task":
+            by_stage.setdefault(r["stage"], []).append(r)
+    assert len(by_stage["chess"]) == len(plan.grid.tiles)  # batches of 1
+    assert {tuple(t) for r in by_stage["chess"] for t in zip(r["tiles"], map(tuple, r["boxes"]), strict=True)} == {
+        (t.id, (t.y, t.x, t.h, t.w)) for t in plan.grid.tiles
+    }
+    assert by_stage["upscale"] and by_stage["decode"] and len(by_stage["base"]) == 1
+    assert all(r["outcome"] == "ok" and r["attempts"] == 1 and r["end"] >= r["start"] for r in rows)
+    wall = sum(r["end"] - r["start"] for r in rows if r["kind"] == "render")
+    stages = sum(r["end"] - r["start"] for r in rows if r["kind"] == "stage")
+    assert 0.95 * wall <= stages <= wall
+    assert main(["ledger", str(reference.with_suffix(".run"))]) == 0
+    text = capsys.readouterr().out
+    assert "time per stage" in text and "| chess |" in text and "retried or failed tasks: 0" in text
+    assert summary(run) in text
+
+
+def test_a_nan_tile_is_retried_once_and_the_image_is_unchanged(small_spec, tmp_path):
+    clean = run_local(prepare(small_spec)).result.image
+    rows = []
+    run = run_local(prepare(small_spec), faults=[("chess", 3)], record=rows.append)
+    assert torch.equal(run.result.image, clean)
+    retried = [r for r in rows if r["kind"] == "task" and r["outcome"] == "retried"]
+    assert [(r["stage"], r["task"], r["attempts"]) for r in retried] == [("chess", 3, 2)]
+    assert "NaN/Inf" in retried[0]["error"]
+
+
+def test_a_tile_that_stays_nan_stops_the_render_naming_it(small_spec):
+    with pytest.raises(RenderError) as err:
+        run_local(prepare(small_spec), faults=[("chess", 5), ("chess", 5)])
+    message = str(err.value)
+    plan = prepare(small_spec)
+    tiles = ", ".join(str(t.id) for t in (*plan.even_batches, *plan.odd_batches)[5])
+    assert "chess task 5" in message and f"tiles {tiles}" in message and "local (cpu)" in message
+    assert "NaN/Inf on 2 attempts" in message
+
+
+def test_resume_refuses_spec_changes_and_finished_renders(reference, tmp_path, capsys):
+    assert main(["render", "--resume", str(reference.with_suffix(".run")), "--steps", "9"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert main(["render", "--resume", str(reference.with_suffix(".run"))]) == 2
+    assert "is finished" in capsys.readouterr().err
+    assert main(["render", "--resume", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
