@@ -15,7 +15,7 @@ from pipeline import vae
 from pipeline.chess import Tile
 from pipeline.chess_pass import RefineSettings, refine_tiles, tile_noise
 from pipeline.errors import UserError
-from pipeline.models import load_diffusion_model, load_upscaler
+from pipeline.models import inspect_diffusion_model, load_diffusion_model, load_upscaler
 from pipeline.sampler import PromptEmbeds, generate
 from pipeline.spec import RenderSpec
 
@@ -33,10 +33,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """'auto' is fp16 on a GPU and fp32 on the CPU; half precision on the CPU is refused."""
+def pick_dtype(precision: str, device: torch.device, family: str = "sdxl") -> torch.dtype:
+    """'auto' is fp16 on a GPU (bf16 for Flux, whose activations overflow fp16) and fp32 on the CPU;
+    half precision on the CPU is refused."""
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if family == "flux" and torch.cuda.is_bf16_supported() else torch.float16
     if precision in ("fp16", "bf16") and device.type == "cpu":
         raise UserError(f"precision {precision} needs a GPU; use fp32 (or auto) on the CPU")
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -52,12 +55,25 @@ class WorkerConfig:
     precision: str
     device: str = "auto"
     cpu_threads: int = 0  # torch threads on a CPU device; 0 = leave as is
+    lora: str = ""  # LoRA file fused into the model; empty = none
+    lora_strength: float = 1.0
+    lora_text_strength: float = 1.0
 
     @classmethod
     def from_spec(cls, spec: RenderSpec, device: str = "auto") -> WorkerConfig:
         """The driver's thread count travels with the config: CPU kernels split work by thread count,
         and their sums round differently, so every worker must use the same one."""
-        return cls(spec.model, spec.upscaler, spec.model_config, spec.precision, device, torch.get_num_threads())
+        return cls(
+            spec.model,
+            spec.upscaler,
+            spec.model_config,
+            spec.precision,
+            device,
+            torch.get_num_threads(),
+            lora=spec.lora,
+            lora_strength=spec.lora_strength,
+            lora_text_strength=spec.lora_text_strength,
+        )
 
 
 @dataclass(frozen=True)
@@ -78,12 +94,15 @@ class TileWorker:
         self.device = pick_device(config.device)
         if self.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
-        dtype = pick_dtype(config.precision, self.device)
+        dtype = pick_dtype(config.precision, self.device, inspect_diffusion_model(config.model).family)
         # the small upscaler first, so a bad file fails before the large model loads
         self.upscaler = (
             load_upscaler(config.upscaler, self.device, half=dtype != torch.float32) if config.upscaler else None
         )
-        self.model = load_diffusion_model(config.model, self.device, dtype, config=config.model_config or None)
+        loras = [(config.lora, config.lora_strength, config.lora_text_strength)] if config.lora else []
+        self.model = load_diffusion_model(
+            config.model, self.device, dtype, config=config.model_config or None, loras=loras
+        )
         self.model.denoiser.clock = clock.model if clock else None
 
     def _timed(self, name: str):
