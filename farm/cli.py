@@ -13,17 +13,17 @@ DEMO_PROMPT = "a lighthouse on a cliff above a stormy sea, golden hour, highly d
 
 # flag -> (spec key, type, help)
 SPEC_FLAGS = {
-    "--model": ("model", str, "diffusers SDXL folder or SDXL .safetensors checkpoint"),
+    "--model": ("model", str, "diffusers SDXL or Flux folder, or an SDXL/Flux .safetensors checkpoint"),
     "--upscaler": ("upscaler", str, "spandrel upscaler (.safetensors, or .pth loaded safely); default: bicubic"),
     "--prompt": ("prompt", str, "what to render"),
     "--negative": ("negative", str, "negative prompt"),
     "--seed": ("seed", int, "seed of the noise scaffold"),
     "--steps": ("steps", int, "refine steps that run per tile (default 20)"),
     "--base-steps": ("base_steps", int, "steps of the native-size base (default 30)"),
-    "--cfg": ("cfg", float, "classifier-free guidance scale; 1 turns it off (default 7)"),
+    "--cfg": ("cfg", float, "SDXL: classifier-free guidance scale, 1 = off (default 7); Flux: its guidance"),
     "--denoise": ("denoise", float, "refine strength in (0, 1]: the last steps of a round(steps/denoise) schedule"),
     "--tile": ("tile", int, "chess tile size in px (default 1024)"),
-    "--sampler": ("sampler", str, "dpmpp_2m_karras (default) or euler"),
+    "--sampler": ("sampler", str, "auto (default), SDXL: dpmpp_2m_karras or euler, Flux: flow_euler"),
     "--native": ("native", int, "the model's native size in px (default: from the model)"),
     "--upscale-tile": ("upscale_tile", int, "upscaler input tile in px (default 512)"),
     "--model-config": ("model_config", str, "diffusers folder with configs for a single-file checkpoint"),
@@ -34,6 +34,9 @@ SPEC_FLAGS = {
         float,
         "chess denoise inside detailed areas, below --denoise (default 0: the same everywhere)",
     ),
+    "--lora": ("lora", str, "LoRA .safetensors fused into the model (diffusers, PEFT or kohya keys)"),
+    "--lora-strength": ("lora_strength", float, "LoRA strength on the UNet / Flux transformer (default 1)"),
+    "--lora-text-strength": ("lora_text_strength", float, "LoRA strength on the text encoder(s) (default 1)"),
 }
 EXEC_FLAGS = {
     "--tile-batch": ("tile_batch", int, "tiles per sampler batch (default 4)"),

@@ -26,6 +26,8 @@ def prepare(spec: RenderSpec) -> RenderPlan:
     info = inspect_diffusion_model(spec.model)
     if spec.upscaler and not Path(spec.upscaler).expanduser().is_file():
         raise UserError(f"upscaler {spec.upscaler} does not exist; pass a .safetensors or .pth upscaler file")
+    if spec.lora and not Path(spec.lora).expanduser().is_file():
+        raise UserError(f"lora {spec.lora} does not exist; pass a LoRA .safetensors file")
     if spec.model_config and not Path(spec.model_config).expanduser().is_dir():
         raise UserError(f"model_config {spec.model_config} is not a folder")
     if spec.detector:

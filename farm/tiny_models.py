@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-TINY_NATIVE_PX = 256  # the tiny UNet's "native" size: sample_size 32 latents x VAE factor 8
+TINY_NATIVE_PX = 256  # the tiny models' "native" size: SDXL's UNet sample_size 32 latents x VAE factor 8
 _VERSION = "v1"  # bump when a tiny config changes, so cached models are rebuilt
 
 
@@ -108,6 +108,106 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def _tiny_t5_tokenizer():
+    """A T5 unigram tokenizer over single printable characters: builds offline, no sentencepiece file."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]  # T5's ids: pad 0, eos 1, unk 2
+    pieces += [(c, -3.0) for c in string.printable.strip()]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_flux(path: Path, seed: int = 0) -> Path:
+    """Save a tiny Flux-architecture diffusers folder (MMDiT with guidance embedding, 16-channel VAE, CLIP + T5)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        sample_size=TINY_NATIVE_PX,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=16,
+        layers_per_block=1,
+        norm_num_groups=8,
+        scaling_factor=0.3611,  # the factors of Flux's own VAE (ae.safetensors)
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    vocab = len(_byte_vocab())
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=vocab,
+            projection_dim=32,
+            hidden_act="gelu",
+            max_position_embeddings=77,
+        )
+    )
+    t5_tokenizer = _tiny_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=32,
+            d_ff=37,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    # FLUX.1-dev's scheduler config: the shift grows with the image's token count
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tiny_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+    from transformers.utils import logging as tlog
+
+    tlog.disable_progress_bar()
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def build_tiny_upscaler(path: Path, scale: int = 4, seed: int = 0) -> Path:
     """Save a tiny spandrel-detectable Compact (SRVGGNet) upscaler as .safetensors."""
     from safetensors.torch import save_file
@@ -176,6 +276,17 @@ def demo_cache_dir() -> Path:
     """Where the demo keeps its tiny models: $XDG_CACHE_HOME/tilefarm (default ~/.cache/tilefarm)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "tilefarm" / f"tiny-models-{_VERSION}"
+
+
+def ensure_tiny_flux(root: Path | None = None) -> Path:
+    """Build (once) and return the tiny Flux folder."""
+    root = root or demo_cache_dir()
+    model = root / "tiny-flux"
+    if not (model / "model_index.json").exists():
+        tmp = root / "tiny-flux.partial"
+        build_tiny_flux(tmp)
+        os.replace(tmp, model)
+    return model
 
 
 def ensure_tiny_models(root: Path | None = None) -> tuple[Path, Path]:

@@ -1,7 +1,7 @@
 """Model loading in one place: diffusion models, upscalers; safe formats, errors a user can act on.
 
 Each loader returns a descriptor that carries what callers need (family, latent channels, VAE
-factor, native size, scale) so no caller inspects a network. Pickled checkpoints only ever go
+factor, native size, size multiple, scale) so no caller inspects a network. Pickled checkpoints only ever go
 through PyTorch's restricted unpickler (weights_only=True): a pickle that holds code is refused.
 """
 
@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import ModelFileError
+from pipeline.flux import FluxDenoiser
 from pipeline.sampler import Denoiser, PromptEmbeds
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+FLUX_MAX_TOKENS = 512  # T5 tokens per prompt: FluxPipeline's default for FLUX.1-dev
 
 
 @dataclass(frozen=True)
@@ -26,11 +29,15 @@ class ModelInfo:
     """What a diffusion model is, read from its config files without loading weights."""
 
     path: Path
-    family: str  # "sdxl"
+    family: str  # "sdxl" or "flux"
     latent_channels: int
     vae_factor: int
     native_px: int
     single_file: bool
+    size_multiple: int = 8  # sides in px must be multiples of this: the VAE factor, x2 for Flux's 2x2 patches
+
+
+FAMILY_PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
 
 
 def _require(path: Path, what: str) -> Path:
@@ -39,72 +46,123 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def _check_safetensors(file: Path) -> None:
-    """Parse a .safetensors header: a truncated or foreign file fails here, named, before loading."""
+def _check_safetensors(file: Path) -> list[str]:
+    """Parse a .safetensors header and return its keys: a truncated or foreign file fails here, named."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(file), framework="pt") as handle:
-            handle.keys()
+            return list(handle.keys())
     except (SafetensorError, OSError) as err:
         raise ModelFileError(
             f"{file} is not a readable .safetensors file ({err}); re-download or re-export it"
         ) from None
 
 
+def single_file_family(file: Path, keys: list[str]) -> str:
+    """'sdxl' or 'flux' from a checkpoint's tensor names, original (BFL/SGM) or diffusers layout."""
+    names = {part for key in keys for part in key.split(".")[:3]}
+    if names & {"double_blocks", "single_transformer_blocks"}:
+        return "flux"
+    if names & {"input_blocks", "down_blocks"}:
+        return "sdxl"
+    raise ModelFileError(
+        f"model file {file} is neither an SDXL nor a Flux checkpoint (no UNet input blocks and no Flux "
+        "double blocks among its tensors); pass an SDXL or Flux .safetensors, or a diffusers folder"
+    )
+
+
+def _single_file_info(path: Path) -> ModelInfo:
+    if path.suffix != ".safetensors":
+        raise ModelFileError(
+            f"model file {path} is not .safetensors; single-file checkpoints must be safetensors "
+            "(pickled .ckpt files can run code when loaded): convert it, or pass a diffusers folder"
+        )
+    family = single_file_family(path, _check_safetensors(path))
+    if family == "flux":
+        return ModelInfo(path, "flux", 16, 8, 1024, single_file=True, size_multiple=16)
+    return ModelInfo(path, "sdxl", 4, 8, 1024, single_file=True)
+
+
+def _read_configs(path: Path, class_name: str, *names: str) -> list[dict]:
+    try:
+        return [json.loads((path / name / "config.json").read_text()) for name in names]
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"model folder {path} ({class_name}) has unreadable config files ({err})") from None
+
+
 def inspect_diffusion_model(path: str | Path) -> ModelInfo:
-    """Family, latent channels, VAE factor and native size of a diffusers folder or single file."""
+    """Family, latent channels, VAE factor, native size and size multiple of a diffusers folder or single file."""
     path = _require(Path(path).expanduser(), "model path")
     if path.is_file():
-        if path.suffix != ".safetensors":
-            raise ModelFileError(
-                f"model file {path} is not .safetensors; single-file checkpoints must be safetensors "
-                "(pickled .ckpt files can run code when loaded): convert it, or pass a diffusers folder"
-            )
-        _check_safetensors(path)
-        return ModelInfo(path, "sdxl", 4, 8, 1024, single_file=True)
+        return _single_file_info(path)
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelFileError(
             f"model folder {path} has no model_index.json, so it is not a diffusers pipeline folder; "
-            "pass a folder saved with save_pretrained or an SDXL .safetensors file"
+            "pass a folder saved with save_pretrained or an SDXL/Flux .safetensors file"
         )
     try:
         class_name = json.loads(index.read_text()).get("_class_name", "")
-        unet_cfg = json.loads((path / "unet" / "config.json").read_text())
-        vae_cfg = json.loads((path / "vae" / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"model folder {path} has unreadable config files ({err})") from None
-    if "StableDiffusionXL" not in class_name:
-        raise ModelFileError(
-            f"model folder {path} holds a {class_name or 'unknown'} pipeline; this render needs SDXL "
-            "(StableDiffusionXLPipeline)"
+        raise ModelFileError(f"model folder {path} has an unreadable model_index.json ({err})") from None
+    if class_name.startswith("StableDiffusionXL"):
+        unet_cfg, vae_cfg = _read_configs(path, class_name, "unet", "vae")
+        vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        return ModelInfo(
+            path,
+            "sdxl",
+            latent_channels=vae_cfg.get("latent_channels", 4),
+            vae_factor=vae_factor,
+            native_px=unet_cfg["sample_size"] * vae_factor,
+            single_file=False,
         )
-    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    return ModelInfo(
-        path,
-        "sdxl",
-        latent_channels=vae_cfg.get("latent_channels", 4),
-        vae_factor=vae_factor,
-        native_px=unet_cfg["sample_size"] * vae_factor,
-        single_file=False,
+    if class_name in ("FluxPipeline", "FluxImg2ImgPipeline"):
+        transformer_cfg, vae_cfg = _read_configs(path, class_name, "transformer", "vae")
+        channels = vae_cfg.get("latent_channels", 16)
+        if transformer_cfg.get("in_channels", 64) != 4 * channels:
+            raise ModelFileError(
+                f"model folder {path}: its Flux transformer takes {transformer_cfg.get('in_channels')} input "
+                f"channels, not {4 * channels} (a Fill, Depth or other conditioned variant); this render needs "
+                "a text-to-image Flux model such as FLUX.1-dev"
+            )
+        vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        # Flux's transformer config has no size; its VAE's sample_size (1024 for FLUX.1) is the trained one
+        return ModelInfo(
+            path,
+            "flux",
+            latent_channels=channels,
+            vae_factor=vae_factor,
+            native_px=vae_cfg.get("sample_size") or 1024,
+            single_file=False,
+            size_multiple=2 * vae_factor,
+        )
+    raise ModelFileError(
+        f"model folder {path} holds a {class_name or 'unknown'} pipeline; this render needs SDXL "
+        "(StableDiffusionXLPipeline) or Flux (FluxPipeline)"
     )
 
 
 @dataclass
 class DiffusionModel:
-    """A loaded SDXL model: the denoiser, the VAE and the prompt encoder, on one device."""
+    """A loaded SDXL or Flux model: the denoiser, the VAE and the prompt encoder, on one device."""
 
     info: ModelInfo
     pipe: object  # the diffusers pipeline holding the components
-    denoiser: Denoiser
+    denoiser: Denoiser | FluxDenoiser
 
     @property
     def vae(self):
         return self.pipe.vae
 
     def encode_prompt(self, prompt: str, negative: str, cfg: float) -> PromptEmbeds:
-        """Encode the prompts once per render with diffusers' own SDXL prompt encoder."""
+        """Encode the prompts once per render with diffusers' own prompt encoder of the family."""
+        if self.info.family == "flux":
+            # guidance is embedded, not a second pass: Flux has no negative prompt (see pipeline.flux)
+            embeds, pooled, _ = self.pipe.encode_prompt(
+                prompt, prompt_2=None, device=self.denoiser.device, max_sequence_length=FLUX_MAX_TOKENS
+            )
+            return PromptEmbeds(embeds, pooled, None, None)
         embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(
             prompt,
             negative_prompt=negative,
@@ -125,15 +183,45 @@ def _quiet_hf_logs() -> None:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 
+def _load_pipeline(info: ModelInfo, dtype: torch.dtype, config: str | Path | None):
+    """The family's diffusers pipeline from a folder, or from a single file plus a config folder."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusionXLPipeline
+
+    family_name = FAMILY_PIPELINES[info.family]
+    if not info.single_file:
+        pipeline_class = FluxPipeline if info.family == "flux" else StableDiffusionXLPipeline
+        return pipeline_class.from_pretrained(str(info.path), local_files_only=True, dtype=dtype)
+    if config is None:
+        needs = "its VAE, text encoders and " if info.family == "flux" else ""
+        raise ModelFileError(
+            f"single-file checkpoint {info.path} needs --model-config: a diffusers {family_name} folder "
+            f"with {needs}its configs and tokenizers (no downloads happen here)"
+        )
+    if info.family == "sdxl":
+        return StableDiffusionXLPipeline.from_single_file(
+            str(info.path), config=str(config), local_files_only=True, dtype=dtype
+        )
+    # a Flux checkpoint (flux1-dev.safetensors) holds the transformer only; the rest comes from the folder
+    transformer = FluxTransformer2DModel.from_single_file(
+        str(info.path), config=str(config), subfolder="transformer", local_files_only=True, torch_dtype=dtype
+    )
+    return FluxPipeline.from_pretrained(str(config), transformer=transformer, local_files_only=True, dtype=dtype)
+
+
 def load_diffusion_model(
-    path: str | Path, device: torch.device, dtype: torch.dtype, config: str | Path | None = None
+    path: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    config: str | Path | None = None,
+    loras: Sequence[tuple[str | Path, float, float]] = (),
 ) -> DiffusionModel:
-    """Load an SDXL diffusers folder (local files only) or single .safetensors checkpoint.
+    """Load an SDXL or Flux diffusers folder (local files only) or single .safetensors checkpoint.
 
     A single file needs the pipeline's configs and tokenizers: `config` is a diffusers folder
-    holding them (weights in it are not read).
+    holding them (and, for Flux, the VAE and text encoders). `loras` are (file, denoiser strength,
+    text encoder strength), fused into the weights in order.
     """
-    from diffusers import StableDiffusionXLPipeline
+    from pipeline.lora import apply_lora
 
     info = inspect_diffusion_model(path)
     _quiet_hf_logs()
@@ -141,26 +229,21 @@ def load_diffusion_model(
         for weights in sorted(info.path.glob("*/*.safetensors")):
             _check_safetensors(weights)
     try:
-        if info.single_file:
-            if config is None:
-                raise ModelFileError(
-                    f"single-file checkpoint {info.path} needs --model-config: a diffusers SDXL folder "
-                    "with its configs and tokenizers (no downloads happen here)"
-                )
-            pipe = StableDiffusionXLPipeline.from_single_file(
-                str(info.path), config=str(config), local_files_only=True, dtype=dtype
-            )
-        else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(str(info.path), local_files_only=True, dtype=dtype)
+        pipe = _load_pipeline(info, dtype, config)
     except ModelFileError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelFileError(f"could not load the SDXL model at {info.path}: {err}") from None
+        raise ModelFileError(f"could not load the {info.family.upper()} model at {info.path}: {err}") from None
     pipe.to(device)
     if dtype != torch.float32 and pipe.vae.config.get("force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
-    pipe.unet.set_attn_processor(_default_attention())
-    denoiser = Denoiser(pipe.unet, dict(pipe.scheduler.config), info.vae_factor)
+    for lora_path, model_strength, text_strength in loras:
+        apply_lora(pipe, info, lora_path, model_strength, text_strength)
+    if info.family == "flux":
+        denoiser = FluxDenoiser(pipe.transformer, dict(pipe.scheduler.config), info.vae_factor)
+    else:
+        pipe.unet.set_attn_processor(_default_attention())
+        denoiser = Denoiser(pipe.unet, dict(pipe.scheduler.config), info.vae_factor)
     return DiffusionModel(info, pipe, denoiser)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pipeline.chess import Tile, TileGrid, batches, chess_grid
 from pipeline.errors import SpecError
 from pipeline.models import ModelInfo
+from pipeline.schedule import resolve_sampler
 from pipeline.spec import RenderSpec
 
 HOST_BYTES_PER_PIXEL = 4 * 3 * 4  # up to four float32 RGB buffers of the target live at once
@@ -21,11 +22,13 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def native_factor(latent_h: int, latent_w: int, native_latent: int) -> int:
-    """The integer k dividing both latent sides whose base (target / k) is closest in area to native^2."""
+def native_factor(latent_h: int, latent_w: int, native_latent: int, multiple: int = 1) -> int:
+    """The integer k dividing both latent sides whose base (target / k) is closest in area to native^2,
+    among those whose base sides stay multiples of `multiple` latents (2 for Flux's 2x2 patches)."""
     common = math.gcd(latent_h, latent_w)
     area = latent_h * latent_w
-    return min(divisors(common), key=lambda k: abs(math.log(area / k**2 / native_latent**2)))
+    ks = [k for k in divisors(common) if (latent_h // k) % multiple == 0 and (latent_w // k) % multiple == 0]
+    return min(ks, key=lambda k: abs(math.log(area / k**2 / native_latent**2)))
 
 
 def host_memory_bytes() -> int:
@@ -68,7 +71,9 @@ class RenderPlan:
         sy, sx = g.stride
         oy, ox = g.overlap
         tile_calls = (len(self.even_batches) + len(self.odd_batches)) * s.steps
-        cfg_note = " (CFG doubles each call's batch)" if s.cfg > 1 else ""
+        # Flux's guidance is an input embedding: it never adds a pass
+        cfg_note = " (CFG doubles each call's batch)" if s.cfg > 1 and self.model.family == "sdxl" else ""
+        network = "transformer" if self.model.family == "flux" else "UNet"
         detail = [
             f"detail layer {c.layer}: {c.name!r} ({c.selection}, up to "
             f"{'all' if c.selection == 'all' else c.max_objects}, threshold {c.threshold}), denoise {c.denoise}, "
@@ -83,8 +88,8 @@ class RenderPlan:
                 f"{len(g.even)} even + {len(g.odd)} odd, stride {sx * f}x{sy * f} px, "
                 f"overlap >= {ox * f}x{oy * f} px, work x{g.work_multiplier:.2f}",
                 f"batches of {s.tile_batch}: {len(self.even_batches)} even + {len(self.odd_batches)} odd, "
-                f"{s.steps} steps at denoise {s.denoise} ({s.sampler}), "
-                f"{tile_calls} UNet calls for the tiles{cfg_note}",
+                f"{s.steps} steps at denoise {s.denoise} ({resolve_sampler(s.sampler, self.model.family)}), "
+                f"{tile_calls} {network} calls for the tiles{cfg_note}",
                 *detail,
             ]
         )
@@ -92,10 +97,13 @@ class RenderPlan:
 
 def make_plan(spec: RenderSpec, model: ModelInfo) -> RenderPlan:
     """Turn a validated spec and the model's facts into a plan, or raise SpecError with a fix."""
-    f = model.vae_factor
-    for name, value in (("width", spec.width), ("height", spec.height), ("tile", spec.tile)):
-        if value % f:
-            raise SpecError(f"{name} {value} must be a multiple of the model's VAE factor {f}")
+    f, m = model.vae_factor, model.size_multiple
+    why = f"the model's VAE factor {f}" if m == f else f"{m} for {model.family.upper()} (VAE factor {f} x 2x2 patches)"
+    for name, value in (("width", spec.width), ("height", spec.height), ("tile", spec.tile), ("native", spec.native)):
+        if value % m:
+            low, high = value // m * m, value // m * m + m
+            raise SpecError(f"{name} {value} must be a multiple of {why}; try {low or high} or {high}")
+    resolve_sampler(spec.sampler, model.family)
     needed = spec.width * spec.height * HOST_BYTES_PER_PIXEL
     available = host_memory_bytes()
     if needed > 0.8 * available:
@@ -107,11 +115,11 @@ def make_plan(spec: RenderSpec, model: ModelInfo) -> RenderPlan:
         )
     latent_h, latent_w = spec.height // f, spec.width // f
     native_latent = (spec.native or model.native_px) // f
-    k = native_factor(latent_h, latent_w, native_latent)
+    k = native_factor(latent_h, latent_w, native_latent, m // f)
     base_area = latent_h * latent_w / k**2
     if not 0.4 <= base_area / native_latent**2 <= 2.5:
         ideal = max(1, round(math.sqrt(latent_h * latent_w) / native_latent))
-        step = f * ideal
+        step = m * ideal
         suggest = f"{round(spec.width / step) * step}x{round(spec.height / step) * step}"
         raise SpecError(
             f"size {spec.width}x{spec.height}: no whole factor k turns it into a base near the model's native "

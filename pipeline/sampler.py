@@ -3,6 +3,9 @@
 diffusers' pipelines draw their own noise; a tile render needs each tile's noise to be its slice
 of the one scaffold, and many tiles in one batch. The loop below is the one of diffusers'
 StableDiffusionXL(Img2Img)Pipeline, with the noise supplied (tests check they agree to 1e-4).
+
+`generate` and `refine` take any denoiser (this SDXL one, or pipeline.flux.FluxDenoiser): each
+denoiser class runs its own family's loop on the same 4-D latents, so callers never branch on it.
 """
 
 from __future__ import annotations
@@ -10,15 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from pipeline.schedule import make_scheduler, refine_schedule
+from pipeline.schedule import make_scheduler, refine_schedule, resolve_sampler
+
+if TYPE_CHECKING:
+    from pipeline.flux import FluxDenoiser
 
 
 @dataclass
 class PromptEmbeds:
-    """Text conditioning for one render, computed once: SDXL token and pooled embeddings."""
+    """Text conditioning for one render, computed once: token and pooled embeddings (SDXL: CLIPs; Flux: T5, CLIP)."""
 
     embeds: torch.Tensor  # [1, T, D]
     pooled: torch.Tensor  # [1, P]
@@ -60,6 +67,7 @@ class Denoiser:
     scheduler_config: dict
     vae_factor: int
     clock: Callable[[str], object] | None = None  # clock("unet") -> context manager timing a forward
+    family: ClassVar[str] = "sdxl"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -94,6 +102,51 @@ class Denoiser:
         uncond, text = out.chunk(2)
         return uncond + cfg * (text - uncond)
 
+    def _run(
+        self, scheduler, timesteps, latents, cond: PromptEmbeds, cfg: float, hold: Hold | None = None
+    ) -> torch.Tensor:
+        """The sampling loop of diffusers' SDXL pipelines: scale input, predict, step."""
+        conditioning = self.conditioning(cond, latents, cfg)  # once per call, not per step
+        for i, t in enumerate(timesteps):
+            if hold is not None and i <= hold.steps:
+                # add_noise reads the scheduler's current step index: the noised input at this step's sigma
+                held = scheduler.add_noise(hold.original, hold.noise, t.reshape(1))
+                latents = torch.lerp(latents, held, hold.mask)
+            x = scheduler.scale_model_input(latents, t)
+            noise_pred = self.predict(x, t, conditioning, cfg)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        return latents
+
+    def generate(self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str) -> torch.Tensor:
+        """txt2img from unit noise: x_T = noise * init_noise_sigma, as StableDiffusionXLPipeline."""
+        scheduler = make_scheduler(sampler, self.scheduler_config)
+        scheduler.set_timesteps(steps, device=self.device)
+        latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
+        return self._run(scheduler, scheduler.timesteps, latents, cond, cfg)
+
+    def refine(
+        self,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        cond: PromptEmbeds,
+        cfg: float,
+        steps: int,
+        denoise: float,
+        sampler: str,
+        hold: Hold | None = None,
+    ) -> torch.Tensor:
+        """img2img: add_noise at the start timestep, then the last `steps` steps (StableDiffusionXLImg2ImgPipeline).
+
+        With `hold`, masked pixels start `hold.steps` steps later (see Hold)."""
+        scheduler = make_scheduler(sampler, self.scheduler_config)
+        timesteps = refine_schedule(scheduler, steps, denoise, device=self.device).timesteps
+        original = latents.to(self.device, self.dtype)
+        noise = noise.to(self.device, self.dtype)
+        latents = scheduler.add_noise(original, noise, timesteps[:1])
+        if hold is not None:
+            hold = Hold(hold.mask.to(self.device, self.dtype), hold.steps, original, noise)
+        return self._run(scheduler, timesteps, latents, cond, cfg, hold)
+
 
 @dataclass(frozen=True)
 class Hold:
@@ -106,36 +159,17 @@ class Hold:
     noise: torch.Tensor | None = None
 
 
-def _run(
-    denoiser: Denoiser, scheduler, timesteps, latents, cond: PromptEmbeds, cfg: float, hold: Hold | None = None
-) -> torch.Tensor:
-    """The sampling loop of diffusers' SDXL pipelines: scale input, predict, step."""
-    conditioning = denoiser.conditioning(cond, latents, cfg)  # once per call, not per step
-    for i, t in enumerate(timesteps):
-        if hold is not None and i <= hold.steps:
-            # add_noise reads the scheduler's current step index: the noised input at this step's sigma
-            held = scheduler.add_noise(hold.original, hold.noise, t.reshape(1))
-            latents = torch.lerp(latents, held, hold.mask)
-        x = scheduler.scale_model_input(latents, t)
-        noise_pred = denoiser.predict(x, t, conditioning, cfg)
-        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-    return latents
-
-
 @torch.no_grad()
 def generate(
-    denoiser: Denoiser, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str
+    denoiser: Denoiser | FluxDenoiser, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str
 ) -> torch.Tensor:
-    """txt2img from given unit noise [B, C, h, w]: x_T = noise * init_noise_sigma, as StableDiffusionXLPipeline."""
-    scheduler = make_scheduler(sampler, denoiser.scheduler_config)
-    scheduler.set_timesteps(steps, device=denoiser.device)
-    latents = noise.to(denoiser.device, denoiser.dtype) * scheduler.init_noise_sigma
-    return _run(denoiser, scheduler, scheduler.timesteps, latents, cond, cfg)
+    """txt2img from given unit noise [B, C, h, w] with the denoiser's own family loop."""
+    return denoiser.generate(noise, cond, cfg, steps, resolve_sampler(sampler, denoiser.family))
 
 
 @torch.no_grad()
 def refine(
-    denoiser: Denoiser,
+    denoiser: Denoiser | FluxDenoiser,
     latents: torch.Tensor,
     noise: torch.Tensor,
     cond: PromptEmbeds,
@@ -148,12 +182,5 @@ def refine(
     """img2img on a batch of latent tiles with their own noise: run `steps` steps from sigmas[N - steps].
 
     With `hold`, masked pixels start `hold.steps` steps later (see Hold)."""
-    scheduler = make_scheduler(sampler, denoiser.scheduler_config)
-    schedule = refine_schedule(scheduler, steps, denoise, device=denoiser.device)
-    timesteps = schedule.timesteps
-    original = latents.to(denoiser.device, denoiser.dtype)
-    noise = noise.to(denoiser.device, denoiser.dtype)
-    latents = scheduler.add_noise(original, noise, timesteps[:1])
-    if hold is not None:
-        hold = Hold(hold.mask.to(denoiser.device, denoiser.dtype), hold.steps, original, noise)
-    return _run(denoiser, scheduler, timesteps, latents, cond, cfg, hold)
+    sampler = resolve_sampler(sampler, denoiser.family)
+    return denoiser.refine(latents, noise, cond, cfg, steps, denoise, sampler, hold)

@@ -7,6 +7,11 @@ sigmas[N - steps] of that schedule. The start sigma depends on the schedule: und
 a low denoise starts at a much lower sigma than under a uniform one, so plans report it.
 
 diffusers' img2img with num_inference_steps = N and strength = steps / N runs the same steps.
+
+Samplers belong to a model family: SDXL's are noise-prediction samplers over a discrete DDPM
+schedule, Flux's is the flow-matching Euler step over a resolution-shifted schedule, and neither
+runs the other's models. `auto` (the default) picks the family's first sampler; naming another
+family's sampler is a spec error, never a silent swap.
 """
 
 from __future__ import annotations
@@ -14,10 +19,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-SAMPLERS = ("dpmpp_2m_karras", "euler")
+from pipeline.errors import SpecError
+
+AUTO = "auto"
+FAMILY_SAMPLERS = {"sdxl": ("dpmpp_2m_karras", "euler"), "flux": ("flow_euler",)}
+SAMPLERS = (AUTO, *(name for names in FAMILY_SAMPLERS.values() for name in names))
+
+
+def resolve_sampler(name: str, family: str) -> str:
+    """The sampler a render runs: `auto` is the family's first; another family's sampler is refused."""
+    own = FAMILY_SAMPLERS[family]
+    if name == AUTO:
+        return own[0]
+    if name not in own:
+        other = next((fam for fam, names in FAMILY_SAMPLERS.items() if name in names), None)
+        what = f"a {other.upper()} sampler" if other else "not a sampler"
+        raise SpecError(
+            f"sampler {name!r} is {what}; this {family.upper()} model runs {', '.join(own)}: "
+            f"pass --sampler {own[0]} (or auto)"
+        )
+    return name
 
 
 def make_scheduler(name: str, base_config: dict) -> SchedulerMixin:
@@ -28,6 +52,8 @@ def make_scheduler(name: str, base_config: dict) -> SchedulerMixin:
         )
     if name == "euler":
         return EulerDiscreteScheduler.from_config(base_config)
+    if name == "flow_euler":
+        return FlowMatchEulerDiscreteScheduler.from_config(base_config)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
@@ -52,12 +78,17 @@ class Schedule:
     length: int
 
 
-def refine_schedule(scheduler: SchedulerMixin, steps: int, denoise: float, device=None) -> Schedule:
-    """Set `scheduler` to run the last `steps` steps of a schedule of length round(steps / denoise)."""
+def refine_schedule(
+    scheduler: SchedulerMixin, steps: int, denoise: float, device=None, **set_timesteps_kwargs
+) -> Schedule:
+    """Set `scheduler` to run the last `steps` steps of a schedule of length round(steps / denoise).
+
+    `set_timesteps_kwargs` go to the scheduler's set_timesteps (Flux: its sigmas and shift mu).
+    """
     if steps < 1 or not 0 < denoise <= 1:
         raise ValueError(f"need steps >= 1 and 0 < denoise <= 1, got steps={steps} denoise={denoise}")
     length = schedule_length(steps, denoise)
-    scheduler.set_timesteps(length, device=device)
+    scheduler.set_timesteps(length, device=device, **set_timesteps_kwargs)
     begin = (length - steps) * scheduler.order
     scheduler.set_begin_index(begin)
     return Schedule(scheduler.timesteps[begin:], begin, float(scheduler.sigmas[begin]), length)

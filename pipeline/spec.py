@@ -10,6 +10,7 @@ from pipeline.schedule import SAMPLERS
 
 MAX_SIDE = 65536  # beyond this no machine we target holds the pixel buffers
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+MAX_LORA_STRENGTH = 10.0  # beyond this a LoRA's delta swamps the weights it is added to
 _KIND_NAMES = {int: "a whole number", float: "a number", str: "a string"}
 
 
@@ -29,7 +30,7 @@ class RenderSpec:
     denoise: float = 0.35
     tile: int = 1024
     tile_batch: int = 4
-    sampler: str = "dpmpp_2m_karras"
+    sampler: str = "auto"  # auto = the model family's default (SDXL: dpmpp_2m_karras, Flux: flow_euler)
     upscaler: str = ""  # spandrel model file; empty = bicubic resize of the base
     upscale_tile: int = 512
     native: int = 0  # the model's native size in px; 0 = read from the model
@@ -39,6 +40,9 @@ class RenderSpec:
     concepts: tuple[Concept, ...] = ()  # what the detailer looks for; none = no detail stage
     detail_padding: float = 0.25  # context around a detection, per side, as a fraction of its longer side
     detail_chess_denoise: float = 0.0  # chess denoise inside detailed areas; 0 = the same as elsewhere
+    lora: str = ""  # LoRA .safetensors fused into the model; empty = none
+    lora_strength: float = 1.0  # LoRA strength on the denoiser (UNet or Flux transformer)
+    lora_text_strength: float = 1.0  # LoRA strength on the text encoder(s)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -76,7 +80,7 @@ class RenderSpec:
         """Check every value against its rule before any model is loaded; raise SpecError naming the fix."""
         _check_size(self.width, self.height)
         if not self.model:
-            raise SpecError("no model given: pass --model PATH (a diffusers SDXL folder or .safetensors file)")
+            raise SpecError("no model given: pass --model PATH (a diffusers SDXL or Flux folder or .safetensors file)")
         if self.steps < 1:
             raise SpecError(f"steps {self.steps}: must be at least 1 (steps that run per tile)")
         if self.base_steps < 1:
@@ -104,6 +108,12 @@ class RenderSpec:
             raise SpecError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if not 0 <= self.seed < 2**63:
             raise SpecError(f"seed {self.seed}: must be in [0, 2^63)")
+        for name in ("lora_strength", "lora_text_strength"):
+            if not -MAX_LORA_STRENGTH <= getattr(self, name) <= MAX_LORA_STRENGTH:
+                raise SpecError(
+                    f"{name} {getattr(self, name)}: must be in [-{MAX_LORA_STRENGTH:g}, {MAX_LORA_STRENGTH:g}] "
+                    "(1 = as trained, 0 = off, negative inverts it)"
+                )
         self._validate_detail()
         return self
 

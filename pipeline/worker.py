@@ -16,7 +16,7 @@ from pipeline.chess import Tile
 from pipeline.chess_pass import RefineSettings, refine_tiles, tile_noise
 from pipeline.detection import Concept, Detection
 from pipeline.errors import UserError
-from pipeline.models import load_diffusion_model, load_upscaler
+from pipeline.models import inspect_diffusion_model, load_diffusion_model, load_upscaler
 from pipeline.sampler import PromptEmbeds, generate, refine
 from pipeline.spec import RenderSpec
 
@@ -34,10 +34,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """'auto' is fp16 on a GPU and fp32 on the CPU; half precision on the CPU is refused."""
+def pick_dtype(precision: str, device: torch.device, family: str = "sdxl") -> torch.dtype:
+    """'auto' is fp16 on a GPU (bf16 for Flux, whose activations overflow fp16) and fp32 on the CPU;
+    half precision on the CPU is refused."""
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if family == "flux" and torch.cuda.is_bf16_supported() else torch.float16
     if precision in ("fp16", "bf16") and device.type == "cpu":
         raise UserError(f"precision {precision} needs a GPU; use fp32 (or auto) on the CPU")
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -54,6 +57,9 @@ class WorkerConfig:
     device: str = "auto"
     cpu_threads: int = 0  # torch threads on a CPU device; 0 = leave as is
     detector: str = ""  # SAM3 folder, loaded on the first detect call
+    lora: str = ""  # LoRA file fused into the model; empty = none
+    lora_strength: float = 1.0
+    lora_text_strength: float = 1.0
 
     @classmethod
     def from_spec(cls, spec: RenderSpec, device: str = "auto") -> WorkerConfig:
@@ -66,7 +72,10 @@ class WorkerConfig:
             spec.precision,
             device,
             torch.get_num_threads(),
-            spec.detector,
+            detector=spec.detector,
+            lora=spec.lora,
+            lora_strength=spec.lora_strength,
+            lora_text_strength=spec.lora_text_strength,
         )
 
 
@@ -88,12 +97,15 @@ class TileWorker:
         self.device = pick_device(config.device)
         if self.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
-        dtype = pick_dtype(config.precision, self.device)
+        dtype = pick_dtype(config.precision, self.device, inspect_diffusion_model(config.model).family)
         # the small upscaler first, so a bad file fails before the large model loads
         self.upscaler = (
             load_upscaler(config.upscaler, self.device, half=dtype != torch.float32) if config.upscaler else None
         )
-        self.model = load_diffusion_model(config.model, self.device, dtype, config=config.model_config or None)
+        loras = [(config.lora, config.lora_strength, config.lora_text_strength)] if config.lora else []
+        self.model = load_diffusion_model(
+            config.model, self.device, dtype, config=config.model_config or None, loras=loras
+        )
         self.model.denoiser.clock = clock.model if clock else None
         self.detector = None  # loaded on first use: most renders never detect
 

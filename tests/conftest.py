@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from farm.tiny_models import build_tiny_sam3, build_tiny_sdxl, build_tiny_upscaler
+from farm.tiny_models import build_tiny_flux, build_tiny_sam3, build_tiny_sdxl, build_tiny_upscaler
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,19 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tiny_dir) -> Path:
     return build_tiny_sdxl(tiny_dir / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tiny_dir) -> Path:
+    return build_tiny_flux(tiny_dir / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_model(tiny_flux):
+    """The tiny Flux loaded through our loader, fp32 on the CPU."""
+    from pipeline.models import load_diffusion_model
+
+    return load_diffusion_model(tiny_flux, torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +82,40 @@ def small_spec(tiny_sdxl, tiny_upscaler):
         native=128,
         upscale_tile=64,
     )
+
+
+def make_lora(path: Path, shapes: dict[str, tuple[int, int]], rank: int = 2, alpha: float = 1.0, seed: int = 0) -> Path:
+    """A kohya-style LoRA file: for each key stem, lora_down [rank, in], lora_up [out, rank] and its alpha."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for stem, (out_dim, in_dim) in shapes.items():
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(rank, in_dim, generator=g) * 0.1
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(out_dim, rank, generator=g) * 0.1
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+    return path
+
+
+def lora_delta(path: Path, stem: str) -> torch.Tensor:
+    """The weight delta at strength 1 that a kohya LoRA file holds for one layer: up @ down * alpha / rank."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    down, up = t[f"{stem}.lora_down.weight"], t[f"{stem}.lora_up.weight"]
+    return up @ down * t[f"{stem}.alpha"].item() / down.shape[0]
+
+
+# the text encoder's first attention layer, as kohya names it for CLIP-L (lora_te1_)
+CLIP_STEMS = [f"lora_te1_text_model_encoder_layers_0_self_attn_{p}_proj" for p in ("q", "k", "v", "out")]
+
+
+@pytest.fixture(scope="session")
+def flux_lora(tiny_dir) -> Path:
+    """A kohya-format Flux LoRA for the tiny transformer (a double block's image projection) and its CLIP."""
+    shapes = {"lora_unet_double_blocks_0_img_attn_proj": (32, 32), "lora_unet_single_blocks_0_linear2": (32, 160)}
+    return make_lora(tiny_dir / "flux-lora.safetensors", shapes | dict.fromkeys(CLIP_STEMS, (32, 32)), alpha=1.0)
 
 
 class _RunsCode:

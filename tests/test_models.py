@@ -74,12 +74,11 @@ def test_missing_and_wrong_model_paths(tmp_path):
         inspect_diffusion_model(tmp_path / "nope")
     with pytest.raises(ModelFileError, match="no model_index.json"):
         inspect_diffusion_model(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(ModelFileError, match="StableDiffusion3Pipeline.*SDXL.*Flux"):
+        inspect_diffusion_model(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    (tmp_path / "unet").mkdir()
-    (tmp_path / "vae").mkdir()
-    (tmp_path / "unet" / "config.json").write_text("{}")
-    (tmp_path / "vae" / "config.json").write_text("{}")
-    with pytest.raises(ModelFileError, match="FluxPipeline"):
+    with pytest.raises(ModelFileError, match="FluxPipeline.*unreadable config"):
         inspect_diffusion_model(tmp_path)
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"x")
@@ -87,13 +86,22 @@ def test_missing_and_wrong_model_paths(tmp_path):
         inspect_diffusion_model(ckpt)
 
 
-def test_single_file_checkpoint_needs_a_config_folder(tmp_path, tiny_upscaler):
-    # a readable .safetensors given as a model is treated as a single-file SDXL checkpoint
+def test_single_file_checkpoint_needs_a_config_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    # the family is read from the tensor names: an SGM-layout UNet key makes it an SDXL checkpoint
     single = tmp_path / "sdxl.safetensors"
-    shutil.copy(tiny_upscaler, single)
-    assert inspect_diffusion_model(single).single_file
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(single))
+    info = inspect_diffusion_model(single)
+    assert info.single_file and (info.family, info.size_multiple) == ("sdxl", 8)
     with pytest.raises(ModelFileError, match="--model-config"):
         load_diffusion_model(single, CPU, torch.float32)
+
+
+def test_a_safetensors_that_is_no_diffusion_model_is_named(tiny_upscaler):
+    with pytest.raises(ModelFileError, match="neither an SDXL nor a Flux checkpoint") as err:
+        inspect_diffusion_model(tiny_upscaler)
+    assert str(tiny_upscaler) in str(err.value)
 
 
 def test_unknown_upscaler_architecture(tmp_path):
