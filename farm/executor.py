@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.checkpoint import Checkpointed, Store
 from pipeline.clock import Clock
 from pipeline.errors import UserError
 from pipeline.health import ATTEMPTS, bad_result_error, nonfinite, now, poison, stage_row, task_row
+from pipeline.memory import MemoryEstimate, check_fits, count_parameters, host_bytes, worker_estimate
 from pipeline.models import inspect_diffusion_model
 from pipeline.plan import RenderPlan, make_plan
 from pipeline.render import Progress, RenderResult, no_progress, render, task_progress
 from pipeline.sam3 import inspect_detector
 from pipeline.spec import RenderSpec
 from pipeline.taskgraph import OnResult, Task, check_graph
-from pipeline.worker import TileWorker, WorkerConfig
+from pipeline.worker import TileWorker, WorkerConfig, pick_device, pick_dtype
 
 
 def prepare(spec: RenderSpec) -> RenderPlan:
@@ -92,6 +96,24 @@ class LocalExecutor:
         raise bad_result_error(stage, task, [f"local ({device})"])
 
 
+def available_host_bytes() -> int:
+    """Physical memory not in use now (what a render can still take)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(plan: RenderPlan, device_name: str) -> None:
+    """Before loading any model: the device holds the weights and the largest step, and the host the buffers."""
+    device = pick_device(device_name)
+    dtype = pick_dtype(plan.spec.precision, device, plan.model.family)
+    need = worker_estimate(plan, torch.finfo(dtype).bits // 8, count_parameters(plan.model.path))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        check_fits(plan, need, free, f"GPU ({torch.cuda.get_device_name(device)})")
+        need = MemoryEstimate(0, 0)  # the host then holds only the pixel buffers
+    on_host = MemoryEstimate(need.weights, need.activations + host_bytes(plan))
+    check_fits(plan, on_host, available_host_bytes(), "host (weights, activations and pixel buffers in RAM)")
+
+
 @dataclass
 class LocalRun:
     plan: RenderPlan
@@ -112,6 +134,7 @@ def run_local(
 ) -> LocalRun:
     """Load the models and run the plan on one device; `store` keeps finished units (resume), `record`
     receives ledger rows."""
+    check_memory(plan, device_name)
     clock = clock or Clock()
     if record:
         clock.on_stage = lambda name, start, end: record(stage_row(name, start, end))
