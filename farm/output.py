@@ -27,8 +27,13 @@ def check_output_path(out: str | Path, overwrite: bool) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"--out {path}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out {path}: folder {parent} is not writable")
+    try:  # a real probe: permission bits say nothing for root or read-only mounts
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"--out {path}: folder {parent} is not writable ({err.strerror}); choose a folder you can write to"
+        ) from None
     return path
 
 

@@ -55,6 +55,7 @@ CASES = [
     ("existing-output", {"--out": "{existing}"}, ["{existing}", "--overwrite"]),
     ("output-not-png", {"--out": "{tmp}/x.jpg"}, ["x.jpg", ".png"]),
     ("output-folder-missing", {"--out": "{tmp}/nowhere/x.png"}, ["nowhere", "does not exist"]),
+    ("output-folder-unwritable", {"--out": "/sys/render.png"}, ["/sys/render.png", "not writable"]),
     ("unreachable-cluster", {"--cluster": "127.0.0.1:9"}, ["127.0.0.1:9", "cannot reach a Ray cluster"]),
     ("cluster-address-garbage", {"--cluster": "nowhere"}, ["'nowhere'", "HOST:PORT"]),
     ("workers-zero", {"--cluster": "auto", "--workers": "0"}, ["--workers 0", "at least 1"]),

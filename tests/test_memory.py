@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.errors import SpecError
 from pipeline.memory import MemoryEstimate, check_fits, count_parameters, worker_estimate
-from pipeline.models import ModelInfo, load_diffusion_model
+from pipeline.models import ModelInfo
 from pipeline.plan import make_plan
 from pipeline.spec import RenderSpec
 
@@ -51,4 +51,3 @@ def test_estimates_grow_with_batch_and_precision():
     half, full = worker_estimate(plan, 2, SDXL_PARAMS), worker_estimate(plan, 4, SDXL_PARAMS)
     assert full.weights == 2 * half.weights and full.activations >= half.activations
     assert MemoryEstimate(10, 10).total == int(20 * 1.15)
-
