@@ -39,6 +39,12 @@ CASES = [
     ("size-absurd-memory", {"--size": "65536x65536"}, ["65536x65536", "GiB of host memory"]),
     ("missing-model", {"--model": "{missing}"}, ["{missing}", "does not exist"]),
     ("model-not-diffusers", {"--model": "{tmp}"}, ["{tmp}", "model_index.json"]),
+    ("model-wrong-architecture", {"--model": "{upscaler}"}, ["{upscaler}", "neither an SDXL nor a Flux"]),
+    (
+        "upscaler-wrong-architecture",
+        {"--upscaler": "{model}/unet/diffusion_pytorch_model.safetensors"},
+        ["{model}/unet/diffusion_pytorch_model.safetensors", "not an architecture spandrel knows"],
+    ),
     ("missing-upscaler", {"--upscaler": "{missing}.pth"}, ["{missing}.pth", "does not exist"]),
     ("corrupt-safetensors", {"--upscaler": "{corrupt}"}, ["{corrupt}", "not a readable .safetensors"]),
     ("pickle-with-code", {"--upscaler": "{evil}"}, ["{evil}", "could run code", ".safetensors"]),
