@@ -26,6 +26,8 @@ SPEC_FLAGS = {
     "--native": ("native", int, "the model's native size in px (default: from the model)"),
     "--upscale-tile": ("upscale_tile", int, "upscaler input tile in px (default 512)"),
     "--model-config": ("model_config", str, "diffusers folder with configs for a single-file checkpoint"),
+    "--grid": ("grid", str, "chess (seed 002, default) or fit (fewer tiles, sized to the canvas)"),
+    "--fit-overlap": ("fit_overlap", int, "with --grid fit: minimum overlap between tiles in px (default 128)"),
 }
 EXEC_FLAGS = {
     "--tile-batch": ("tile_batch", int, "tiles per sampler batch (default 4)"),

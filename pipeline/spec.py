@@ -9,6 +9,7 @@ from pipeline.schedule import SAMPLERS
 
 MAX_SIDE = 65536  # beyond this no machine we target holds the pixel buffers
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+GRIDS = ("chess", "fit")  # seed 002's round(canvas/tile) + 1 tiles, or tiles sized to the canvas
 _KIND_NAMES = {int: "a whole number", float: "a number", str: "a string"}
 
 
@@ -34,6 +35,8 @@ class RenderSpec:
     native: int = 0  # the model's native size in px; 0 = read from the model
     model_config: str = ""  # diffusers folder with configs, for single-file checkpoints
     precision: str = "auto"
+    grid: str = "chess"  # "fit": fewest tiles near `tile` px, sized to the canvas (less tile area)
+    fit_overlap: int = 128  # with grid "fit": minimum overlap between neighbouring tiles, px
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -91,6 +94,12 @@ class RenderSpec:
             raise SpecError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if not 0 <= self.seed < 2**63:
             raise SpecError(f"seed {self.seed}: must be in [0, 2^63)")
+        if self.grid not in GRIDS:
+            raise SpecError(f"grid {self.grid!r}: choose one of {', '.join(GRIDS)}")
+        if self.fit_overlap % 8 or not 0 <= self.fit_overlap < self.tile:
+            raise SpecError(
+                f"fit_overlap {self.fit_overlap}: must be a multiple of 8 in [0, tile {self.tile}) (e.g. 128)"
+            )
         return self
 
 
