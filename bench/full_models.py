@@ -32,14 +32,14 @@ KNOWN_PARAMS = {
 }
 
 
-def read_config(component: str) -> dict:
-    """The JSON config of 'family/component' (e.g. 'sdxl-base-1.0/unet')."""
+def read_config(component: str | Path) -> dict:
+    """The JSON config of a component folder, or of 'family/component' under bench/configs/."""
     folder = CONFIGS / component
-    name = "scheduler_config.json" if component.endswith("scheduler") else "config.json"
+    name = "scheduler_config.json" if folder.name == "scheduler" else "config.json"
     return json.loads((folder / name).read_text())
 
 
-def component_class(component: str) -> type:
+def component_class(component: str | Path) -> type:
     """The diffusers or transformers class a config builds, from its own _class_name / architectures."""
     import diffusers
     import transformers
@@ -50,12 +50,12 @@ def component_class(component: str) -> type:
     return getattr(transformers, config["architectures"][0])
 
 
-def build(component: str, device: torch.device | str = "meta") -> torch.nn.Module:
+def build(component: str | Path, device: torch.device | str = "meta") -> torch.nn.Module:
     """One network from its config with random weights on `device` ('meta': shapes only)."""
     cls = component_class(component)
     config = read_config(component)
     with torch.device(device):
-        if hasattr(cls, "from_config") and "_class_name" in config:
+        if "_class_name" in config:
             return cls.from_config(config)
         return cls(cls.config_class.from_dict(config))
 
@@ -81,26 +81,26 @@ def build_full_upscaler(path: Path, device: torch.device | str, seed: int = 0) -
     return path
 
 
-def build_full_sdxl(path: Path, device: torch.device | str, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
-    """Save an SDXL-base-architecture diffusers folder with random weights (about 7 GB in fp16).
+def build_full_sdxl(
+    path: Path, device: torch.device | str, dtype: torch.dtype = torch.float16, configs: Path = SDXL, seed: int = 0
+) -> Path:
+    """Save an SDXL-architecture diffusers folder with random weights (about 7 GB for SDXL base in fp16).
 
-    Built on `device` (a GPU initialises 3.5B parameters in seconds), saved in `dtype`. The
-    tokenizers are the tiny byte-level ones: token ids stay below the real vocabulary size and
-    prompts are padded to 77 tokens either way, so the text encoders do the same work.
+    Built on `device` (a GPU initialises 3.5B parameters in seconds), saved in `dtype`, from the
+    component configs under `configs`. The tokenizers are the tiny byte-level ones: token ids stay
+    below the real vocabulary size and prompts are padded to 77 tokens either way, so the text
+    encoders do the same work.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from farm.tiny_models import _tiny_tokenizer
 
     torch.manual_seed(seed)
-    parts = {
-        name: build(f"sdxl-base-1.0/{name}", device).to(dtype)
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
-    }
-    scheduler = EulerDiscreteScheduler.from_config(read_config("sdxl-base-1.0/scheduler"))
-    pipe = StableDiffusionXLPipeline(
-        **parts, scheduler=scheduler, tokenizer=_tiny_tokenizer(), tokenizer_2=_tiny_tokenizer()
-    )
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    parts = {name: build(configs / name, device).to(dtype) for name in names}
+    scheduler = EulerDiscreteScheduler.from_config(read_config(configs / "scheduler"))
+    tokenizers = dict(tokenizer=_tiny_tokenizer(), tokenizer_2=_tiny_tokenizer())
+    pipe = StableDiffusionXLPipeline(**parts, **tokenizers, scheduler=scheduler)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
 

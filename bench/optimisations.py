@@ -152,15 +152,16 @@ def vae_precision_toggle(vae, latent: int, dtype: torch.dtype, repeats: int) -> 
     from pipeline.vae import decode
 
     param = next(vae.parameters())
-    if param.device.type != "cuda" or dtype == torch.float32:
+    device, upcast = param.device, param.dtype  # .to() below changes param in place
+    if device.type != "cuda" or dtype == torch.float32:
         return Toggle("half-precision VAE decode (vs fp32 upcast)", "s per tile", None, None, "needs a GPU")
     z = torch.randn(1, vae.config.latent_channels, latent, latent)
-    before = median_seconds(lambda: decode(vae, z, tiled=False), param.device, repeats)
+    before = median_seconds(lambda: decode(vae, z, tiled=False), device, repeats)
     vae.to(dtype)
     try:
-        after = median_seconds(lambda: decode(vae, z, tiled=False), param.device, repeats)
+        after = median_seconds(lambda: decode(vae, z, tiled=False), device, repeats)
     finally:
-        vae.to(param.dtype)
+        vae.to(upcast)
     note = "bf16; SDXL's released VAE overflows in fp16" if dtype == torch.bfloat16 else "fp16: needs an fp16-fixed VAE"
     return Toggle("half-precision VAE decode (vs fp32 upcast)", "s per tile", before, after, note)
 

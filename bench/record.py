@@ -143,8 +143,9 @@ def count_flops(kind: CallKind, seed: int = 0) -> int:
     args, kwargs = materialise(kind.args, torch.Generator().manual_seed(seed))
     if kind.state:
         setattr(kind.state[0], kind.state[1], kind.state[2])
+    fn = getattr(kind.fn, "_orig_mod", kind.fn)  # count on the eager module under a compiled wrapper
     with FlopCounterMode(display=False) as counter:
-        kind.fn(*args, **kwargs)
+        fn(*args, **kwargs)
     return counter.get_total_flops()
 
 

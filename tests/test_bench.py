@@ -11,7 +11,7 @@ import torch
 BENCH = Path(__file__).parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from full_models import KNOWN_PARAMS, component_class, meta_param_counts, read_config  # noqa: E402
+from full_models import KNOWN_PARAMS, build_full_sdxl, component_class, meta_param_counts, read_config  # noqa: E402
 from seams import seam_ratio  # noqa: E402
 from usdu_baseline import processing_size, tile_mask, usdu_refine, usdu_tiles  # noqa: E402
 
@@ -27,6 +27,16 @@ def test_full_size_configs_build_the_published_architectures():
             _, unused = cls.extract_init_dict(read_config(name))[:2]
             assert not unused, (name, unused)
     assert read_config("sdxl-base-1.0/vae")["force_upcast"] is True
+
+
+def test_random_weight_folder_loads_through_our_loader(tiny_sdxl, tmp_path):
+    """The full-size builder's output is a folder load_diffusion_model reads (shown with the tiny configs)."""
+    from pipeline.models import load_diffusion_model
+
+    folder = build_full_sdxl(tmp_path / "random-sdxl", "cpu", torch.float32, configs=tiny_sdxl)
+    model = load_diffusion_model(folder, torch.device("cpu"), torch.float32)
+    assert model.info.family == "sdxl" and model.info.vae_factor == 8
+    assert model.encode_prompt("a lighthouse", "blurry", 3.0).embeds.shape[1] == 77
 
 
 def test_usdu_grid_matches_ultimate_sd_upscale():
