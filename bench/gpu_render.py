@@ -11,11 +11,11 @@ baseline, and before/after timings of the GPU optimisations.
 Models: full-size SDXL-base architecture with random weights, built once from bench/configs/
 (about 7 GB written under --models-dir; random weights time like trained ones), or --model DIR.
 
-    python bench/gpu_render.py                         # GPU: 4096 and 8192 px, chess and fitted grids
-    python bench/gpu_render.py --sizes 4096 --json 4k.json
-    python bench/gpu_render.py --sizes 8192 --grids chess --no-baseline
-    python bench/gpu_render.py --compile --channels-last   # render with the optional toggles on
-    python bench/gpu_render.py --smoke                 # CPU, tiny models, seconds: structure only
+    python bench/gpu_render.py                         # GPU: 4096 and 8192 px, both grids (~15 min on an H100)
+    python bench/gpu_render.py --sizes 4096 --json 4k.json                  # ~5 min: the 4K figures
+    python bench/gpu_render.py --sizes 8192 --grids chess --no-optimisations  # ~8 min: 8K time and memory
+    python bench/gpu_render.py --sizes 4096 --compile --channels-last       # render with the toggles on
+    python bench/gpu_render.py --smoke                 # CPU, tiny models, 1-3 min: the same tables
 
 Timings are medians of warm calls; the first render of a process is preceded by a 1-step warm-up
 render so kernel selection and lazy initialisation are not billed to a stage.
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import optimisations as opt  # noqa: E402
 from record import CallLog, count_flops, record_worker, time_call  # noqa: E402
+from report import GIB, print_optimisations, print_render, print_summary  # noqa: E402
 from seams import grid_boundaries, seam_ratio  # noqa: E402
 from stage_clock import StageClock  # noqa: E402
 from usdu_baseline import usdu_boundaries, usdu_refine, usdu_tiles  # noqa: E402
@@ -48,9 +49,7 @@ from pipeline.spec import RenderSpec  # noqa: E402
 from pipeline.worker import TileWorker, WorkerConfig  # noqa: E402
 
 STAGES = ("prompt", "scaffold", "base", "upscale", "encode", "chess", "decode")
-REFINE_STAGES = ("encode", "chess", "decode")  # what the USDU baseline replaces: pixels in, pixels out
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dawn, highly detailed", "blurry, low quality"
-GIB = 2**30
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,7 +75,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--usdu-mode", default="linear", choices=("linear", "chess"))
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"), help="attention kernel for the renders")
     p.add_argument("--channels-last", action="store_true", help="render with a channels-last UNet")
-    p.add_argument("--compile", action="store_true", help="render with torch.compile'd UNet, and time compile")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="render with a torch.compile'd UNet (stage times then include compiling each new shape)",
+    )
     p.add_argument("--batch-sweep", default="1,2,4,8", help="tile batch sizes for the per-tile cost sweep")
     p.add_argument("--repeat", type=int, help="timed repeats of each isolated call (default 3)")
     p.add_argument("--no-optimisations", action="store_true", help="skip the before/after table")
@@ -247,88 +250,10 @@ def measure_optimisations(worker: TileWorker, spec: RenderSpec, args, batches: i
     finally:
         denoiser.unet = render_unet
         apply_toggles(worker, args, compile_unet=False)  # the render's attention and memory format again
-    free = torch.cuda.mem_get_info()[0] if denoiser.device.type == "cuda" else None
+    free = None
+    if denoiser.device.type == "cuda":  # free to the driver plus what torch's allocator holds unused
+        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     return toggles, sweep, opt.pick_tile_batch(sweep, free)
-
-
-def fmt(value, spec: str = ".3f", none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
-
-def print_render(r: dict, peak_flops: float) -> None:
-    print(
-        f"\n### {r['size']} px, {r['grid']} grid: {r['tiles']} tiles of {r['tile_px']} px, work x{r['work']:.2f}, "
-        f"{r['batches']} batches\n"
-    )
-    print("| stage | seconds | model calls | model s | isolated model s | UNet TFLOP/s | % of matmul peak | peak GiB |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for stage, s in r["stages"].items():
-        calls = ", ".join(f"{m} {n}" for m, n in sorted(s["calls"].items())) or "-"
-        share = s["unet_tflops"] * 1e12 / peak_flops if s["unet_tflops"] else None
-        print(
-            f"| {stage} | {s['seconds']:.3f} | {calls} | {s['model_seconds']:.3f} | {s['isolated_seconds']:.3f} | "
-            f"{fmt(s['unet_tflops'], '.1f' if s['unet_tflops'] and s['unet_tflops'] > 1 else '.4f')} | "
-            f"{fmt(share, '.0%')} | {fmt(s['peak_gib'], '.2f')} |"
-        )
-    print(
-        f"| **wall** | {r['wall']:.3f} | | {r['in_render_model_seconds']:.3f} | {r['isolated_seconds']:.3f} | | | "
-        f"{fmt(r['peak_gib'], '.2f')} |"
-    )
-
-
-def print_summary(renders: list[dict], baselines: dict) -> None:
-    print("\n### Summary\n")
-    print(
-        "| size | grid | tiles | work | wall s | isolated model s | wall / isolated (target <= 1.15) | "
-        "refine s (encode+chess+decode) | USDU s | speedup vs USDU (target >= 1.3) | peak GiB |"
-    )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in renders:
-        refine_s = sum(r["stages"][s]["seconds"] for s in REFINE_STAGES)
-        b = baselines.get(r["size"])
-        print(
-            f"| {r['size']} | {r['grid']} | {r['tiles']} | {r['work']:.2f} | {r['wall']:.3f} | "
-            f"{r['isolated_seconds']:.3f} | {r['wall'] / r['isolated_seconds']:.3f} | {refine_s:.3f} | "
-            f"{fmt(b and b['seconds'])} | {fmt(b and b['seconds'] / refine_s, '.2f')} | {fmt(r['peak_gib'], '.2f')} |"
-        )
-    print("\n### Seams (mean |step| across tile boundaries / everywhere; 1.0 = invisible)\n")
-    print("| size | tiling | tiles | seam ratio | upscaled input at the same boundaries |")
-    print("|---:|---|---:|---:|---:|")
-    rows = [(r["size"], f"farm {r['grid']}", r) for r in renders] + [
-        (n, "USDU per-tile", b) for n, b in baselines.items()
-    ]
-    for size, name, r in rows:
-        print(f"| {size} | {name} | {r['tiles']} | {r['seam_ratio']:.3f} | {r['input_seam_ratio']:.3f} |")
-    if baselines:
-        print("\n### USDU baseline model calls\n")
-        print("| size | tiles | seconds | model calls | model s | peak GiB |")
-        print("|---:|---:|---:|---|---:|---:|")
-        for size, b in baselines.items():
-            calls = ", ".join(f"{m} {n}" for m, n in sorted(b["calls"].items()))
-            print(
-                f"| {size} | {b['tiles']} | {b['seconds']:.3f} | {calls} | {sum(b['model_seconds'].values()):.3f} | "
-                f"{fmt(b['peak_gib'], '.2f')} |"
-            )
-
-
-def print_optimisations(toggles: list, sweep: list, chosen: int, host_share: float) -> None:
-    print("\n### Optimisations (before / after on the call they change)\n")
-    print("| optimisation | unit | before | after | gain | note |")
-    print("|---|---|---:|---:|---:|---|")
-    for t in toggles:
-        print(
-            f"| {t.name} | {t.unit} | {fmt(t.before, '.4f', 'pending')} | {fmt(t.after, '.4f', 'pending')} | "
-            f"{fmt(t.gain, '.2f')}x | {t.note} |"
-        )
-    print(
-        f"| overlap host work with GPU work | share of wall outside model calls | {host_share:.1%} | pending | - | "
-        "not implemented: this share is the most it could hide |"
-    )
-    print(f"\n### Tile batch sweep (one sampler step; chosen from free memory: batch {chosen})\n")
-    print("| tile batch | s per tile | GPU memory above weights GiB |")
-    print("|---:|---:|---:|")
-    for p in sweep:
-        print(f"| {p.batch} | {p.seconds_per_tile:.4f} | {fmt(p.extra_bytes and p.extra_bytes / GIB, '.2f')} |")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -96,7 +96,7 @@ class RenderSpec:
             raise SpecError(f"seed {self.seed}: must be in [0, 2^63)")
         if self.grid not in GRIDS:
             raise SpecError(f"grid {self.grid!r}: choose one of {', '.join(GRIDS)}")
-        if self.fit_overlap % 8 or not 0 <= self.fit_overlap < self.tile:
+        if self.grid == "fit" and (self.fit_overlap % 8 or not 0 <= self.fit_overlap < self.tile):
             raise SpecError(
                 f"fit_overlap {self.fit_overlap}: must be a multiple of 8 in [0, tile {self.tile}) (e.g. 128)"
             )

@@ -66,4 +66,23 @@ def test_spec_selects_the_grid_and_checks_the_overlap(tiny_sdxl):
     with pytest.raises(SpecError, match="grid 'diagonal'"):
         RenderSpec(model="m", grid="diagonal").validate()
     with pytest.raises(SpecError, match="fit_overlap 100"):
-        RenderSpec(model="m", fit_overlap=100).validate()
+        RenderSpec(model="m", grid="fit", fit_overlap=100).validate()
+    RenderSpec(model="m", width=512, height=512, tile=128, fit_overlap=128).validate()  # ignored by the chess grid
+
+
+def test_cli_flags_set_the_grid(tiny_sdxl, tmp_path):
+    from farm.cli import _spec_for_render, build_parser
+
+    argv = [
+        "render",
+        "--model",
+        str(tiny_sdxl),
+        "--grid",
+        "fit",
+        "--fit-overlap",
+        "64",
+        "--out",
+        str(tmp_path / "a.png"),
+    ]
+    spec, _ = _spec_for_render(build_parser().parse_args(argv))
+    assert (spec.grid, spec.fit_overlap) == ("fit", 64)
