@@ -81,9 +81,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cfg", type=float, default=7.0)
     parser.add_argument("--batches", default="1,4", help="tile batch sizes")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up")
+    parser.add_argument("--model", help="tiny SDXL folder (default: built once under ~/.cache/tilefarm)")
     args = parser.parse_args(argv)
 
-    model, _ = ensure_tiny_models()
+    model = args.model or ensure_tiny_models()[0]
     worker = TileWorker(WorkerConfig(str(model), "", "", "fp32", "cpu", torch.get_num_threads()))
     worker.model.denoiser.unet = NullUNet()
     cond = worker.encode_prompt("a lighthouse on a cliff at dawn", "blurry", args.cfg)

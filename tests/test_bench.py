@@ -96,10 +96,12 @@ def test_gpu_render_smoke_prints_every_table(tiny_sdxl, tiny_upscaler, capsys):
     assert [p["batch"] for p in figures["batch_sweep"]] == [1, 2]
 
 
-def test_tile_overhead_reports_batch_1_and_4(capsys):
+def test_tile_overhead_reports_batch_1_and_4(tiny_sdxl, capsys):
     import tile_overhead
 
-    rows = tile_overhead.main(["--size", "512", "--tile", "128", "--steps", "1", "--repeat", "1"])
+    rows = tile_overhead.main(
+        ["--size", "512", "--tile", "128", "--steps", "1", "--repeat", "1", "--model", str(tiny_sdxl)]
+    )
     assert [r["batch"] for r in rows] == [1, 4]
     assert [r["batches"] for r in rows] == [25, 7]
     assert "dispatch + slicing + compositing ms/tile" in capsys.readouterr().out
