@@ -37,6 +37,8 @@ SPEC_FLAGS = {
     "--lora": ("lora", str, "LoRA .safetensors fused into the model (diffusers, PEFT or kohya keys)"),
     "--lora-strength": ("lora_strength", float, "LoRA strength on the UNet / Flux transformer (default 1)"),
     "--lora-text-strength": ("lora_text_strength", float, "LoRA strength on the text encoder(s) (default 1)"),
+    "--grid": ("grid", str, "chess (seed 002, default) or fit (fewer tiles, sized to the canvas)"),
+    "--fit-overlap": ("fit_overlap", int, "with --grid fit: minimum overlap between tiles in px (default 128)"),
 }
 EXEC_FLAGS = {
     "--tile-batch": ("tile_batch", int, "tiles per sampler batch (default 4)"),

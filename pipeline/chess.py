@@ -2,12 +2,18 @@
 
 All sizes are in latent units. 4096 px with 1024 px tiles (512 / 128 latents): 5 x 5 = 25 tiles,
 13 even ((row + col) % 2 == 0) and 12 odd, stride 96 latents (768 px), overlap 32 (256 px).
+
+The fitted grid is an alternative that sizes the tiles to the canvas instead: 4096 px with
+1024 px tiles and a 128 px minimum overlap gives 4 x 4 tiles of 1120 px, work x1.20 (vs x1.56).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+
+# fitted tiles are a multiple of 4 latents: SDXL's UNet halves a tile twice (2 downsamplers)
+FIT_ALIGN = 4
 
 
 def chess_count(length: int, tile: int) -> int:
@@ -129,6 +135,35 @@ def cover_grid(canvas_h: int, canvas_w: int, tile: int, min_overlap: int) -> Til
     th, tw = min(tile, canvas_h), min(tile, canvas_w)
     ys = axis_origins(canvas_h, th, cover_count(canvas_h, th, min_overlap))
     xs = axis_origins(canvas_w, tw, cover_count(canvas_w, tw, min_overlap))
+    return TileGrid(canvas_h, canvas_w, th, tw, tuple(ys), tuple(xs))
+
+
+def fit_count(length: int, tile: int, min_overlap: int) -> int:
+    """Tiles per axis whose fitted size is nearest `tile`: round((length - overlap) / (tile - overlap))."""
+    if tile >= length:
+        return 1
+    return max(2, round((length - min_overlap) / (tile - min_overlap)))
+
+
+def fit_tile(length: int, count: int, min_overlap: int, align: int = FIT_ALIGN) -> int:
+    """The tile size that spans `length` with `count` tiles overlapping by at least `min_overlap`.
+
+    n * T - (n - 1) * overlap = length, T rounded up to a multiple of `align` (the overlap grows).
+    """
+    if count == 1:
+        return length
+    size = -(-(length + (count - 1) * min_overlap) // count)
+    return min(length, -(-size // align) * align)
+
+
+def fit_grid(canvas_h: int, canvas_w: int, tile: int, min_overlap: int) -> TileGrid:
+    """A grid whose tiles are sized to the canvas (latent units): the fewest near-`tile` tiles per axis,
+    at least `min_overlap` apart, last tile on the edge. Less tile area than the chess rule's +1 tile."""
+    if not 0 <= min_overlap < tile:
+        raise ValueError(f"fit overlap {min_overlap} must be in [0, tile {tile})")
+    ch, cw = fit_count(canvas_h, tile, min_overlap), fit_count(canvas_w, tile, min_overlap)
+    th, tw = fit_tile(canvas_h, ch, min_overlap), fit_tile(canvas_w, cw, min_overlap)
+    ys, xs = axis_origins(canvas_h, th, ch), axis_origins(canvas_w, tw, cw)
     return TileGrid(canvas_h, canvas_w, th, tw, tuple(ys), tuple(xs))
 
 

@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from pipeline.chess import Tile, TileGrid, batches, chess_grid
+from pipeline.chess import Tile, TileGrid, batches, chess_grid, fit_grid
 from pipeline.errors import SpecError
 from pipeline.models import ModelInfo
 from pipeline.schedule import resolve_sampler
@@ -80,11 +80,12 @@ class RenderPlan:
             f"crops padded {s.detail_padding:g} per side, refined at {self.native_latent * f} px"
             for c in sorted(s.concepts, key=lambda c: c.layer)
         ]
+        grid_name = "chess grid" if s.grid == "chess" else f"fitted grid (overlap >= {s.fit_overlap} px)"
         return "\n".join(
             [
                 f"target {s.width}x{s.height} px, latent {self.latent_w}x{self.latent_h}x{self.model.latent_channels}",
                 f"base {self.base_w}x{self.base_h} px (scaffold pooled by k={self.k}), {s.base_steps} steps",
-                f"chess grid {g.cols}x{g.rows} = {len(g.tiles)} tiles of {g.tile_w * f}x{g.tile_h * f} px: "
+                f"{grid_name} {g.cols}x{g.rows} = {len(g.tiles)} tiles of {g.tile_w * f}x{g.tile_h * f} px: "
                 f"{len(g.even)} even + {len(g.odd)} odd, stride {sx * f}x{sy * f} px, "
                 f"overlap >= {ox * f}x{oy * f} px, work x{g.work_multiplier:.2f}",
                 f"batches of {s.tile_batch}: {len(self.even_batches)} even + {len(self.odd_batches)} odd, "
@@ -127,7 +128,10 @@ def make_plan(spec: RenderSpec, model: ModelInfo) -> RenderPlan:
             f"{divisors(math.gcd(latent_h, latent_w))}); the scaffold pools by whole factors to keep unit "
             f"variance. Try {suggest}"
         )
-    grid = chess_grid(latent_h, latent_w, spec.tile // f)
+    if spec.grid == "fit":
+        grid = fit_grid(latent_h, latent_w, spec.tile // f, spec.fit_overlap // f)
+    else:
+        grid = chess_grid(latent_h, latent_w, spec.tile // f)
     return RenderPlan(
         spec,
         model,

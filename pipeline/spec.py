@@ -11,6 +11,7 @@ from pipeline.schedule import SAMPLERS
 MAX_SIDE = 65536  # beyond this no machine we target holds the pixel buffers
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 MAX_LORA_STRENGTH = 10.0  # beyond this a LoRA's delta swamps the weights it is added to
+GRIDS = ("chess", "fit")  # seed 002's round(canvas/tile) + 1 tiles, or tiles sized to the canvas
 _KIND_NAMES = {int: "a whole number", float: "a number", str: "a string"}
 
 
@@ -43,6 +44,8 @@ class RenderSpec:
     lora: str = ""  # LoRA .safetensors fused into the model; empty = none
     lora_strength: float = 1.0  # LoRA strength on the denoiser (UNet or Flux transformer)
     lora_text_strength: float = 1.0  # LoRA strength on the text encoder(s)
+    grid: str = "chess"  # "fit": fewest tiles near `tile` px, sized to the canvas (less tile area)
+    fit_overlap: int = 128  # with grid "fit": minimum overlap between neighbouring tiles, px
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -115,6 +118,12 @@ class RenderSpec:
                     "(1 = as trained, 0 = off, negative inverts it)"
                 )
         self._validate_detail()
+        if self.grid not in GRIDS:
+            raise SpecError(f"grid {self.grid!r}: choose one of {', '.join(GRIDS)}")
+        if self.grid == "fit" and (self.fit_overlap % 8 or not 0 <= self.fit_overlap < self.tile):
+            raise SpecError(
+                f"fit_overlap {self.fit_overlap}: must be a multiple of 8 in [0, tile {self.tile}) (e.g. 128)"
+            )
         return self
 
     def _validate_detail(self) -> None:
