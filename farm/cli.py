@@ -41,7 +41,7 @@ SPEC_FLAGS = {
     "--fit-overlap": ("fit_overlap", int, "with --grid fit: minimum overlap between tiles in px (default 128)"),
 }
 EXEC_FLAGS = {
-    "--tile-batch": ("tile_batch", int, "tiles per sampler batch (default 4)"),
+    "--tile-batch": ("tile_batch", int, "tiles per sampler batch (default 4; 0 = the largest that fits the GPU)"),
     "--precision": ("precision", str, "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16"),
 }
 
@@ -200,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         spec, out = _spec_for_render(args) if args.command == "render" else _spec_for_demo(args)
         out = check_output_path(out, args.overwrite)
-    plan = prepare(spec)
+    plan = prepare(spec, "cpu" if args.cluster else args.device)
+    spec = plan.spec  # with the tile batch resolved, as the run folder and the PNG record it
     if not args.quiet:
         print(plan.describe(), file=sys.stderr)
     created = run_dir is None

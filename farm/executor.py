@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from pipeline.checkpoint import Checkpointed, Store
 from pipeline.clock import Clock
 from pipeline.errors import UserError
 from pipeline.health import ATTEMPTS, bad_result_error, nonfinite, now, poison, stage_row, task_row
-from pipeline.memory import MemoryEstimate, check_fits, count_parameters, host_bytes, worker_estimate
+from pipeline.memory import MemoryEstimate, auto_tile_batch, check_fits, count_parameters, host_bytes, worker_estimate
 from pipeline.models import inspect_diffusion_model
 from pipeline.plan import RenderPlan, make_plan
 from pipeline.render import Progress, RenderResult, no_progress, render, task_progress
@@ -24,8 +24,9 @@ from pipeline.taskgraph import OnResult, Task, check_graph
 from pipeline.worker import TileWorker, WorkerConfig, pick_device, pick_dtype
 
 
-def prepare(spec: RenderSpec) -> RenderPlan:
-    """Check every input that can be checked without loading a model, and plan the render."""
+def prepare(spec: RenderSpec, device_name: str = "auto") -> RenderPlan:
+    """Check every input that can be checked without loading a model, and plan the render
+    (a tile batch of 0 is resolved here, from the free memory of the device that will run it)."""
     spec.validate()
     info = inspect_diffusion_model(spec.model)
     if spec.upscaler and not Path(spec.upscaler).expanduser().is_file():
@@ -36,7 +37,20 @@ def prepare(spec: RenderSpec) -> RenderPlan:
         raise UserError(f"model_config {spec.model_config} is not a folder")
     if spec.detector:
         inspect_detector(spec.detector)
+    if spec.tile_batch == 0:
+        spec = replace(spec, tile_batch=_auto_batch(make_plan(replace(spec, tile_batch=1), info), device_name))
     return make_plan(spec, info)
+
+
+def _auto_batch(plan: RenderPlan, device_name: str) -> int:
+    """On a GPU: the largest batch the memory estimate fits into free memory. Elsewhere 4: a CPU gains
+    nothing from larger batches, and a cluster driver cannot see its workers' GPUs."""
+    device = pick_device(device_name)
+    if device.type != "cuda":
+        return 4
+    dtype = pick_dtype(plan.spec.precision, device, plan.model.family)
+    free, _ = torch.cuda.mem_get_info(device)
+    return auto_tile_batch(plan, torch.finfo(dtype).bits // 8, count_parameters(plan.model.path), free)
 
 
 class LocalExecutor:

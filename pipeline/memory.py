@@ -10,7 +10,7 @@ what this check exists to prevent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.errors import SpecError
@@ -84,3 +84,15 @@ def check_fits(plan: RenderPlan, need: MemoryEstimate, available: int, where: st
         f"{gib(need.total)} on the {where} ({gib(need.weights)} weights + {gib(need.activations)} for the largest "
         f"step, with headroom); it has {gib(available)} free. Try {', or '.join(fixes)}"
     )
+
+
+AUTO_BATCHES = (8, 4, 2, 1)
+
+
+def auto_tile_batch(plan: RenderPlan, dtype_bytes: int, params: int, free: int) -> int:
+    """The largest tile batch (of 8, 4, 2, 1) whose estimate fits `free` bytes; 1 when none does."""
+    for batch in AUTO_BATCHES:
+        trial = replace(plan, spec=replace(plan.spec, tile_batch=batch))
+        if worker_estimate(trial, dtype_bytes, params).total <= free:
+            return batch
+    return 1

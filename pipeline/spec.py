@@ -30,7 +30,7 @@ class RenderSpec:
     cfg: float = 7.0
     denoise: float = 0.35
     tile: int = 1024
-    tile_batch: int = 4
+    tile_batch: int = 4  # 0 = the largest batch whose memory estimate fits the device (4 on a CPU or cluster)
     sampler: str = "auto"  # auto = the model family's default (SDXL: dpmpp_2m_karras, Flux: flow_euler)
     upscaler: str = ""  # spandrel model file; empty = bicubic resize of the base
     upscale_tile: int = 512
@@ -99,8 +99,8 @@ class RenderSpec:
                 f"tile {self.tile} is larger than the target {self.width}x{self.height}; "
                 f"use a tile of at most {min(self.width, self.height) // 8 * 8}"
             )
-        if self.tile_batch < 1:
-            raise SpecError(f"tile_batch {self.tile_batch}: must be at least 1")
+        if self.tile_batch < 0:
+            raise SpecError(f"tile_batch {self.tile_batch}: must be at least 1 (or 0 to pick it from free memory)")
         if self.sampler not in SAMPLERS:
             raise SpecError(f"sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if self.upscale_tile < 64:

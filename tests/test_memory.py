@@ -51,3 +51,23 @@ def test_estimates_grow_with_batch_and_precision():
     half, full = worker_estimate(plan, 2, SDXL_PARAMS), worker_estimate(plan, 4, SDXL_PARAMS)
     assert full.weights == 2 * half.weights and full.activations >= half.activations
     assert MemoryEstimate(10, 10).total == int(20 * 1.15)
+
+
+def test_the_auto_tile_batch_is_the_largest_that_fits():
+    from pipeline.memory import auto_tile_batch
+
+    plan = _plan(8192, 1)
+    assert auto_tile_batch(plan, 2, SDXL_PARAMS, 80 * 2**30) == 8  # an H100
+    assert auto_tile_batch(plan, 2, SDXL_PARAMS, 16 * 2**30) in (1, 2)
+    assert auto_tile_batch(plan, 2, SDXL_PARAMS, 4 * 2**30) == 1  # nothing fits: the smallest
+    sizes = [auto_tile_batch(plan, 2, SDXL_PARAMS, g * 2**30) for g in (8, 16, 24, 40, 80)]
+    assert sizes == sorted(sizes)
+
+
+def test_tile_batch_zero_is_resolved_before_the_render(small_spec):
+    from dataclasses import replace
+
+    from farm.executor import prepare
+
+    plan = prepare(replace(small_spec, tile_batch=0), "cpu")
+    assert plan.spec.tile_batch == 4 and len(plan.even_batches) == 4
