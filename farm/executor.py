@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,15 @@ class LocalExecutor:
     `faults` injects bad results for tests: each (stage, task id) entry spoils one result of that task with
     a NaN (list it twice to spoil the retry too)."""
 
-    def __init__(self, worker: TileWorker, progress: Progress = no_progress, faults=(), record=None):
+    def __init__(self, worker: TileWorker, progress: Progress = no_progress, faults=(), record=None, prefetch=None):
         self.worker = worker
         self.progress = progress
         self.faults = list(faults)
         self.record = record
         self.host = socket.gethostname()
+        # build the next task's inputs (crops, region composites) on the host while the GPU runs this one;
+        # on a CPU device both would share the same cores, so it is off there unless asked for
+        self.prefetch = worker.device.type == "cuda" if prefetch is None else prefetch
 
     def share(self, value: Any) -> Any:
         return value
@@ -74,10 +78,18 @@ class LocalExecutor:
 
     def run(self, stage: str, tasks: list[Task], on_result: OnResult | None = None) -> dict[int, Any]:
         check_graph(tasks)
+        ordered = sorted(tasks, key=lambda t: t.id)
         results: dict[int, Any] = {}
-        with task_progress(self.progress, stage, tasks) as done:
-            for task in sorted(tasks, key=lambda t: t.id):
-                results[task.id] = self._run_task(stage, task, task.args(results))
+        with task_progress(self.progress, stage, tasks) as done, ThreadPoolExecutor(1) as pool:
+            ahead = None  # (task id, future of its arguments)
+            for i, task in enumerate(ordered):
+                args = ahead[1].result() if ahead and ahead[0] == task.id else task.args(results)
+                ahead = None
+                following = ordered[i + 1] if i + 1 < len(ordered) else None
+                if self.prefetch and following and following.deps <= results.keys():
+                    # its inputs depend only on finished results: the same values now as later
+                    ahead = (following.id, pool.submit(following.args, dict(results)))
+                results[task.id] = self._run_task(stage, task, args)
                 if on_result:
                     on_result(task, results[task.id])
                 done(task)

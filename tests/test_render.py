@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from farm.cli import main
@@ -110,3 +111,13 @@ def test_farm_demo_console_script(tmp_path):
     with Image.open(out) as image:
         assert image.size == (1024, 1024)
     assert (tmp_path / "cache" / "tilefarm").is_dir()
+
+
+def test_prefetching_the_next_tasks_inputs_changes_no_pixel(small_spec, tiny_worker):
+    from farm.executor import LocalExecutor, prepare
+    from pipeline.render import render
+
+    plan = prepare(small_spec)
+    ahead = LocalExecutor(tiny_worker, prefetch=True)
+    assert ahead.prefetch and not LocalExecutor(tiny_worker).prefetch  # off by default on a CPU
+    assert torch.equal(render(plan, ahead).image, render(plan, LocalExecutor(tiny_worker, prefetch=False)).image)
