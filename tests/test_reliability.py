@@ -28,7 +28,7 @@ def _flags(spec, **extra) -> list[str]:
         "--negative": spec.negative,
         "--size": f"{spec.width}x{spec.height}",
         "--seed": str(spec.seed),
-        "--steps": "4",
+        "--steps": "2",
         "--base-steps": "3",
         "--cfg": str(spec.cfg),
         "--denoise": str(spec.denoise),
