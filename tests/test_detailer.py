@@ -287,3 +287,16 @@ def test_concepts_come_from_toml_flags_and_png_metadata(tmp_path, tiny_sam3):
     assert build_spec([(data, "f"), ({"concepts": flags}, "flags")]).concepts == (
         Concept("hand", prompt="a hand, five fingers", layer=2, max_objects=3),
     )
+
+
+def test_box_mean_is_a_replicate_padded_average_and_zero_where_the_window_is_zero():
+    import torch.nn.functional as F
+
+    from pipeline.crop import box_mean
+
+    x = torch.zeros(1, 1, 50, 70)
+    x[..., 10:20, 30:41] = torch.rand(10, 11, generator=torch.Generator().manual_seed(0))
+    for r in (1, 4, 9):
+        pooled = F.avg_pool2d(F.pad(x, (r,) * 4, mode="replicate"), 2 * r + 1, stride=1)
+        assert torch.allclose(box_mean(x, r), pooled, atol=1e-6)
+        assert (box_mean(x, r)[..., 20 + r :, :] == 0).all()  # exactly zero beyond the window's reach
