@@ -15,6 +15,9 @@ from typing import Any, Protocol
 from pipeline.taskgraph import Executor, OnResult, Task
 
 CACHED_CALLS = ("base", "detect", "encode")  # single calls worth keeping: model work with a stage output
+# pixel-space tile stages are recomputed instead: at 8K their tiles hold several GB of float32 pixels,
+# and the upscaler and the VAE decoder are quick next to the diffusion stages
+RECOMPUTED_GRAPHS = ("upscale", "decode")
 
 
 class Store(Protocol):
@@ -68,6 +71,8 @@ class Checkpointed:
 
     def run(self, stage: str, tasks: list[Task], on_result: OnResult | None = None) -> dict[int, Any]:
         key = self._key(stage)
+        if stage in RECOMPUTED_GRAPHS:
+            return self.inner.run(stage, tasks, on_result)
         stored = {}
         for task in tasks:
             value = self.store.load(f"{key}.{task.id}")

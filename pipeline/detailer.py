@@ -93,8 +93,8 @@ def detail(
     for layer in sorted({job.detection.layer for job in jobs}):
         mine = [job for job in jobs if job.detection.layer == layer]
         batches = job_batches(mine, tile_batch)
-        source = canvas.clone()  # every crop of a layer reads the same canvas, whatever order they finish in
-        args = partial(_batch_args, source, scaffold, seed, native_px, f, conds, settings)
+        # every crop of a layer reads the canvas as the layer found it: composites wait until all are refined
+        args = partial(_batch_args, canvas, scaffold, seed, native_px, f, conds, settings)
         tasks = [
             Task(i, "detail", partial(args, batch), group=f"layer {layer}", units=len(batch), boxes=_boxes(batch))
             for i, batch in enumerate(batches)
