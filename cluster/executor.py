@@ -192,6 +192,36 @@ class ClusterRun:
     executor: ClusterExecutor
 
 
+class ActorPool:
+    """Actors started once and used by every render that needs the same models (a batch); started again
+    only when a render needs other models."""
+
+    def __init__(self, address: str = "auto", workers: int | None = None, gpus_per_worker: float | None = None):
+        connect(address)
+        self.gpus_per_worker = gpus_per_worker_for(gpus_per_worker)
+        self.workers = workers
+        self.config: WorkerConfig | None = None
+        self.actors: list = []
+
+    def actors_for(self, config: WorkerConfig) -> list:
+        if config != self.config:
+            self.close()
+            preflight(config, self.gpus_per_worker)
+            from cluster.actor import start_actors
+
+            count = worker_count(self.workers, self.gpus_per_worker)
+            self.actors = start_actors(config, count, self.gpus_per_worker, max_restarts=3)
+            self.config = config
+        return self.actors
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors, self.config = [], None
+
+
 def run_cluster(
     plan: RenderPlan,
     address: str = "auto",
@@ -203,29 +233,22 @@ def run_cluster(
     log=lambda text: None,
     store=None,
     record=None,
+    pool: ActorPool | None = None,
 ) -> ClusterRun:
     """Connect, check, start actors and run the plan on them; `store` keeps finished units (resume),
-    `record` receives ledger rows."""
-    import ray
-
-    connect(address)
-    gpus_per_worker = gpus_per_worker_for(gpus_per_worker)
-    config = WorkerConfig.from_spec(plan.spec)
-    preflight(config, gpus_per_worker)
-    count = worker_count(workers, gpus_per_worker)
+    `record` receives ledger rows. With a `pool` (a batch) its actors are used and left running."""
+    own_pool = pool is None
+    pool = pool or ActorPool(address, workers, gpus_per_worker)
     clock = Clock()
     if record:
         clock.on_stage = lambda name, start, end: record(stage_row(name, start, end))
-    actors = []
     try:
         with clock.stage("load"):
-            from cluster.actor import start_actors
-
-            actors = start_actors(config, count, gpus_per_worker, max_restarts=3)
+            actors = pool.actors_for(WorkerConfig.from_spec(plan.spec))
         executor = ClusterExecutor(actors, progress, faults=faults, keep_path=keep_path)
         executor.record = record
         result = render(plan, Checkpointed(executor, store, log) if store else executor, clock=clock, log=log)
     finally:
-        for actor in actors:
-            ray.kill(actor)
-    return ClusterRun(plan, result, clock, count, executor)
+        if own_pool:
+            pool.close()
+    return ClusterRun(plan, result, clock, len(actors), executor)

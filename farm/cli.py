@@ -1,4 +1,4 @@
-"""The `farm` command: render a spec, or a demo with tiny random-weight models."""
+"""The `farm` command: render a spec or a preset, a batch of them, list presets, or a demo with tiny models."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ SPEC_FLAGS = {
     "--lora-text-strength": ("lora_text_strength", float, "LoRA strength on the text encoder(s) (default 1)"),
     "--grid": ("grid", str, "chess (seed 002, default) or fit (fewer tiles, sized to the canvas)"),
     "--fit-overlap": ("fit_overlap", int, "with --grid fit: minimum overlap between tiles in px (default 128)"),
+    "--workflow": ("workflow", str, "top-down (default), two-pass or enhance; presets set it"),
+    "--input": ("input", str, "enhance workflow: the input image (PNG, JPEG, ...)"),
+    "--base-cfg": ("base_cfg", float, "guidance of the base pass (default 0: the same as --cfg)"),
+    "--pixel-upscale": (
+        "pixel_upscale",
+        int,
+        "two-pass: upscale the decoded image this many times (1 = off); enhance: the output is this x the input",
+    ),
 }
 EXEC_FLAGS = {
     "--tile-batch": ("tile_batch", int, "tiles per sampler batch (default 4; 0 = the largest that fits the GPU)"),
@@ -51,6 +59,8 @@ def _add_exec_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=dest, type=kind, help=text)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
     parser.add_argument("--out", help="output .png path")
+    parser.add_argument("--out-dir", help="write the output into this folder as PREFIX_[INPUT-STEM_]TIMESTAMP.png")
+    parser.add_argument("--prefix", help="output name prefix with --out-dir (default: the preset's, or 'render')")
     parser.add_argument(
         "--run-dir",
         help="run folder for checkpoints and the ledger (default: next to the output, OUT_NAME.run)",
@@ -70,6 +80,25 @@ def _add_exec_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        metavar="NAME[:VARIANT]",
+        help="start from a preset (`farm presets`), e.g. sdxl-4k:high-detail; the spec file and flags override it",
+    )
+    parser.add_argument("--size", help="target WIDTHxHEIGHT in px, multiples of 8 (e.g. 4096x4096)")
+    parser.add_argument("--base-size", help="two-pass: the base WIDTHxHEIGHT in px (e.g. 960x544)")
+    for flag, (dest, kind, text) in SPEC_FLAGS.items():
+        parser.add_argument(flag, dest=dest, type=kind, help=text)
+    parser.add_argument(
+        "--concept",
+        action="append",
+        metavar="NAME[;KEY=VALUE...]",
+        help="refine what the detector finds for NAME, e.g. 'face;layer=0;denoise=0.45;prompt=a detailed face' "
+        "(keys: prompt, layer 0-5, selection largest|center|first|all, max_objects, threshold, denoise); repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farm", description="tilefarm: top-down tiled diffusion renders")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,17 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a stopped render from its run folder (same image as unstopped)"
     )
-    render.add_argument("--size", help="target WIDTHxHEIGHT in px, multiples of 8 (e.g. 4096x4096)")
-    for flag, (dest, kind, text) in SPEC_FLAGS.items():
-        render.add_argument(flag, dest=dest, type=kind, help=text)
+    _add_spec_flags(render)
     render.add_argument(
-        "--concept",
-        action="append",
-        metavar="NAME[;KEY=VALUE...]",
-        help="refine what the detector finds for NAME, e.g. 'face;layer=0;denoise=0.45;prompt=a detailed face' "
-        "(keys: prompt, layer 0-5, selection largest|center|first|all, max_objects, threshold, denoise); repeatable",
+        "--dry-run", action="store_true", help="print the plan (stages, sizes, tiles, model calls) and stop"
     )
     _add_exec_flags(render)
+
+    batch = sub.add_parser("batch", help="render many prompts or images: a CSV or Parquet table, or a folder")
+    batch.add_argument("source", help="CSV/Parquet (columns: prompt, seed, any spec field) or a folder of images")
+    _add_spec_flags(batch)
+    _add_exec_flags(batch)
+
+    sub.add_parser("presets", help="list the presets and the spec fields each sets")
 
     ledger = sub.add_parser("ledger", help="summarise a render's run ledger: time per stage and worker, retries")
     ledger.add_argument("run_dir", help="the render's run folder (OUT_NAME.run next to its output by default)")
@@ -106,27 +136,55 @@ def _flag_layer(args: argparse.Namespace, flags: dict) -> dict:
     return {dest: getattr(args, dest) for dest, _, _ in flags.values() if getattr(args, dest, None) is not None}
 
 
-def _spec_for_render(args: argparse.Namespace):
-    from farm.specfile import build_spec, read_png_spec, read_toml
+def command_line_layers(args: argparse.Namespace):
+    """(spec layers in order: preset, spec file, PNG, flags; the preset or None; the spec file's out or None)."""
+    from farm.presets import find_preset
+    from farm.specfile import read_png_spec, read_toml
     from pipeline.detection import parse_concept
     from pipeline.spec import parse_size
 
-    layers, out = [], None
-    if args.spec:
+    layers, out, preset = [], None, None
+    if args.preset:
+        preset, variant = find_preset(args.preset)
+        layers.append((preset.values(variant), f"preset {args.preset}"))
+    if getattr(args, "spec", None):
         data, out = read_toml(args.spec)
         layers.append((data, args.spec))
-    if args.from_png:
+    if getattr(args, "from_png", None):
         layers.append((read_png_spec(args.from_png), args.from_png))
     flags = _flag_layer(args, SPEC_FLAGS) | _flag_layer(args, EXEC_FLAGS)
     if args.concept:
         flags["concepts"] = [parse_concept(text) for text in args.concept]
     if args.size:
         flags["width"], flags["height"] = parse_size(args.size)
+    if args.base_size:
+        flags["base_width"], flags["base_height"] = parse_size(args.base_size)
     layers.append((flags, "command line"))
-    out = args.out or out
+    return layers, preset, out
+
+
+def _spec_for_render(args: argparse.Namespace):
+    from farm.specfile import build_spec
+
+    layers, preset, out = command_line_layers(args)
+    spec = build_spec(layers)
+    if preset:
+        preset.check_model(spec.model)
+    return spec, preset, args.out or out
+
+
+def output_for(args: argparse.Namespace, spec, preset, out) -> Path:
+    """The output path: --out (or the spec file's), else a timestamped name in --out-dir."""
+    from farm.output import check_output_path, output_name
+
+    if out and args.out_dir:
+        raise UserError("pass --out PATH.png or --out-dir DIR, not both")
+    if args.out_dir:
+        prefix = args.prefix or (preset.prefix or preset.name if preset else "render")
+        out = output_name(args.out_dir, prefix, Path(spec.input).stem if spec.input else "")
     if not out:
-        raise UserError("no output path: pass --out PATH.png (or set out in the spec file)")
-    return build_spec(layers), out
+        raise UserError("no output path: pass --out PATH.png or --out-dir DIR (or set out in the spec file)")
+    return check_output_path(out, args.overwrite)
 
 
 def _spec_for_demo(args: argparse.Namespace):
@@ -163,10 +221,10 @@ def _resumed(args: argparse.Namespace):
     from farm.rundir import RunDir
 
     changed = [flag for flag, (dest, _, _) in SPEC_FLAGS.items() if getattr(args, dest, None) is not None]
-    if args.spec or args.from_png or args.size or args.concept or changed:
+    if args.spec or args.from_png or args.size or args.base_size or args.concept or args.preset or changed:
         raise UserError(
             "--resume continues the stored spec as it was; drop the spec file and spec flags "
-            f"({', '.join(changed) or 'spec file / --size / --concept'}), or start a new render"
+            f"({', '.join(changed) or 'spec file / --preset / --size / --concept'}), or start a new render"
         )
     run_dir, spec, out = RunDir.open(args.resume)
     if out.exists() and not args.overwrite:
@@ -186,6 +244,11 @@ def run(args: argparse.Namespace) -> int:
 
         print(summary(RunDir.open(args.run_dir)[0]))
         return 0
+    if args.command == "presets":
+        from farm.presets import presets_table
+
+        print(presets_table())
+        return 0
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
@@ -193,15 +256,28 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--gpus-per-worker {args.gpus_per_worker}: must be 0 or more")
     if (args.workers or args.gpus_per_worker is not None) and not args.cluster:
         raise UserError("--workers and --gpus-per-worker apply to cluster renders: add --cluster auto|ADDRESS")
+    if args.command == "batch":
+        from farm.batch import run_batch
+
+        return run_batch(args)
     run_dir = None
+    device = "cpu" if args.cluster else args.device  # where a tile batch of 0 is sized for
     if args.command == "render" and args.resume:
         run_dir, spec, out = _resumed(args)
         out = check_output_path(out, True)
+        plan = prepare(spec, device)
+    elif args.command == "render":
+        spec, preset, out = _spec_for_render(args)
+        plan = prepare(spec, device)  # reads no model weights
+        if args.dry_run:
+            print(plan.describe())
+            return 0
+        out = output_for(args, plan.spec, preset, out)
     else:
-        spec, out = _spec_for_render(args) if args.command == "render" else _spec_for_demo(args)
+        spec, out = _spec_for_demo(args)
         out = check_output_path(out, args.overwrite)
-    plan = prepare(spec, "cpu" if args.cluster else args.device)
-    spec = plan.spec  # with the tile batch resolved, as the run folder and the PNG record it
+        plan = prepare(spec, device)
+    spec = plan.spec  # tile batch resolved; the enhance workflow's size comes from its input
     if not args.quiet:
         print(plan.describe(), file=sys.stderr)
     created = run_dir is None

@@ -15,14 +15,35 @@ from pipeline.checkpoint import Checkpointed, Store
 from pipeline.clock import Clock
 from pipeline.errors import UserError
 from pipeline.health import ATTEMPTS, bad_result_error, nonfinite, now, poison, stage_row, task_row
+from pipeline.inputs import load_input_image
 from pipeline.memory import MemoryEstimate, auto_tile_batch, check_fits, count_parameters, host_bytes, worker_estimate
-from pipeline.models import inspect_diffusion_model
+from pipeline.models import ModelInfo, inspect_diffusion_model
 from pipeline.plan import RenderPlan, make_plan
 from pipeline.render import Progress, RenderResult, no_progress, render, task_progress
 from pipeline.sam3 import inspect_detector
-from pipeline.spec import RenderSpec
+from pipeline.spec import MAX_SIDE, RenderSpec
 from pipeline.taskgraph import OnResult, Task, check_graph
 from pipeline.worker import TileWorker, WorkerConfig, pick_device, pick_dtype
+
+
+def enhance_target(spec: RenderSpec, info: ModelInfo) -> tuple[RenderSpec, list[str]]:
+    """The enhance workflow's output size: the input's x pixel_upscale, each side snapped to the nearest
+    multiple the model needs (reported, never a silent crop: the upscale resizes to it)."""
+    notes: list[str] = []
+    image = load_input_image(spec.input, MAX_SIDE // spec.pixel_upscale, notes.append)
+    h, w = image.shape[-2:]
+    m, x = info.size_multiple, spec.pixel_upscale
+    height, width = (max(m, int(side * x / m + 0.5) * m) for side in (h, w))  # nearest multiple, ties up
+    size = f"input {w}x{h} px x{x} = {w * x}x{h * x} px"
+    if (height, width) != (h * x, w * x):
+        change = max(abs(height / (h * x) - 1), abs(width / (w * x) - 1))
+        notes.append(
+            f"{size}, snapped to {width}x{height} (multiples of {m} px for {info.family.upper()}); "
+            f"the upscale resizes to it, changing the aspect ratio by {100 * change:.2f}% at most, nothing cropped"
+        )
+    else:
+        notes.append(size)
+    return replace(spec, width=width, height=height).validate(), notes
 
 
 def prepare(spec: RenderSpec, device_name: str = "auto") -> RenderPlan:
@@ -30,6 +51,9 @@ def prepare(spec: RenderSpec, device_name: str = "auto") -> RenderPlan:
     (a tile batch of 0 is resolved here, from the free memory of the device that will run it)."""
     spec.validate()
     info = inspect_diffusion_model(spec.model)
+    notes: list[str] = []
+    if spec.workflow == "enhance":
+        spec, notes = enhance_target(spec, info)
     if spec.upscaler and not Path(spec.upscaler).expanduser().is_file():
         raise UserError(f"upscaler {spec.upscaler} does not exist; pass a .safetensors or .pth upscaler file")
     if spec.lora and not Path(spec.lora).expanduser().is_file():
@@ -40,7 +64,7 @@ def prepare(spec: RenderSpec, device_name: str = "auto") -> RenderPlan:
         inspect_detector(spec.detector)
     if spec.tile_batch == 0:
         spec = replace(spec, tile_batch=_auto_batch(make_plan(replace(spec, tile_batch=1), info), device_name))
-    return make_plan(spec, info)
+    return replace(make_plan(spec, info), notes=tuple(notes))
 
 
 def _auto_batch(plan: RenderPlan, device_name: str) -> int:
@@ -157,15 +181,17 @@ def run_local(
     store: Store | None = None,
     record=None,
     faults=(),
+    worker: TileWorker | None = None,
 ) -> LocalRun:
     """Load the models and run the plan on one device; `store` keeps finished units (resume), `record`
-    receives ledger rows."""
-    check_memory(plan, device_name)
+    receives ledger rows. A `worker` already holding the spec's models (a batch) is used as it is."""
+    if worker is None:
+        check_memory(plan, device_name)
     clock = clock or Clock()
     if record:
         clock.on_stage = lambda name, start, end: record(stage_row(name, start, end))
     with clock.stage("load"):
-        worker = TileWorker(WorkerConfig.from_spec(plan.spec, device_name), clock=clock)
+        worker = worker or TileWorker(WorkerConfig.from_spec(plan.spec, device_name), clock=clock)
     ex = LocalExecutor(worker, progress, faults=faults, record=record)
     result = render(plan, Checkpointed(ex, store, log) if store else ex, clock=clock, log=log)
     return LocalRun(plan, result, clock, str(worker.device))

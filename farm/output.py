@@ -66,3 +66,19 @@ def save_png(image: torch.Tensor, spec: RenderSpec, path: Path, plan_text: str =
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def output_name(out_dir: str | Path, prefix: str, stem: str = "", when: float | None = None) -> Path:
+    """DIR/PREFIX_[STEM_]YYYYmmdd-HHMMSS.png (seed 001's naming); a name already taken gets _2, _3, ..."""
+    import time
+
+    folder = Path(out_dir).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"--out-dir {folder} is not a folder; create it first")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    base = "_".join(part for part in (prefix, stem, stamp) if part)
+    path, n = folder / f"{base}.png", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{base}_{n}.png"
+    return path

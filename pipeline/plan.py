@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pipeline.chess import Tile, TileGrid, batches, chess_grid, fit_grid
 from pipeline.errors import SpecError
 from pipeline.models import ModelInfo
+from pipeline.resize import describe_fit
 from pipeline.schedule import resolve_sampler
 from pipeline.spec import RenderSpec
 
 HOST_BYTES_PER_PIXEL = 4 * 3 * 4  # up to four float32 RGB buffers of the target live at once
+LATENT_UPSCALE = 2  # two-pass: the latent is enlarged 2x (nearest-exact, ComfyUI's Upscale Latent default)
 
 
 def divisors(n: int) -> list[int]:
@@ -38,16 +40,20 @@ def host_memory_bytes() -> int:
 
 @dataclass(frozen=True)
 class RenderPlan:
-    """What a render will do: every size in pixels and latents, the grid and the fixed batches."""
+    """What a render will do: every size in pixels and latents, the grid and the fixed batches.
+
+    The canvas (latent_h x latent_w) is the latent the chess refiner works on: the target's in the
+    top-down and enhance workflows, 2x the base in the two-pass workflow. The scaffold has its size."""
 
     spec: RenderSpec
     model: ModelInfo
-    k: int  # scaffold pooling factor: target latent / base latent
+    k: int  # scaffold pooling factor: canvas latent / base latent (1 in enhance: no base)
     latent_h: int
     latent_w: int
     grid: TileGrid
     even_batches: tuple[tuple[Tile, ...], ...]
     odd_batches: tuple[tuple[Tile, ...], ...]
+    notes: tuple[str, ...] = ()  # decisions made while planning (e.g. an input size snapped), shown by describe
 
     @property
     def f(self) -> int:
@@ -66,54 +72,143 @@ class RenderPlan:
     def base_w(self) -> int:
         return self.latent_w // self.k * self.f
 
+    @property
+    def canvas_px(self) -> tuple[int, int]:
+        """(height, width) of the refined canvas in px."""
+        return self.latent_h * self.f, self.latent_w * self.f
+
+    @property
+    def network(self) -> str:
+        return "transformer" if self.model.family == "flux" else "UNet"
+
+    @property
+    def pixel_upscaled(self) -> tuple[int, int]:
+        """Two-pass: (height, width) after the pixel upscale (the decoded canvas when it is off)."""
+        h, w = self.canvas_px
+        return h * self.spec.pixel_upscale, w * self.spec.pixel_upscale
+
+    def model_calls(self) -> tuple[int, int]:
+        """(base sampler calls, tile sampler calls): one per step and batch; CFG doubles a call's batch."""
+        base = 0 if self.spec.workflow == "enhance" else self.spec.base_steps
+        return base, (len(self.even_batches) + len(self.odd_batches)) * self.spec.steps
+
     def describe(self) -> str:
+        """The plan as text: stages, sizes, tiles, steps and estimated model calls."""
         s, g, f = self.spec, self.grid, self.f
         sy, sx = g.stride
         oy, ox = g.overlap
-        tile_calls = (len(self.even_batches) + len(self.odd_batches)) * s.steps
+        base_calls, tile_calls = self.model_calls()
         # Flux's guidance is an input embedding: it never adds a pass
         cfg_note = " (CFG doubles each call's batch)" if s.cfg > 1 and self.model.family == "sdxl" else ""
-        network = "transformer" if self.model.family == "flux" else "UNet"
-        detail = [
+        sampler = resolve_sampler(s.sampler, self.model.family)
+        ch, cw = self.canvas_px
+        lines = [f"{s.workflow} workflow: output {s.width}x{s.height} px, {self.model.family.upper()} model"]
+        lines += self.notes
+        if s.workflow == "top-down":
+            lines.append(f"target latent {self.latent_w}x{self.latent_h}x{self.model.latent_channels}")
+        if s.workflow != "enhance":
+            lines.append(
+                f"base {self.base_w}x{self.base_h} px (scaffold pooled by k={self.k}), {s.base_steps} steps "
+                f"at CFG {s.base_cfg or s.cfg} ({sampler})"
+            )
+        if s.workflow == "two-pass":
+            lines.append(
+                f"latent upscale {LATENT_UPSCALE}x (nearest-exact) -> {cw}x{ch} px "
+                f"(latent {self.latent_w}x{self.latent_h}x{self.model.latent_channels})"
+            )
+        if s.workflow == "enhance":
+            how = f"the upscale model in {s.upscale_tile} px tiles, 32 px overlap" if s.upscaler else "bicubic"
+            lines.append(
+                f"upscale x{s.pixel_upscale} ({how}) -> {cw}x{ch} px, "
+                f"encode -> latent {self.latent_w}x{self.latent_h}x{self.model.latent_channels}"
+            )
+        grid_name = "chess grid" if s.grid == "chess" else f"fitted grid (overlap >= {s.fit_overlap} px)"
+        lines += [
+            f"{grid_name} {g.cols}x{g.rows} = {len(g.tiles)} tiles of {g.tile_w * f}x{g.tile_h * f} px: "
+            f"{len(g.even)} even + {len(g.odd)} odd, stride {sx * f}x{sy * f} px, "
+            f"overlap >= {ox * f}x{oy * f} px, work x{g.work_multiplier:.2f}",
+            f"batches of {s.tile_batch}: {len(self.even_batches)} even + {len(self.odd_batches)} odd, "
+            f"{s.steps} steps at denoise {s.denoise}, CFG {s.cfg} ({sampler})",
+        ]
+        lines += [
             f"detail layer {c.layer}: {c.name!r} ({c.selection}, up to "
             f"{'all' if c.selection == 'all' else c.max_objects}, threshold {c.threshold}), denoise {c.denoise}, "
             f"crops padded {s.detail_padding:g} per side, refined at {self.native_latent * f} px"
             for c in sorted(s.concepts, key=lambda c: c.layer)
         ]
-        grid_name = "chess grid" if s.grid == "chess" else f"fitted grid (overlap >= {s.fit_overlap} px)"
-        return "\n".join(
-            [
-                f"target {s.width}x{s.height} px, latent {self.latent_w}x{self.latent_h}x{self.model.latent_channels}",
-                f"base {self.base_w}x{self.base_h} px (scaffold pooled by k={self.k}), {s.base_steps} steps",
-                f"{grid_name} {g.cols}x{g.rows} = {len(g.tiles)} tiles of {g.tile_w * f}x{g.tile_h * f} px: "
-                f"{len(g.even)} even + {len(g.odd)} odd, stride {sx * f}x{sy * f} px, "
-                f"overlap >= {ox * f}x{oy * f} px, work x{g.work_multiplier:.2f}",
-                f"batches of {s.tile_batch}: {len(self.even_batches)} even + {len(self.odd_batches)} odd, "
-                f"{s.steps} steps at denoise {s.denoise} ({resolve_sampler(s.sampler, self.model.family)}), "
-                f"{tile_calls} {network} calls for the tiles{cfg_note}",
-                *detail,
-            ]
-        )
+        lines.append(f"decode {cw}x{ch} px in tiles")
+        if s.workflow == "two-pass":
+            ph, pw = self.pixel_upscaled
+            if s.pixel_upscale == 1:
+                lines.append("pixel upscale off (x1): the diffusion result is exported")
+            else:
+                how = f"the upscale model in {s.upscale_tile} px tiles" if s.upscaler else "bicubic"
+                lines.append(f"pixel upscale x{s.pixel_upscale} ({how}) -> {pw}x{ph} px")
+            lines.append(f"exact size: {describe_fit(ph, pw, s.height, s.width)}")
+        total = f"{base_calls} base + {tile_calls} tile" if base_calls else f"{tile_calls} tile"
+        lines.append(f"estimated {self.network} calls: {total} = {base_calls + tile_calls}{cfg_note}")
+        return "\n".join(lines)
 
 
-def make_plan(spec: RenderSpec, model: ModelInfo) -> RenderPlan:
-    """Turn a validated spec and the model's facts into a plan, or raise SpecError with a fix."""
+def _check_multiple(model: ModelInfo, values: tuple[tuple[str, int], ...]) -> None:
     f, m = model.vae_factor, model.size_multiple
     why = f"the model's VAE factor {f}" if m == f else f"{m} for {model.family.upper()} (VAE factor {f} x 2x2 patches)"
-    for name, value in (("width", spec.width), ("height", spec.height), ("tile", spec.tile), ("native", spec.native)):
+    for name, value in values:
         if value % m:
             low, high = value // m * m, value // m * m + m
             raise SpecError(f"{name} {value} must be a multiple of {why}; try {low or high} or {high}")
-    resolve_sampler(spec.sampler, model.family)
-    needed = spec.width * spec.height * HOST_BYTES_PER_PIXEL
+
+
+def _check_host_memory(height: int, width: int) -> None:
+    needed = width * height * HOST_BYTES_PER_PIXEL
     available = host_memory_bytes()
     if needed > 0.8 * available:
         side = int(math.sqrt(0.8 * available / HOST_BYTES_PER_PIXEL)) // 8 * 8
         raise SpecError(
-            f"size {spec.width}x{spec.height} needs about {needed / 2**30:.0f} GiB of host memory for its "
+            f"size {width}x{height} needs about {needed / 2**30:.0f} GiB of host memory for its "
             f"pixel buffers; this machine has {available / 2**30:.0f} GiB. Render at most about {side}x{side} "
             "here, or on a machine with more memory"
         )
+
+
+def _plan(spec: RenderSpec, model: ModelInfo, k: int, latent_h: int, latent_w: int) -> RenderPlan:
+    f = model.vae_factor
+    if spec.grid == "fit":
+        grid = fit_grid(latent_h, latent_w, spec.tile // f, spec.fit_overlap // f)
+    else:
+        grid = chess_grid(latent_h, latent_w, spec.tile // f)
+    even, odd = batches(grid.even, spec.tile_batch), batches(grid.odd, spec.tile_batch)
+    return RenderPlan(spec, model, k, latent_h, latent_w, grid, tuple(even), tuple(odd))
+
+
+def make_plan(spec: RenderSpec, model: ModelInfo) -> RenderPlan:
+    """Turn a validated spec and the model's facts into a plan, or raise SpecError with a fix."""
+    sizes = (("width", spec.width), ("height", spec.height), ("tile", spec.tile), ("native", spec.native))
+    _check_multiple(model, sizes)
+    resolve_sampler(spec.sampler, model.family)
+    f = model.vae_factor
+    if spec.workflow == "two-pass":
+        return _two_pass_plan(spec, model)
+    _check_host_memory(spec.height, spec.width)
+    if spec.workflow == "enhance":  # no base: the canvas is the upscaled input's
+        return _plan(spec, model, 1, spec.height // f, spec.width // f)
+    return _top_down_plan(spec, model)
+
+
+def _two_pass_plan(spec: RenderSpec, model: ModelInfo) -> RenderPlan:
+    """Base at the spec's base size; the canvas (and the scaffold) is the 2x latent it is upscaled to."""
+    _check_multiple(model, (("base width", spec.base_width), ("base height", spec.base_height)))
+    f = model.vae_factor
+    latent_h, latent_w = spec.base_height // f * LATENT_UPSCALE, spec.base_width // f * LATENT_UPSCALE
+    plan = _plan(spec, model, LATENT_UPSCALE, latent_h, latent_w)
+    ph, pw = plan.pixel_upscaled
+    _check_host_memory(max(ph, spec.height), max(pw, spec.width))
+    return plan
+
+
+def _top_down_plan(spec: RenderSpec, model: ModelInfo) -> RenderPlan:
+    """Seed 002: the canvas is the target's latent; the base is target / k for the k nearest native."""
+    f, m = model.vae_factor, model.size_multiple
     latent_h, latent_w = spec.height // f, spec.width // f
     native_latent = (spec.native or model.native_px) // f
     k = native_factor(latent_h, latent_w, native_latent, m // f)
@@ -128,17 +223,4 @@ def make_plan(spec: RenderSpec, model: ModelInfo) -> RenderPlan:
             f"{divisors(math.gcd(latent_h, latent_w))}); the scaffold pools by whole factors to keep unit "
             f"variance. Try {suggest}"
         )
-    if spec.grid == "fit":
-        grid = fit_grid(latent_h, latent_w, spec.tile // f, spec.fit_overlap // f)
-    else:
-        grid = chess_grid(latent_h, latent_w, spec.tile // f)
-    return RenderPlan(
-        spec,
-        model,
-        k,
-        latent_h,
-        latent_w,
-        grid,
-        tuple(batches(grid.even, spec.tile_batch)),
-        tuple(batches(grid.odd, spec.tile_batch)),
-    )
+    return _plan(spec, model, k, latent_h, latent_w)

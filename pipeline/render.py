@@ -1,8 +1,14 @@
-"""The top-down render of seed 002, stage by stage: plan at the target size, sample at native size.
+"""The renders, stage by stage: one function per workflow, each reading top to bottom.
 
-scaffold -> pooled native noise -> base -> detections on the base -> model upscale (tiles)
--> semantic detailer (crops) -> encode (the canvas) -> chess refine (even, odd) -> decode (tiles)
--> exact size.
+top-down (seed 002): scaffold -> pooled native noise -> base -> detections on the base -> model
+upscale (tiles) -> semantic detailer (crops) -> encode (the canvas) -> chess refine (even, odd)
+-> decode (tiles) -> exact size.
+two-pass (seeds 000, 003): scaffold -> pooled noise -> base latents -> latent upscale 2x -> chess
+refine -> decode (tiles) -> optional pixel upscale (tiles) -> exact size (crop reported).
+enhance (seed 001): input image -> model upscale (tiles) -> encode -> chess refine -> decode.
+
+Every pass takes its noise from the one scaffold (pooled x k for a smaller pass, sliced for tiles),
+so a render is deterministic and independent of the executor.
 
 Every stage hands its work to an executor (local: one device in-process; cluster: Ray actors)
 as worker calls and task graphs fixed by the plan, so both executors produce the same pixels.
@@ -15,13 +21,15 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, nullco
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.chess_pass import RefineSettings, chess_refine
 from pipeline.clock import Clock
 from pipeline.detailer import detail, plan_jobs
 from pipeline.detection import choose
-from pipeline.plan import RenderPlan
-from pipeline.resize import fit_exact, resize
+from pipeline.inputs import load_input_image
+from pipeline.plan import LATENT_UPSCALE, RenderPlan
+from pipeline.resize import describe_fit, fit_exact, resize
 from pipeline.scaffold import make_scaffold, pool_noise
 from pipeline.taskgraph import Executor, Task
 from pipeline.tiling import run_tiled
@@ -69,13 +77,23 @@ class RenderResult:
     notes: tuple[str, ...] = ()
 
 
+def upscale_pixels(plan: RenderPlan, ex: Executor, image: torch.Tensor, scale: int, height: int, width: int):
+    """Pixels -> height x width: the upscale model over tiles (when there is one and the image is smaller),
+    then an exact resize if its scale differs."""
+    if scale and image.shape[-2] < height:
+        image = run_tiled(ex, "upscale", "upscale_tile", image, plan.spec.upscale_tile, UPSCALE_OVERLAP, scale, 3)
+    return resize(image, height, width)
+
+
 def upscale_to_target(plan: RenderPlan, ex: Executor, base: torch.Tensor, scale: int) -> torch.Tensor:
-    """Base pixels -> target pixels: the upscale model over tiles, then an exact resize if its scale differs."""
-    target = (plan.spec.height, plan.spec.width)
-    if not scale or plan.k == 1:
-        return resize(base, *target)
-    image = run_tiled(ex, "upscale", "upscale_tile", base, plan.spec.upscale_tile, UPSCALE_OVERLAP, scale, 3)
-    return resize(image, *target)
+    """Base pixels -> target pixels (top-down)."""
+    return upscale_pixels(plan, ex, base, scale, plan.spec.height, plan.spec.width)
+
+
+def upscale_latents(latents: torch.Tensor, factor: int) -> torch.Tensor:
+    """Enlarge latents by a whole factor with nearest-exact (each latent pixel becomes factor x factor),
+    ComfyUI's Upscale Latent default; the refine pass that follows re-samples the detail."""
+    return F.interpolate(latents, scale_factor=factor, mode="nearest-exact")
 
 
 def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: int) -> torch.Tensor:
@@ -111,47 +129,128 @@ def detail_stage(plan: RenderPlan, ex: Executor, base, pixels, scaffold, cond, l
     )
 
 
+@dataclass
+class Start:
+    """What every workflow begins with: the models' facts, the prompt conditioning and the scaffold."""
+
+    facts: object  # pipeline.worker.WorkerFacts
+    cond_value: object  # PromptEmbeds
+    cond: object  # the same, shared with the workers
+    scaffold: torch.Tensor
+    shared_scaffold: object
+
+
+def start(plan: RenderPlan, ex: Executor, clock: Clock) -> Start:
+    spec = plan.spec
+    with clock.stage("load"):
+        facts = ex.call("load", "facts")  # on a cluster this waits for the actors' models
+
+    with clock.stage("prompt"):
+        # the base may guide with CFG while the refine does not: encode the negative whenever either does
+        cond_value = ex.call("prompt", "encode_prompt", spec.prompt, spec.negative, max(spec.cfg, spec.base_cfg))
+        cond = ex.share(cond_value)
+
+    with clock.stage("scaffold"):
+        scaffold = make_scaffold(spec.seed, plan.model.latent_channels, plan.latent_h, plan.latent_w)
+        shared_scaffold = ex.share(scaffold.numpy())
+    return Start(facts, cond_value, cond, scaffold, shared_scaffold)
+
+
+def chess_stage(plan: RenderPlan, ex: Executor, s: Start, canvas: torch.Tensor, mask=None) -> torch.Tensor:
+    spec = plan.spec
+    settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler, spec.detail_chess_denoise)
+    grid, even, odd = plan.grid, plan.even_batches, plan.odd_batches
+    return chess_refine(ex, grid, even, odd, canvas, s.shared_scaffold, s.cond, settings, mask)
+
+
 def render(plan: RenderPlan, ex: Executor, clock: Clock | None = None, log=lambda text: None) -> RenderResult:
-    """Run every stage of the plan in order; `log(text)` receives notes on what a stage found."""
-    spec, clock, notes = plan.spec, clock or Clock(), []
+    """Run the plan's workflow; `log(text)` receives notes on what a stage found."""
+    notes: list[str] = []
 
     def note(text: str) -> None:
         notes.append(text)
         log(text)
 
-    with clock.stage("load"):
-        facts = ex.call("load", "facts")  # on a cluster this waits for the actors' models
+    workflow = {"top-down": render_top_down, "two-pass": render_two_pass, "enhance": render_enhance}
+    result = workflow[plan.spec.workflow](plan, ex, clock or Clock(), note)
+    result.notes = tuple(notes)
+    return result
 
-    with clock.stage("prompt"):
-        cond_value = ex.call("prompt", "encode_prompt", spec.prompt, spec.negative, spec.cfg)
-        cond = ex.share(cond_value)
 
-    with clock.stage("scaffold"):
-        scaffold = make_scaffold(spec.seed, plan.model.latent_channels, plan.latent_h, plan.latent_w)
-        native_noise = pool_noise(scaffold, plan.k)
-        shared_scaffold = ex.share(scaffold.numpy())
+def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> RenderResult:
+    """Seed 002: plan at the target size, sample at native size."""
+    spec = plan.spec
+    s = start(plan, ex, clock)
 
     with clock.stage("base"):
-        base = ex.call("base", "base", native_noise, cond, spec.cfg, spec.base_steps, spec.sampler)
+        native_noise = pool_noise(s.scaffold, plan.k)
+        base = ex.call("base", "base", native_noise, s.cond, spec.base_cfg or spec.cfg, spec.base_steps, spec.sampler)
 
     with clock.stage("upscale"):
-        pixels = upscale_to_target(plan, ex, base, facts.upscale)
+        pixels = upscale_to_target(plan, ex, base, s.facts.upscale)
 
     refined_mask = None
     if spec.concepts:
         with clock.stage("detail"):
-            pixels, refined_mask = detail_stage(plan, ex, base, pixels, scaffold, cond_value, note)
+            pixels, refined_mask = detail_stage(plan, ex, base, pixels, s.scaffold, s.cond_value, note)
 
     with clock.stage("encode"):
         canvas = ex.call("encode", "encode", pixels)
     del pixels
 
     with clock.stage("chess"):
-        settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler, spec.detail_chess_denoise)
-        grid, even, odd = plan.grid, plan.even_batches, plan.odd_batches
         mask = refined_mask if spec.detail_chess_denoise and refined_mask is not None else None
-        canvas = chess_refine(ex, grid, even, odd, canvas, shared_scaffold, cond, settings, mask)
+        canvas = chess_stage(plan, ex, s, canvas, mask)
 
     with clock.stage("decode"):
-        image = decode_canvas(plan, ex, canvas, facts.decode_tile)
-    return RenderResult(fit_exact(image, spec.height, spec.width), canvas, refined_mask, tuple(notes))
+        image = decode_canvas(plan, ex, canvas, s.facts.decode_tile)
+    return RenderResult(fit_exact(image, spec.height, spec.width), canvas, refined_mask)
+
+
+def render_two_pass(plan: RenderPlan, ex: Executor, clock: Clock, note) -> RenderResult:
+    """Seeds 000 and 003: base, latent upscale 2x, refine the whole latent, decode, pixel upscale, exact size."""
+    spec = plan.spec
+    s = start(plan, ex, clock)
+
+    with clock.stage("base"):
+        noise = pool_noise(s.scaffold, plan.k)
+        cfg = spec.base_cfg or spec.cfg
+        latents = ex.call("base", "base_latents", noise, s.cond, cfg, spec.base_steps, spec.sampler)
+
+    with clock.stage("latent upscale"):
+        canvas = upscale_latents(latents, LATENT_UPSCALE)
+
+    with clock.stage("chess"):  # tiles of the chess refiner; one tile when the canvas fits in one
+        canvas = chess_stage(plan, ex, s, canvas)
+
+    with clock.stage("decode"):
+        image = decode_canvas(plan, ex, canvas, s.facts.decode_tile)
+
+    if spec.pixel_upscale > 1:
+        with clock.stage("upscale"):
+            ph, pw = plan.pixel_upscaled
+            image = upscale_pixels(plan, ex, image, s.facts.upscale, ph, pw)
+
+    note(f"exact size: {describe_fit(*image.shape[-2:], spec.height, spec.width)}")
+    return RenderResult(fit_exact(image, spec.height, spec.width), canvas)
+
+
+def render_enhance(plan: RenderPlan, ex: Executor, clock: Clock, note) -> RenderResult:
+    """Seed 001: an input image, upscaled by the model in tiles to the target, encoded, refined, decoded."""
+    spec = plan.spec
+    s = start(plan, ex, clock)
+
+    with clock.stage("upscale"):
+        image = load_input_image(spec.input, max(spec.width, spec.height))
+        pixels = upscale_pixels(plan, ex, image, s.facts.upscale, spec.height, spec.width)
+
+    with clock.stage("encode"):
+        canvas = ex.call("encode", "encode", pixels)
+    del pixels
+
+    with clock.stage("chess"):
+        canvas = chess_stage(plan, ex, s, canvas)
+
+    with clock.stage("decode"):
+        image = decode_canvas(plan, ex, canvas, s.facts.decode_tile)
+    return RenderResult(fit_exact(image, spec.height, spec.width), canvas)

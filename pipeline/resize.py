@@ -27,3 +27,14 @@ def fit_exact(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     image = resize(image, ch, cw)
     top, left = (ch - height) // 2, (cw - width) // 2
     return image[..., top : top + height, left : left + width]
+
+
+def describe_fit(src_h: int, src_w: int, height: int, width: int) -> str:
+    """What fit_exact does to a src_w x src_h image, in words: the resize and the rows or columns cropped."""
+    ch, cw = cover_size(src_h, src_w, height, width)
+    resized = "no resize" if (ch, cw) == (src_h, src_w) else f"resize {src_w}x{src_h} -> {cw}x{ch}"
+    if (ch, cw) == (height, width):
+        return f"{resized}, no crop" if resized != "no resize" else f"{width}x{height}, unchanged"
+    cut = [f"{ch - height} rows ({(ch - height) // 2} top)"] if ch > height else []
+    cut += [f"{cw - width} columns ({(cw - width) // 2} left)"] if cw > width else []
+    return f"{resized}, centre crop of {' and '.join(cut)} -> {width}x{height}"

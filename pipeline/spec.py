@@ -12,13 +12,18 @@ MAX_SIDE = 65536  # beyond this no machine we target holds the pixel buffers
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 MAX_LORA_STRENGTH = 10.0  # beyond this a LoRA's delta swamps the weights it is added to
 GRIDS = ("chess", "fit")  # seed 002's round(canvas/tile) + 1 tiles, or tiles sized to the canvas
+MAX_PIXEL_UPSCALE = 8
+# top-down: seed 002 (plan at the target, refine in chess tiles); two-pass: seeds 000 and 003 (base,
+# latent upscale 2x, refine, decode, pixel upscale); enhance: seed 001 (an input image upscaled, then refined)
+WORKFLOWS = ("top-down", "two-pass", "enhance")
 _KIND_NAMES = {int: "a whole number", float: "a number", str: "a string"}
 
 
 @dataclass
 class RenderSpec:
-    """A top-down render: target size, prompts, models and sampling settings (pixels unless noted)."""
+    """A render: workflow, target size, prompts, models and sampling settings (pixels unless noted)."""
 
+    workflow: str = "top-down"  # one of WORKFLOWS
     model: str = ""
     prompt: str = ""
     negative: str = ""
@@ -46,6 +51,11 @@ class RenderSpec:
     lora_text_strength: float = 1.0  # LoRA strength on the text encoder(s)
     grid: str = "chess"  # "fit": fewest tiles near `tile` px, sized to the canvas (less tile area)
     fit_overlap: int = 128  # with grid "fit": minimum overlap between neighbouring tiles, px
+    base_cfg: float = 0.0  # guidance of the base pass; 0 = the same as cfg
+    base_width: int = 0  # two-pass: the base size (px) the first pass samples at
+    base_height: int = 0
+    pixel_upscale: int = 2  # two-pass: x the decoded size (1 = off); enhance: x the input size
+    input: str = ""  # enhance: the input image (PNG, JPEG, ...)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -81,6 +91,8 @@ class RenderSpec:
 
     def validate(self) -> RenderSpec:
         """Check every value against its rule before any model is loaded; raise SpecError naming the fix."""
+        if self.workflow not in WORKFLOWS:
+            raise SpecError(f"workflow {self.workflow!r}: choose one of {', '.join(WORKFLOWS)}")
         _check_size(self.width, self.height)
         if not self.model:
             raise SpecError("no model given: pass --model PATH (a diffusers SDXL or Flux folder or .safetensors file)")
@@ -92,9 +104,11 @@ class RenderSpec:
             raise SpecError(f"denoise {self.denoise}: must be in (0, 1]; 0.2-0.5 keeps the upscaled image's layout")
         if not 1 <= self.cfg <= 30:
             raise SpecError(f"cfg {self.cfg}: must be in [1, 30]; 1 turns classifier-free guidance off")
+        if self.base_cfg and not 1 <= self.base_cfg <= 30:
+            raise SpecError(f"base_cfg {self.base_cfg}: must be in [1, 30], or 0 for the same as cfg")
         if self.tile < 64 or self.tile % 8:
             raise SpecError(f"tile {self.tile}: must be a multiple of 8 and at least 64 (e.g. 1024)")
-        if self.tile > self.width or self.tile > self.height:
+        if self.workflow == "top-down" and (self.tile > self.width or self.tile > self.height):
             raise SpecError(
                 f"tile {self.tile} is larger than the target {self.width}x{self.height}; "
                 f"use a tile of at most {min(self.width, self.height) // 8 * 8}"
@@ -124,7 +138,33 @@ class RenderSpec:
             raise SpecError(
                 f"fit_overlap {self.fit_overlap}: must be a multiple of 8 in [0, tile {self.tile}) (e.g. 128)"
             )
+        self._validate_workflow()
         return self
+
+    def _validate_workflow(self) -> None:
+        if not 1 <= self.pixel_upscale <= MAX_PIXEL_UPSCALE:
+            raise SpecError(f"pixel_upscale {self.pixel_upscale}: must be in [1, {MAX_PIXEL_UPSCALE}] (1 = off)")
+        if self.workflow == "two-pass":
+            if self.base_width <= 0 or self.base_height <= 0:
+                raise SpecError(
+                    f"base size {self.base_width}x{self.base_height}: the two-pass workflow samples its first "
+                    "pass at --base-size WxH (e.g. 960x544); give it, or use --preset sdxl-4k / hires-fix"
+                )
+            _check_size(self.base_width, self.base_height, "base size")
+        elif self.base_width or self.base_height:
+            raise SpecError(
+                f"base size {self.base_width}x{self.base_height} is used by the two-pass workflow only; "
+                f"the {self.workflow} workflow decides its own base (drop --base-size or pass --workflow two-pass)"
+            )
+        if self.workflow == "enhance" and not self.input:
+            raise SpecError("the enhance workflow refines an input image: pass --input PATH (a PNG or JPEG)")
+        if self.input and self.workflow != "enhance":
+            raise SpecError(
+                f"input {self.input}: input images are read by the enhance workflow only; "
+                "pass --preset upscale-enhance (or --workflow enhance), or drop --input"
+            )
+        if self.concepts and self.workflow != "top-down":
+            raise SpecError(f"the semantic detailer (concepts) runs in the top-down workflow, not {self.workflow}")
 
     def _validate_detail(self) -> None:
         names = [c.validate().name for c in self.concepts]
@@ -141,16 +181,16 @@ class RenderSpec:
             raise SpecError(f"detail_padding {self.detail_padding}: must be in [0, 2] (0.25 = a quarter per side)")
 
 
-def _check_size(width: int, height: int) -> None:
+def _check_size(width: int, height: int, what: str = "size") -> None:
     if width <= 0 or height <= 0:
-        raise SpecError(f"size {width}x{height}: width and height must be positive (e.g. 4096x4096)")
+        raise SpecError(f"{what} {width}x{height}: width and height must be positive (e.g. 4096x4096)")
     if width > MAX_SIDE or height > MAX_SIDE:
-        raise SpecError(f"size {width}x{height}: each side must be at most {MAX_SIDE} px")
+        raise SpecError(f"{what} {width}x{height}: each side must be at most {MAX_SIDE} px")
     for name, value in (("width", width), ("height", height)):
         if value % 8:
             low, high = value // 8 * 8, value // 8 * 8 + 8
             raise SpecError(
-                f"size {width}x{height}: {name} {value} must be a multiple of 8 (the VAE factor); "
+                f"{what} {width}x{height}: {name} {value} must be a multiple of 8 (the VAE factor); "
                 f"try {low or high} or {high}"
             )
 

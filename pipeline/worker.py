@@ -130,6 +130,12 @@ class TileWorker:
         latents = generate(self.model.denoiser, noise, cond, cfg, steps, sampler)
         return vae.decode(self.model.vae, latents, clock=self._clock_fn())
 
+    def base_latents(
+        self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str
+    ) -> torch.Tensor:
+        """txt2img from the pooled scaffold, kept as latents (the two-pass workflow upscales them)."""
+        return generate(self.model.denoiser, noise, cond, cfg, steps, sampler).float().cpu()
+
     def upscale_tile(self, patch: torch.Tensor) -> torch.Tensor:
         param = next(self.upscaler.descriptor.model.parameters())
         with self._timed("upscaler"), torch.no_grad():

@@ -9,15 +9,38 @@ import pytest
 from farm.cli import main
 
 
+def bad_images(folder: Path) -> dict[str, str]:
+    """Input images tilefarm must refuse, and one good one, made cheaply."""
+    from PIL import Image
+
+    folder.mkdir()
+    good = folder / "good.png"
+    Image.new("RGB", (64, 48), (200, 100, 50)).save(good)
+    files = {"image": good, "text": folder / "notes.png", "empty": folder / "empty.png"}
+    files["text"].write_text("these are notes, not pixels")
+    files["empty"].write_bytes(b"")
+    files["truncated"] = folder / "truncated.png"
+    files["truncated"].write_bytes(good.read_bytes()[:60])
+    files["cmyk"] = folder / "print.jpg"
+    Image.new("CMYK", (64, 48)).save(files["cmyk"])
+    files["deep"] = folder / "deep.png"
+    Image.new("I;16", (64, 48)).save(files["deep"])
+    files["tall"] = folder / "tall.png"
+    Image.new("L", (1, 70000)).save(files["tall"])  # a side beyond the limit in a 70 kB file
+    return {f"{name}_image": str(path) for name, path in files.items()}
+
+
 @pytest.fixture
-def files(tmp_path, tiny_sdxl, tiny_upscaler, tiny_sam3, evil_pickle):
+def files(tmp_path, tiny_sdxl, tiny_upscaler, tiny_sam3, evil_pickle, tiny_flux, flux_lora):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(tiny_upscaler.read_bytes()[:100])
     evil, _ = evil_pickle
     existing = tmp_path / "out" / "exists.png"
     existing.parent.mkdir()
     existing.write_bytes(b"keep me")
-    return {
+    return bad_images(tmp_path / "images") | {
+        "flux": str(tiny_flux),
+        "flux_lora": str(flux_lora),
         "model": str(tiny_sdxl),
         "sam3": str(tiny_sam3),
         "upscaler": str(tiny_upscaler),
@@ -91,6 +114,27 @@ CASES = [
     ),
     ("detector-missing", {"--detector": "{missing}", "--concept": "face"}, ["{missing}", "does not exist"]),
     ("half-precision-on-cpu", {"--precision": "fp16", "--device": "cpu"}, ["fp16", "GPU"]),
+    ("unknown-preset", {"--preset": "sdxl-8k"}, ["'sdxl-8k'", "sdxl-4k", "upscale-enhance", "farm presets"]),
+    ("unknown-preset-variant", {"--preset": "upscale-enhance:wild"}, ["'wild'", "upscale-enhance:aggressive"]),
+    ("flux-model-on-sdxl-preset", {"--preset": "sdxl-4k", "--model": "{flux}"}, ["'sdxl-4k'", "{flux}", "FLUX model"]),
+    (
+        "sdxl-model-on-flux-preset",
+        {"--preset": "upscale-enhance", "--input": "{image_image}"},
+        ["'upscale-enhance'", "FLUX models", "{model} is a SDXL model"],
+    ),
+    ("lora-of-the-other-family", {"--lora": "{flux_lora}"}, ["{flux_lora}", "does not fit the SDXL model"]),
+    ("unknown-workflow", {"--workflow": "three-pass"}, ["'three-pass'", "two-pass"]),
+    ("two-pass-without-base-size", {"--workflow": "two-pass"}, ["two-pass", "--base-size"]),
+    ("input-on-top-down", {"--input": "{image_image}"}, ["{image_image}", "--preset upscale-enhance"]),
+    ("enhance-without-input", {"--workflow": "enhance"}, ["--input"]),
+    ("input-missing", {"--workflow": "enhance", "--input": "{missing}.png"}, ["{missing}.png", "does not exist"]),
+    ("input-not-an-image", {"--workflow": "enhance", "--input": "{text_image}"}, ["{text_image}", "not an image"]),
+    ("input-empty", {"--workflow": "enhance", "--input": "{empty_image}"}, ["{empty_image}", "empty (0 bytes)"]),
+    ("input-truncated", {"--workflow": "enhance", "--input": "{truncated_image}"}, ["{truncated_image}", "damaged"]),
+    ("input-cmyk", {"--workflow": "enhance", "--input": "{cmyk_image}"}, ["{cmyk_image}", "CMYK", "RGB"]),
+    ("input-16-bit", {"--workflow": "enhance", "--input": "{deep_image}"}, ["{deep_image}", "16", "8 bits"]),
+    ("input-huge", {"--workflow": "enhance", "--input": "{tall_image}"}, ["{tall_image}", "1x70000", "at most 32768"]),
+    ("out-and-out-dir", {"--out-dir": "{tmp}"}, ["--out", "--out-dir", "not both"]),
 ]
 
 

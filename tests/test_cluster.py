@@ -155,3 +155,46 @@ def test_the_ledger_shows_a_killed_actor_and_a_nan_result_retried(local_ray, clu
     assert {r["worker"] for r in chess.values()} <= {"actor 0", "actor 1"}
     assert all(r["host"] and r["device"] == "cpu" for r in chess.values())
     assert [r["stage"] for r in rows if r["kind"] == "stage"][:2] == ["load", "load"]
+
+
+def test_flux_top_down_with_a_lora_is_the_same_on_2_actors(local_ray, tiny_flux, flux_lora, tiny_upscaler):
+    from pipeline.spec import RenderSpec
+
+    spec = RenderSpec(
+        model=str(tiny_flux),
+        upscaler=str(tiny_upscaler),
+        upscale_tile=128,
+        lora=str(flux_lora),
+        lora_strength=0.5,
+        lora_text_strength=0.5,
+        prompt="a lighthouse at dawn",
+        width=512,
+        height=512,
+        seed=4,
+        steps=1,
+        base_steps=2,
+        cfg=2.2,
+        denoise=0.3,
+        tile=256,
+        tile_batch=2,
+    )
+    plan = prepare(spec)
+    assert plan.model.family == "flux" and plan.k == 2 and len(plan.grid.tiles) == 9
+    local = run_local(plan).result.image
+    run = run_cluster(plan, workers=2)
+    assert torch.equal(run.result.image, local)
+    assert {d.actor for d in run.executor.scheduler.log if d.stage == "chess"} == {0, 1}
+
+
+def test_a_batch_on_the_cluster_starts_its_actors_once(local_ray, tiny_sdxl, tmp_path, monkeypatch):
+    import cluster.actor
+
+    starts = []
+    real = cluster.actor.start_actors
+    monkeypatch.setattr(cluster.actor, "start_actors", lambda *a, **k: starts.append(a[1]) or real(*a, **k))
+    table = tmp_path / "prompts.csv"
+    table.write_text("prompt,seed\na,1\nb,2\n")
+    args = ["batch", str(table), "--model", str(tiny_sdxl), "--workflow", "two-pass", "--base-size", "128x128"]
+    args += ["--size", "256x256", "--pixel-upscale", "1", "--tile", "128", "--steps", "1", "--base-steps", "1"]
+    assert main([*args, "--out-dir", str(tmp_path), "--cluster", "auto", "--workers", "2", "--quiet"]) == 0
+    assert starts == [2] and len(list(tmp_path.glob("*.png"))) == 2
