@@ -84,5 +84,5 @@ def test_cli_flags_set_the_grid(tiny_sdxl, tmp_path):
         "--out",
         str(tmp_path / "a.png"),
     ]
-    spec, _ = _spec_for_render(build_parser().parse_args(argv))
+    spec, _, _ = _spec_for_render(build_parser().parse_args(argv))
     assert (spec.grid, spec.fit_overlap) == ("fit", 64)
