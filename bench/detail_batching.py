@@ -6,6 +6,7 @@ differs), with the tiny random-weight models through the local executor, and pri
 
     python bench/detail_batching.py                    # 8 crops on a 1024 px canvas, batches 1, 2, 4, 8
     python bench/detail_batching.py --crops 12 --batches 1 4 --repeat 5
+    python bench/detail_batching.py --model /models/sdxl --device cuda --size 4096   # on a GPU
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from farm.tiny_models import TINY_NATIVE_PX, ensure_tiny_models
 from pipeline.chess_pass import RefineSettings
 from pipeline.detailer import detail, plan_jobs
 from pipeline.detection import Concept, Detection
+from pipeline.models import inspect_diffusion_model
 from pipeline.scaffold import make_scaffold
 from pipeline.worker import TileWorker, WorkerConfig
 
@@ -47,14 +49,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per batch size after one warm-up")
+    parser.add_argument("--model", help="diffusers SDXL or Flux folder (default: the tiny SDXL)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = parser.parse_args()
 
-    model, upscaler = ensure_tiny_models()
-    worker = TileWorker(WorkerConfig(str(model), str(upscaler), "", "fp32", "cpu"))
+    tiny, _ = ensure_tiny_models()
+    info = inspect_diffusion_model(args.model or tiny)
+    worker = TileWorker(WorkerConfig(str(info.path), "", "", "auto", args.device))
     ex = LocalExecutor(worker)
-    f, native = 8, TINY_NATIVE_PX // 8
+    f = info.vae_factor
+    native = (info.native_px if args.model else TINY_NATIVE_PX) // f
     pixels = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
-    scaffold = make_scaffold(0, 4, args.size // f, args.size // f)
+    scaffold = make_scaffold(0, info.latent_channels, args.size // f, args.size // f)
     conds = {"": worker.encode_prompt("a portrait", "blurry", 5.0)}
     settings = RefineSettings(5.0, args.steps, 0.45, "dpmpp_2m_karras")
     jobs = plan_jobs(detections(args.crops), (Concept("face"),), (args.size // f,) * 2, native, 0.25)
@@ -67,8 +73,9 @@ def main() -> None:
 
     print(
         f"{args.crops} crops (sides {', '.join(map(str, sides))} px) on a {args.size} px canvas, refined at "
-        f"{native * f} px, {args.steps} steps, CFG 5; {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeat}"
+        f"{native * f} px, {args.steps} steps, CFG 5, on {worker.device}; "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; median of {args.repeat}"
     )
     stage(max(args.batches))  # warm-up
     rows = {b: statistics.median(stage(b) for _ in range(args.repeat)) for b in args.batches}
