@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,10 +130,11 @@ class ClusterExecutor:
         faults=None,
         max_failures: int = 3,
         keep_path: Path | None = None,
+        lease=None,
     ):
         from cluster.scheduler import PullScheduler
 
-        self.scheduler = PullScheduler(actors, max_failures=max_failures, faults=set(faults or ()))
+        self.scheduler = PullScheduler(actors, max_failures=max_failures, faults=set(faults or ()), lease=lease)
         self.progress = progress
         self.keep_path = keep_path  # where finished work goes if every worker is lost
 
@@ -194,32 +198,57 @@ class ClusterRun:
 
 class ActorPool:
     """Actors started once and used by every render that needs the same models (a batch); started again
-    only when a render needs other models."""
+    only when a render needs other models and no render is using them. Renders running at the same time
+    share one Lease, so each actor runs one task at a time, whichever render it belongs to."""
 
-    def __init__(self, address: str = "auto", workers: int | None = None, gpus_per_worker: float | None = None):
+    def __init__(
+        self,
+        address: str = "auto",
+        workers: int | None = None,
+        gpus_per_worker: float | None = None,
+        shared: bool = False,
+    ):
         connect(address)
         self.gpus_per_worker = gpus_per_worker_for(gpus_per_worker)
         self.workers = workers
+        self.shared = shared  # several renders at once
         self.config: WorkerConfig | None = None
         self.actors: list = []
+        self.lease = None
+        self.users = 0
+        self.changed = threading.Condition()
 
-    def actors_for(self, config: WorkerConfig) -> list:
-        if config != self.config:
-            self.close()
-            preflight(config, self.gpus_per_worker)
-            from cluster.actor import start_actors
+    @contextmanager
+    def using(self, config: WorkerConfig) -> Iterator[list]:
+        """The actors for `config`, held for one render; a switch of models waits until no render uses them."""
+        from cluster.scheduler import Lease
 
-            count = worker_count(self.workers, self.gpus_per_worker)
-            self.actors = start_actors(config, count, self.gpus_per_worker, max_restarts=3)
-            self.config = config
-        return self.actors
+        with self.changed:
+            while config != self.config and self.users:
+                self.changed.wait()
+            if config != self.config:
+                self.close()
+                preflight(config, self.gpus_per_worker)
+                from cluster.actor import start_actors
+
+                count = worker_count(self.workers, self.gpus_per_worker)
+                self.actors = start_actors(config, count, self.gpus_per_worker, max_restarts=3)
+                self.lease = Lease(count, shared=self.shared)
+                self.config = config
+            self.users += 1
+        try:
+            yield self.actors
+        finally:
+            with self.changed:
+                self.users -= 1
+                self.changed.notify_all()
 
     def close(self) -> None:
         import ray
 
         for actor in self.actors:
             ray.kill(actor)
-        self.actors, self.config = [], None
+        self.actors, self.config, self.lease = [], None, None
 
 
 def run_cluster(
@@ -243,11 +272,12 @@ def run_cluster(
     if record:
         clock.on_stage = lambda name, start, end: record(stage_row(name, start, end))
     try:
-        with clock.stage("load"):
-            actors = pool.actors_for(WorkerConfig.from_spec(plan.spec))
-        executor = ClusterExecutor(actors, progress, faults=faults, keep_path=keep_path)
-        executor.record = record
-        result = render(plan, Checkpointed(executor, store, log) if store else executor, clock=clock, log=log)
+        with ExitStack() as hold:
+            with clock.stage("load"):
+                actors = hold.enter_context(pool.using(WorkerConfig.from_spec(plan.spec)))
+            executor = ClusterExecutor(actors, progress, faults=faults, keep_path=keep_path, lease=pool.lease)
+            executor.record = record
+            result = render(plan, Checkpointed(executor, store, log) if store else executor, clock=clock, log=log)
     finally:
         if own_pool:
             pool.close()

@@ -9,6 +9,7 @@ change the image. A task whose actor dies is put back and runs on the next free 
 from __future__ import annotations
 
 import heapq
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -58,6 +59,58 @@ def payload(args: tuple) -> tuple[tuple, int]:
     return tuple(refs), size
 
 
+class Lease:
+    """Which actors are free, restarting or lost: shared by every render on the same actors (a batch with
+    several renders in flight), so an actor runs one task at a time whichever render it belongs to."""
+
+    def __init__(self, count: int, shared: bool = False):
+        self.count = count
+        self.shared = shared  # other renders take and give actors too: never block on our own calls alone
+        self.lock = threading.Lock()
+        self.idle = deque(range(count))
+        self.failures: dict[int, int] = defaultdict(int)
+        self.lost: set[int] = set()
+        self.reviving: dict = {}  # probe ref -> actor being restarted (outlives one run and one render)
+
+    def take(self) -> int | None:
+        with self.lock:
+            return self.idle.popleft() if self.idle else None
+
+    def give(self, actor: int) -> None:
+        with self.lock:
+            self.idle.append(actor)
+
+    def died(self, actor: int, probe, max_failures: int) -> None:
+        """An actor's process died: Ray restarts it; `probe()` returns once it is back (or fails for good)."""
+        with self.lock:
+            self.failures[actor] += 1
+            if self.failures[actor] >= max_failures:
+                self.lost.add(actor)
+            else:
+                self.reviving[probe()] = actor
+
+    def probes(self) -> list:
+        with self.lock:
+            return list(self.reviving)
+
+    def revived(self, ref) -> None:
+        """A probe finished: the actor is back in the pool, or lost when Ray gave up restarting it."""
+        with self.lock:
+            actor = self.reviving.pop(ref, None)
+        if actor is None:
+            return  # another render's loop took care of it
+        try:
+            ray.get(ref)
+            self.give(actor)
+        except RayActorError:
+            with self.lock:
+                self.lost.add(actor)
+
+    def alive(self) -> bool:
+        with self.lock:
+            return len(self.lost) < self.count
+
+
 @dataclass
 class PullScheduler:
     """Hands ready tasks to free actors; survives actor deaths while any actor is left."""
@@ -70,9 +123,18 @@ class PullScheduler:
     record: Callable[[dict], None] | None = None  # receives a ledger row per finished task
     info: dict[int, dict] = field(default_factory=dict)  # actor -> host, device (for the ledger)
     log: list[Dispatch] = field(default_factory=list)
-    failures: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    lost: set[int] = field(default_factory=set)
-    reviving: dict = field(default_factory=dict)  # probe ref -> actor being restarted (outlives one run)
+    lease: Lease | None = None  # shared with other renders on the same actors; None = these actors are ours
+
+    def __post_init__(self) -> None:
+        self.lease = self.lease or Lease(len(self.actors))
+
+    @property
+    def failures(self) -> dict[int, int]:
+        return self.lease.failures
+
+    @property
+    def lost(self) -> set[int]:
+        return self.lease.lost
 
     def run(
         self,
@@ -94,80 +156,89 @@ class PullScheduler:
                 dependents[d].append(t.id)
         ready = [t.id for t in tasks if not t.deps]
         heapq.heapify(ready)
-        reviving = self.reviving
-        idle = deque(i for i in range(len(self.actors)) if i not in self.lost and i not in reviving.values())
+        lease = self.lease
         in_flight: dict[ray.ObjectRef, tuple[int, int, Dispatch, float]] = {}
         args: dict[int, tuple] = {}
         results: dict[int, Any] = {}
-
-        while len(results) < len(tasks):
-            while idle and ready:
-                tid, actor = heapq.heappop(ready), idle.popleft()
-                if tid not in args:
-                    args[tid] = to_wire(by_id[tid].args(results))
-                crash = "exit" if (stage, tid) in self.faults else "nan" if (stage, tid, "nan") in self.faults else ""
-                self.faults.discard((stage, tid))
-                self.faults.discard((stage, tid, "nan"))
-                ref = self.actors[actor].run.remote(by_id[tid].method, *args[tid], crash=crash)
-                tries[tid] += 1
-                started.setdefault(tid, now())
-                entry = Dispatch(stage, tid, actor, *payload(args[tid]))
-                self.log.append(entry)
-                in_flight[ref] = (tid, actor, entry, time.perf_counter())
-            if not in_flight and not reviving:
-                raise WorkersLost(self._lost_message(stage, len(results), len(tasks)), results)
-            [ref], _ = ray.wait([*in_flight, *reviving], num_returns=1)
-            if ref in reviving:
-                actor = reviving.pop(ref)
+        total = len(tasks)
+        try:
+            while len(results) < total:
+                while ready:
+                    actor = lease.take()
+                    if actor is None:
+                        break
+                    tid = heapq.heappop(ready)
+                    if tid not in args:
+                        args[tid] = to_wire(by_id[tid].args(results))
+                    crash = (
+                        "exit" if (stage, tid) in self.faults else "nan" if (stage, tid, "nan") in self.faults else ""
+                    )
+                    self.faults.discard((stage, tid))
+                    self.faults.discard((stage, tid, "nan"))
+                    ref = self.actors[actor].run.remote(by_id[tid].method, *args[tid], crash=crash)
+                    tries[tid] += 1
+                    started.setdefault(tid, now())
+                    entry = Dispatch(stage, tid, actor, *payload(args[tid]))
+                    self.log.append(entry)
+                    in_flight[ref] = (tid, actor, entry, time.perf_counter())
+                if not in_flight and not lease.alive():
+                    raise WorkersLost(self._lost_message(stage, len(results), total), results)
+                probes = lease.probes()
+                waitable = [*in_flight, *probes]
+                if not waitable:  # every live actor is busy with another render
+                    time.sleep(0.01)
+                    continue
+                # with other renders on the same actors, wake up now and then to take an actor they gave back
+                done, _ = ray.wait(waitable, num_returns=1, timeout=0.02 if lease.shared else None)
+                if not done:
+                    continue
+                ref = done[0]
+                if ref not in in_flight:
+                    lease.revived(ref)
+                    continue
+                tid, actor, entry, start = in_flight.pop(ref)
                 try:
-                    ray.get(ref)
-                    idle.append(actor)
+                    value = ray.get(ref)
+                except FloatingPointError as err:  # the worker's own health check (raised in the actor)
+                    value = err
                 except RayActorError:
-                    self.lost.add(actor)  # Ray gave up restarting it
-                continue
-            tid, actor, entry, start = in_flight.pop(ref)
-            try:
-                value = ray.get(ref)
-            except FloatingPointError as err:  # the worker's own health check (raised in the actor)
-                value = err
-            except RayActorError:
-                errors[tid].append(f"actor {actor} died")
-                self.failures[actor] += 1
-                if self.failures[actor] >= self.max_failures:
-                    self.lost.add(actor)
-                else:
+                    errors[tid].append(f"actor {actor} died")
                     # Ray restarts it (models reload); a probe that Ray retries returns once it is back
-                    reviving[self.actors[actor].info.options(max_task_retries=-1).remote()] = actor
-                if tid not in results:
-                    heapq.heappush(ready, tid)  # it runs on the next free actor
-                continue
-            entry.seconds = time.perf_counter() - start
-            idle.append(actor)
-            if tid in results:
-                continue  # a duplicate: the first result stands
-            value = value if isinstance(value, FloatingPointError) else from_wire(value)
-            if isinstance(value, FloatingPointError) or nonfinite(value):
-                errors[tid].append(f"NaN/Inf on actor {actor}")
-                bad[tid].append(self._name(actor))
-                if len(bad[tid]) >= ATTEMPTS:
-                    self._record(stage, by_id[tid], actor, started[tid], tries[tid], "failed", errors[tid])
-                    raise bad_result_error(stage, by_id[tid], bad[tid])
-                heapq.heappush(ready, tid)  # once more, on the next free actor
-                continue
-            results[tid] = value
-            args.pop(tid, None)
-            self._record(
-                stage, by_id[tid], actor, started[tid], tries[tid], "retried" if errors[tid] else "ok", errors[tid]
-            )
-            if on_result:
-                on_result(by_id[tid], value)
-            if on_done:
-                on_done(by_id[tid])
-            for child in dependents[tid]:
-                waiting[child].discard(tid)
-                if not waiting[child]:
-                    heapq.heappush(ready, child)
-        return results
+                    probe = self.actors[actor].info.options(max_task_retries=-1).remote
+                    lease.died(actor, probe, self.max_failures)
+                    if tid not in results:
+                        heapq.heappush(ready, tid)  # it runs on the next free actor
+                    continue
+                entry.seconds = time.perf_counter() - start
+                lease.give(actor)
+                if tid in results:
+                    continue  # a duplicate: the first result stands
+                value = value if isinstance(value, FloatingPointError) else from_wire(value)
+                if isinstance(value, FloatingPointError) or nonfinite(value):
+                    errors[tid].append(f"NaN/Inf on actor {actor}")
+                    bad[tid].append(self._name(actor))
+                    if len(bad[tid]) >= ATTEMPTS:
+                        self._record(stage, by_id[tid], actor, started[tid], tries[tid], "failed", errors[tid])
+                        raise bad_result_error(stage, by_id[tid], bad[tid])
+                    heapq.heappush(ready, tid)  # once more, on the next free actor
+                    continue
+                results[tid] = value
+                args.pop(tid, None)
+                self._record(
+                    stage, by_id[tid], actor, started[tid], tries[tid], "retried" if errors[tid] else "ok", errors[tid]
+                )
+                if on_result:
+                    on_result(by_id[tid], value)
+                if on_done:
+                    on_done(by_id[tid])
+                for child in dependents[tid]:
+                    waiting[child].discard(tid)
+                    if not waiting[child]:
+                        heapq.heappush(ready, child)
+            return results
+        finally:
+            for _, actor, _, _ in in_flight.values():  # a failed run still frees its actors for other renders
+                lease.give(actor)
 
     def _name(self, actor: int) -> str:
         info = self.info.get(actor, {})

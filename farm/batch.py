@@ -1,8 +1,10 @@
 """`farm batch`: many renders in one command, from a CSV or Parquet table or a folder of images.
 
 Each table row is a spec layer on top of the preset and the flags (preset < flags < row); each image
-of a folder is one render's `input`. The models load once (on a cluster: the actors start once) and
-the renders run one after another on them. A row or image that is refused is reported and skipped;
+of a folder is one render's `input`. The models load once (on a cluster: the actors start once). Locally
+the renders run one after another; on a cluster `--in-flight N` renders (2 by default) run at once on the
+same actors, so one render's tiles keep the actors busy while another is in a single-call stage (base,
+encode). A row or image that is refused is reported and skipped;
 the others still render. DIR/batch-ledger.parquet gets one row per item, rewritten atomically after
 each. Exit code 0 when every item rendered, 1 when some were skipped or failed.
 """
@@ -12,12 +14,15 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pipeline.errors import RenderError, SpecError, UserError
 from pipeline.inputs import IMAGE_SUFFIXES
+from pipeline.render import no_progress
 from pipeline.spec import RenderSpec
 
 LEDGER_NAME = "batch-ledger.parquet"
@@ -118,6 +123,8 @@ def write_ledger(path: Path, rows: list[dict]) -> None:
             ("input", pa.string()),
             ("output", pa.string()),
             ("seconds", pa.float64()),
+            ("start", pa.float64()),  # unix seconds: with renders in flight together, their spans overlap
+            ("end", pa.float64()),
             ("outcome", pa.string()),
             ("error", pa.string()),
         ]
@@ -130,14 +137,14 @@ def write_ledger(path: Path, rows: list[dict]) -> None:
 class Renderer:
     """Renders plans on models loaded once: a local worker, or a pool of Ray actors started once."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, in_flight: int = 1):
         self.args = args
         self.worker = None
         self.pool = None
         if args.cluster:
             from cluster.executor import ActorPool  # Ray is imported only on this path
 
-            self.pool = ActorPool(args.cluster, args.workers, args.gpus_per_worker)
+            self.pool = ActorPool(args.cluster, args.workers, args.gpus_per_worker, shared=in_flight > 1)
 
     def render(self, plan, progress, log):
         if self.pool is not None:
@@ -177,37 +184,52 @@ def run_batch(args: argparse.Namespace) -> int:
     prefix = args.prefix or (preset.prefix or preset.name if preset else "render")
     progress = tqdm_progress(not args.quiet)
     log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
-    ledger, rows = out_dir / LEDGER_NAME, []
-    renderer = Renderer(args)
-    try:
-        for n, item in enumerate(items, start=1):
-            start = time.perf_counter()
-            row = {"input": item.label, "output": "", "seconds": 0.0, "outcome": "ok", "error": ""}
-            try:
-                if item.problem:
-                    raise SpecError(item.problem)
-                values = dict(item.values)
-                out = values.pop(OUT_COLUMN, None)
-                spec = build_spec([*layers, (values, item.label)])
-                if preset:
-                    preset.check_model(spec.model)
-                plan = prepare(spec)
-                stem = Path(spec.input).stem if spec.input else f"{n:04d}"
+    in_flight = args.in_flight or (2 if args.cluster else 1)
+    if in_flight < 1:
+        raise UserError(f"--in-flight {in_flight}: must be at least 1")
+    if in_flight > 1 and not args.cluster:
+        raise UserError(f"--in-flight {in_flight}: renders run at once only on a cluster; add --cluster auto|ADDRESS")
+    if in_flight > 1:
+        progress = no_progress  # bars of renders running at once would interleave; the log says what runs
+    ledger, rows, lock = out_dir / LEDGER_NAME, {}, threading.Lock()
+    renderer = Renderer(args, in_flight)
+
+    def render_item(n: int, item: Item) -> None:
+        start, wall = time.perf_counter(), time.time()
+        row = {"input": item.label, "output": "", "seconds": 0.0, "outcome": "ok", "error": ""}
+        try:
+            if item.problem:
+                raise SpecError(item.problem)
+            values = dict(item.values)
+            out = values.pop(OUT_COLUMN, None)
+            spec = build_spec([*layers, (values, item.label)])
+            if preset:
+                preset.check_model(spec.model)
+            plan = prepare(spec)
+            stem = Path(spec.input).stem if spec.input else f"{n:04d}"
+            with lock:  # names are checked for collisions: one at a time
                 out = check_output_path(out or output_name(out_dir, prefix, stem), args.overwrite)
-                if not args.quiet:
-                    print(f"farm batch: {n}/{len(items)} {item.label}\n{plan.describe()}", file=sys.stderr)
-                image = renderer.render(plan, progress, log).image
-                save_png(image, plan.spec, out, plan.describe())
-                row["output"] = str(out)
-            except (UserError, RenderError) as err:
-                row["outcome"] = "skipped" if isinstance(err, UserError) else "failed"
-                row["error"] = str(err)
-                print(f"farm batch: {row['outcome']} {item.label}: {err}", file=sys.stderr)
-            row["seconds"] = time.perf_counter() - start
-            rows.append(row)
-            write_ledger(ledger, rows)
+            if not args.quiet:
+                print(f"farm batch: {n}/{len(items)} {item.label}\n{plan.describe()}", file=sys.stderr)
+            image = renderer.render(plan, progress, log).image
+            save_png(image, plan.spec, out, plan.describe())
+            row["output"] = str(out)
+        except (UserError, RenderError) as err:
+            row["outcome"] = "skipped" if isinstance(err, UserError) else "failed"
+            row["error"] = str(err)
+            print(f"farm batch: {row['outcome']} {item.label}: {err}", file=sys.stderr)
+        row |= {"seconds": time.perf_counter() - start, "start": wall, "end": time.time()}
+        with lock:
+            rows[n] = row
+            write_ledger(ledger, [rows[k] for k in sorted(rows)])
+
+    try:
+        with ThreadPoolExecutor(in_flight) as pool:
+            for future in [pool.submit(render_item, n, item) for n, item in enumerate(items, start=1)]:
+                future.result()  # a bug in one render surfaces here
     finally:
         renderer.close()
+    rows = [rows[k] for k in sorted(rows)]
     done = sum(r["outcome"] == "ok" for r in rows)
     print(f"farm batch: {done} of {len(rows)} rendered into {out_dir}; ledger {ledger}", file=sys.stderr)
     return 0 if done == len(rows) else 1

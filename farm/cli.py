@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("source", help="CSV/Parquet (columns: prompt, seed, any spec field) or a folder of images")
     _add_spec_flags(batch)
     _add_exec_flags(batch)
+    batch.add_argument(
+        "--in-flight",
+        type=int,
+        help="with --cluster: renders running at once on the same actors (default 2); locally always 1",
+    )
 
     sub.add_parser("presets", help="list the presets and the spec fields each sets")
 

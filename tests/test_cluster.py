@@ -1,5 +1,6 @@
 """The Ray executor on a real local Ray with fake GPUs: same pixels as the local executor, faults, checks."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,3 +199,27 @@ def test_a_batch_on_the_cluster_starts_its_actors_once(local_ray, tiny_sdxl, tmp
     args += ["--size", "256x256", "--pixel-upscale", "1", "--tile", "128", "--steps", "1", "--base-steps", "1"]
     assert main([*args, "--out-dir", str(tmp_path), "--cluster", "auto", "--workers", "2", "--quiet"]) == 0
     assert starts == [2] and len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_a_cluster_batch_runs_renders_at_once_with_the_same_pixels(local_ray, tiny_sdxl, tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    table = tmp_path / "prompts.csv"
+    table.write_text("prompt,seed\na lighthouse,1\na harbour,2\na cliff,3\n")
+    args = ["batch", str(table), "--model", str(tiny_sdxl), "--workflow", "two-pass", "--base-size", "128x128"]
+    args += ["--size", "256x256", "--pixel-upscale", "1", "--tile", "128", "--steps", "2", "--base-steps", "2"]
+    args += ["--tile-batch", "1", "--quiet"]
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
+    local.mkdir(), cluster.mkdir()
+    assert main([*args, "--out-dir", str(local)]) == 0
+    assert main([*args, "--out-dir", str(cluster), "--cluster", "auto", "--workers", "2", "--in-flight", "2"]) == 0
+    rows = pq.read_table(str(cluster / "batch-ledger.parquet")).to_pylist()
+    assert [r["outcome"] for r in rows] == ["ok"] * 3
+    spans = sorted((r["start"], r["end"]) for r in rows)
+    assert spans[1][0] < spans[0][1]  # the second render started before the first had finished
+
+    def pixels(folder):
+        return [np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"), key=lambda p: p.name.split("_")[1])]
+
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(local), pixels(cluster), strict=True))
