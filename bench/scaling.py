@@ -35,10 +35,10 @@ def measure(actors: list, grid, even, odd, canvas, scaffold) -> tuple[float, flo
     inner = {}
     run = ex.scheduler.run
 
-    def timed_run(stage, tasks, on_done=None):
+    def timed_run(stage, tasks, on_done=None, on_result=None):
         start = time.perf_counter()
         try:
-            return run(stage, tasks, on_done)
+            return run(stage, tasks, on_done, on_result)
         finally:
             inner["s"] = time.perf_counter() - start
 

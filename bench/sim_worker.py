@@ -13,7 +13,7 @@ class SimWorker:
     def __init__(self, cost: float, slowdown: float = 1.0):
         self.cost, self.slowdown = cost, slowdown
 
-    def run(self, method: str, *args, crash: bool = False):
+    def run(self, method: str, *args, crash: str = ""):
         tiles, latents = from_wire(args[:2])  # the same transport as the real actor
         time.sleep(self.cost * self.slowdown * len(tiles))
         return to_wire({t.id: latents[i : i + 1] for i, t in enumerate(tiles)})
