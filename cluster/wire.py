@@ -7,11 +7,12 @@ Plain numpy arrays (the shared scaffold) pass untouched.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.tree import walk
 
 
 class WireTensor:
@@ -38,27 +39,11 @@ def _rebuild(array: np.ndarray, dtype: torch.dtype) -> WireTensor:
     return wire
 
 
-def _walk(value: Any, leaf) -> Any:
-    """Apply `leaf` to every value inside tuples, lists, dicts and dataclasses; rebuild only what changed."""
-    if isinstance(value, tuple):
-        return tuple(_walk(v, leaf) for v in value)
-    if isinstance(value, list):
-        return [_walk(v, leaf) for v in value]
-    if isinstance(value, dict):
-        return {k: _walk(v, leaf) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changed = {f.name: _walk(getattr(value, f.name), leaf) for f in dataclasses.fields(value)}
-        if any(changed[k] is not getattr(value, k) for k in changed):
-            return dataclasses.replace(value, **changed)
-        return value
-    return leaf(value)
-
-
 def to_wire(value: Any) -> Any:
     """Replace every torch tensor inside tuples, lists, dicts and dataclasses with a WireTensor."""
-    return _walk(value, lambda v: WireTensor(v) if isinstance(v, torch.Tensor) else v)
+    return walk(value, lambda v: WireTensor(v) if isinstance(v, torch.Tensor) else v)
 
 
 def from_wire(value: Any) -> Any:
     """The inverse of to_wire."""
-    return _walk(value, lambda v: v.tensor() if isinstance(v, WireTensor) else v)
+    return walk(value, lambda v: v.tensor() if isinstance(v, WireTensor) else v)

@@ -6,7 +6,6 @@ second bad result stops the render with an error naming the tiles, the stage and
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import time
 from typing import Any
@@ -15,23 +14,14 @@ import torch
 
 from pipeline.errors import RenderError
 from pipeline.taskgraph import Task
+from pipeline.tree import leaves
 
 ATTEMPTS = 2  # a bad result is retried once
 
 
-def tensors(value: Any):
+def tensors(value: Any) -> list[torch.Tensor]:
     """Every torch tensor inside tuples, lists, dicts and dataclasses."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, tuple | list):
-        for v in value:
-            yield from tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from tensors(v)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            yield from tensors(getattr(value, f.name))
+    return [v for v in leaves(value) if isinstance(v, torch.Tensor)]
 
 
 def nonfinite(value: Any) -> bool:
