@@ -37,6 +37,12 @@ SPEC_FLAGS = {
     "--lora": ("lora", str, "LoRA .safetensors fused into the model (diffusers, PEFT or kohya keys)"),
     "--lora-strength": ("lora_strength", float, "LoRA strength on the UNet / Flux transformer (default 1)"),
     "--lora-text-strength": ("lora_text_strength", float, "LoRA strength on the text encoder(s) (default 1)"),
+    "--tiling": (
+        "tiling",
+        str,
+        "blend (one sampler, tile predictions blended every step), chess (odd tiles pinned to the even "
+        "result) or chess-original (seed 002: odd tiles refined again, feathered)",
+    ),
     "--grid": ("grid", str, "chess (seed 002, default) or fit (fewer tiles, sized to the canvas)"),
     "--fit-overlap": ("fit_overlap", int, "with --grid fit: minimum overlap between tiles in px (default 128)"),
     "--workflow": ("workflow", str, "top-down (default), two-pass or enhance; presets set it"),

@@ -160,6 +160,8 @@ def chess_stage(plan: RenderPlan, ex: Executor, s: Start, canvas: torch.Tensor, 
     spec = plan.spec
     settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler, spec.detail_chess_denoise)
     grid, even, odd = plan.grid, plan.even_batches, plan.odd_batches
+    if spec.tiling != "chess-original":
+        raise NotImplementedError(f"tiling {spec.tiling!r} is not built yet")
     return chess_refine(ex, grid, even, odd, canvas, s.shared_scaffold, s.cond, settings, mask)
 
 

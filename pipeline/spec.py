@@ -11,7 +11,11 @@ from pipeline.schedule import SAMPLERS
 MAX_SIDE = 65536  # beyond this no machine we target holds the pixel buffers
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 MAX_LORA_STRENGTH = 10.0  # beyond this a LoRA's delta swamps the weights it is added to
-GRIDS = ("chess", "fit")  # seed 002's round(canvas/tile) + 1 tiles, or tiles sized to the canvas
+GRIDS = ("chess", "fit")
+# how tiles become one picture (DESIGN rule 6): blend = one sampler over the canvas with the tiles'
+# predictions blended at every step; chess = even tiles, then odd tiles whose overlaps stay pinned to
+# the even result; chess-original = seed 002's even/odd passes, odd tiles refined again and feathered
+TILINGS = ("blend", "chess", "chess-original")  # seed 002's round(canvas/tile) + 1 tiles, or tiles sized to the canvas
 MAX_PIXEL_UPSCALE = 8
 # top-down: seed 002 (plan at the target, refine in chess tiles); two-pass: seeds 000 and 003 (base,
 # latent upscale 2x, refine, decode, pixel upscale); enhance: seed 001 (an input image upscaled, then refined)
@@ -49,6 +53,7 @@ class RenderSpec:
     lora: str = ""  # LoRA .safetensors fused into the model; empty = none
     lora_strength: float = 1.0  # LoRA strength on the denoiser (UNet or Flux transformer)
     lora_text_strength: float = 1.0  # LoRA strength on the text encoder(s)
+    tiling: str = "chess-original"  # one of TILINGS
     grid: str = "chess"  # "fit": fewest tiles near `tile` px, sized to the canvas (less tile area)
     fit_overlap: int = 128  # with grid "fit": minimum overlap between neighbouring tiles, px
     base_cfg: float = 0.0  # guidance of the base pass; 0 = the same as cfg
@@ -132,6 +137,8 @@ class RenderSpec:
                     "(1 = as trained, 0 = off, negative inverts it)"
                 )
         self._validate_detail()
+        if self.tiling not in TILINGS:
+            raise SpecError(f"tiling {self.tiling!r}: choose one of {', '.join(TILINGS)}")
         if self.grid not in GRIDS:
             raise SpecError(f"grid {self.grid!r}: choose one of {', '.join(GRIDS)}")
         if self.grid == "fit" and (self.fit_overlap % 8 or not 0 <= self.fit_overlap < self.tile):
