@@ -48,7 +48,7 @@ from pipeline.render import render  # noqa: E402
 from pipeline.spec import RenderSpec  # noqa: E402
 from pipeline.worker import TileWorker, WorkerConfig  # noqa: E402
 
-STAGES = ("prompt", "scaffold", "base", "upscale", "encode", "chess", "decode")
+STAGES = ("prompt", "scaffold", "base", "upscale", "encode", "refine", "decode")
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dawn, highly detailed", "blurry, low quality"
 
 

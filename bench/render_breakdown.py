@@ -21,7 +21,7 @@ from farm.tiny_models import TINY_NATIVE_PX, ensure_tiny_models
 from pipeline.clock import Clock
 from pipeline.spec import RenderSpec, parse_size
 
-STAGES = ("load", "prompt", "scaffold", "base", "upscale", "encode", "chess", "decode")
+STAGES = ("load", "prompt", "scaffold", "base", "upscale", "encode", "refine", "decode")
 
 
 def one_run(spec: RenderSpec, device: str) -> tuple[Clock, float]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 GIB = 2**30
-REFINE_STAGES = ("encode", "chess", "decode")  # what the USDU baseline replaces: pixels in, pixels out
+REFINE_STAGES = ("encode", "refine", "decode")  # what the USDU baseline replaces: pixels in, pixels out
 
 
 def fmt(value, spec: str = ".3f", none: str = "-") -> str:

@@ -1,12 +1,15 @@
-"""Scaling of the chess passes over Ray actors, with the tile cost simulated (a sleep per tile).
+"""Scaling of the refine over Ray actors, with the tile cost simulated (a sleep per tile).
 
 Runs the real scheduler and the real chess task graph (dependencies, region composites, final
 composites) of an 8K canvas with 1024 px tiles (9 x 9 = 81 tiles) on a local Ray, for 1, 2, 4
 and 8 actors, and for 8 actors with one 3x slower. Prints speedups against 1 actor, the slow
 actor's share of tiles, and the driver's dispatch overhead per batch (measured with zero cost).
+Then the blended sampler on the same grid and actors: the same tile work split into `--steps`
+steps (a tile-step costs cost / steps), one task graph and one canvas step on the driver per step.
 
     python bench/scaling.py                    # 0.2 s per tile, batches of 1
     python bench/scaling.py --tile-batch 4 --cost 0.1
+    python bench/scaling.py --tile-batch 4 --steps 20 --only-tiling
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from cluster.executor import ClusterExecutor
 from cluster.wire import to_wire
+from pipeline.blend import blend_refine
 from pipeline.chess import batches, chess_grid
 from pipeline.chess_pass import RefineSettings, chess_refine
 
@@ -48,11 +52,24 @@ def measure(actors: list, grid, even, odd, canvas, scaffold) -> tuple[float, flo
     return inner["s"], time.perf_counter() - start, ex.scheduler.log
 
 
+def measure_blend(actors: list, grid, tile_batches, canvas, steps: int) -> float:
+    """Seconds the blended sampler takes for `steps` steps over the actors (graphs, blends and canvas steps)."""
+    from diffusers import EulerDiscreteScheduler
+
+    config = dict(EulerDiscreteScheduler().config)
+    settings = RefineSettings(1.0, steps, 0.35, "euler")
+    start = time.perf_counter()
+    blend_refine(ClusterExecutor(actors), grid, tile_batches, canvas, canvas, None, settings, "sdxl", config)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cost", type=float, default=0.2, help="simulated seconds per tile")
     parser.add_argument("--tile-batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=8192, help="square canvas in px")
+    parser.add_argument("--steps", type=int, default=20, help="blended sampler: steps the tile work is split into")
+    parser.add_argument("--only-tiling", action="store_true", help="only the chess vs blend table")
     args = parser.parse_args()
 
     # workers import the simulated actor by module (a class pickled from __main__ was measured slower)
@@ -90,6 +107,26 @@ def main() -> None:
             for a in made:
                 ray.kill(a)
 
+    def tiling_table() -> None:
+        every = tuple(batches(grid.tiles, args.tile_batch))
+        print(f"\nblended sampler: {args.steps} steps of {len(every)} batches; a tile-step costs cost / steps")
+        print("| actors | chess span s | blend s | blend / chess | target <= 1.10 |")
+        print("|---:|---:|---:|---:|---:|")
+        for n in (1, 2, 4, 8):
+            span, _, _ = measure_and_stop(actors(n, args.cost))
+            made, _ = actors(n, args.cost / args.steps)
+            try:
+                blend = measure_blend(made, grid, every, canvas, args.steps)
+            finally:
+                for a in made:
+                    ray.kill(a)
+            print(f"| {n} | {span:.2f} | {blend:.2f} | {blend / span:.3f} | {'yes' if blend / span <= 1.1 else 'no'} |")
+
+    if args.only_tiling:
+        tiling_table()
+        ray.shutdown()
+        return
+
     print(
         f"{args.size} px canvas, {grid.rows}x{grid.cols} = {n_tiles} tiles ({len(grid.even)} even + "
         f"{len(grid.odd)} odd), batches of {args.tile_batch}: {n_batches} batches; {args.cost} s per tile\n"
@@ -124,6 +161,7 @@ def main() -> None:
         f"({'within' if span - ideal <= one_batch else 'over'}); slow actor took {slow_tiles} of {n_tiles} tiles "
         f"(proportional share {n_tiles / speed / 3:.1f})"
     )
+    tiling_table()
     ray.shutdown()
 
 

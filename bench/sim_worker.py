@@ -8,7 +8,7 @@ from cluster.wire import from_wire, to_wire
 
 
 class SimWorker:
-    """An actor that refines tiles by returning them unchanged after `cost` seconds per tile."""
+    """An actor that refines (or predicts) tiles by returning them unchanged after `cost` seconds per tile."""
 
     def __init__(self, cost: float, slowdown: float = 1.0):
         self.cost, self.slowdown = cost, slowdown

@@ -22,7 +22,8 @@ from pipeline.clock import Clock
 from pipeline.errors import RenderError, UserError
 from pipeline.health import stage_row
 from pipeline.plan import RenderPlan
-from pipeline.render import Progress, RenderResult, no_progress, render, task_progress
+from pipeline.progress import Progress, no_progress, task_progress
+from pipeline.render import RenderResult, render
 from pipeline.taskgraph import Task
 from pipeline.worker import WorkerConfig
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.errors import RenderError, SpecError, UserError
 from pipeline.inputs import IMAGE_SUFFIXES
-from pipeline.render import no_progress
+from pipeline.progress import no_progress
 from pipeline.spec import RenderSpec
 
 LEDGER_NAME = "batch-ledger.parquet"

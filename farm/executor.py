@@ -19,7 +19,8 @@ from pipeline.inputs import load_input_image
 from pipeline.memory import MemoryEstimate, auto_tile_batch, check_fits, count_parameters, host_bytes, worker_estimate
 from pipeline.models import ModelInfo, inspect_diffusion_model
 from pipeline.plan import RenderPlan, make_plan
-from pipeline.render import Progress, RenderResult, no_progress, render, task_progress
+from pipeline.progress import Progress, no_progress, task_progress
+from pipeline.render import RenderResult, render
 from pipeline.sam3 import inspect_detector
 from pipeline.spec import MAX_SIDE, RenderSpec
 from pipeline.taskgraph import OnResult, Task, check_graph

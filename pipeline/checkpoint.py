@@ -50,6 +50,10 @@ class Checkpointed:
     def record(self, sink) -> None:
         self.inner.record = sink
 
+    @property
+    def progress(self):
+        return getattr(self.inner, "progress", None)
+
     def share(self, value: Any) -> Any:
         return self.inner.share(value)
 

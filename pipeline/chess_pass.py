@@ -52,12 +52,18 @@ def refine_tiles(
     latents: torch.Tensor,
     noise: torch.Tensor,
     mask: torch.Tensor | None = None,
+    pin: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Refine one batch of tiles (masked pixels at the lower denoise); results keyed by tile id, float32 on the CPU."""
+    """Refine one batch of tiles; results keyed by tile id, float32 on the CPU.
+
+    `mask` pixels refine at the lower denoise; `pin` pixels stay on their (noised) input at every step,
+    so they are context the tile agrees with, never refined again."""
     s = settings
-    hold = None
+    hold: tuple[Hold, ...] = ()
     if mask is not None and s.masked_denoise and mask.any():
-        hold = Hold(mask, held_steps(s.steps, s.denoise, s.masked_denoise))
+        hold += (Hold(mask, held_steps(s.steps, s.denoise, s.masked_denoise)),)
+    if pin is not None and pin.any():
+        hold += (Hold(pin, s.steps),)
     out = refine(denoiser, latents, noise, cond, s.cfg, s.steps, s.denoise, s.sampler, hold).float().cpu()
     if not torch.isfinite(out).all():
         raise FloatingPointError(f"tiles {[t.id for t in tiles]} produced NaN/Inf latents on {denoiser.device}")
@@ -79,6 +85,17 @@ def _boxes(batch: tuple[Tile, ...]) -> tuple:
     return tuple((t.id, t.y, t.x, t.h, t.w) for t in batch)
 
 
+def pin_mask(grid: TileGrid, tile: Tile) -> torch.Tensor:
+    """[1, 1, h, w]: 1 where an even tile covers the (odd) tile, i.e. its overlap bands and corners."""
+    pin = torch.zeros(1, 1, tile.h, tile.w)
+    for e in grid.even:
+        y0, y1 = max(e.y, tile.y), min(e.y + e.h, tile.y + tile.h)
+        x0, x1 = max(e.x, tile.x), min(e.x + e.w, tile.x + tile.w)
+        if y0 < y1 and x0 < x1:
+            pin[..., y0 - tile.y : y1 - tile.y, x0 - tile.x : x1 - tile.x] = 1.0
+    return pin
+
+
 def _mask_arg(mask, batch) -> tuple:
     return () if mask is None else (crops(mask, batch),)
 
@@ -87,10 +104,23 @@ def _even_args(canvas, batch, shared, mask, done):
     return (batch, crops(canvas, batch), *shared, *_mask_arg(mask, batch))
 
 
-def _odd_args(canvas, grid, batch, deps, shared, mask, done):
+def _odd_args(canvas, grid, batch, deps, shared, mask, pinned, done):
     even = _merged(done, deps)
     boxes = [composite_pass(canvas, grid, even, "paste", region=(t.y, t.x, t.h, t.w)) for t in batch]
-    return (batch, torch.cat(boxes), *shared, *_mask_arg(mask, batch))
+    if not pinned:
+        return (batch, torch.cat(boxes), *shared, *_mask_arg(mask, batch))
+    pin = torch.cat([pin_mask(grid, t) for t in batch])
+    return (batch, torch.cat(boxes), *shared, None if mask is None else crops(mask, batch), pin)
+
+
+def composite_cores(canvas: torch.Tensor, grid: TileGrid, results: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Paste each pinned (odd) tile's free pixels; its pinned overlaps keep the even result under them."""
+    canvas = canvas.clone()
+    for tile in grid.tiles:
+        if tile.id in results:
+            box = canvas[..., tile.y : tile.y + tile.h, tile.x : tile.x + tile.w]
+            box.copy_(torch.where(pin_mask(grid, tile) > 0, box, results[tile.id].to(canvas.dtype)))
+    return canvas
 
 
 def chess_tasks(
@@ -102,10 +132,12 @@ def chess_tasks(
     cond,
     settings,
     mask: torch.Tensor | None = None,
+    pinned: bool = False,
 ) -> list[Task]:
     """Even batches first (no dependencies), then odd batches, each waiting on the even batches under it.
 
-    `mask` ([1, 1, H, W] latent, the detailer's) marks where tiles refine at `settings.masked_denoise`."""
+    `mask` ([1, 1, H, W] latent, the detailer's) marks where tiles refine at `settings.masked_denoise`;
+    `pinned` holds each odd tile's overlaps on the even result."""
     shared = (scaffold, cond, settings)
     tasks = [
         Task(
@@ -120,7 +152,7 @@ def chess_tasks(
     ]
     for j, batch in enumerate(odd_batches):
         deps = frozenset(i for i, even in enumerate(even_batches) if any(_overlaps(o, e) for o in batch for e in even))
-        args = partial(_odd_args, canvas, grid, batch, deps, shared, mask)
+        args = partial(_odd_args, canvas, grid, batch, deps, shared, mask, pinned)
         tasks.append(Task(len(even_batches) + j, "refine", args, deps, "odd", len(batch), _boxes(batch)))
     return tasks
 
@@ -135,9 +167,12 @@ def chess_refine(
     cond,
     settings: RefineSettings,
     mask: torch.Tensor | None = None,
+    pinned: bool = False,
 ) -> torch.Tensor:
-    """Run both passes through the executor and composite them: even pasted, odd feathered."""
-    done = ex.run("chess", chess_tasks(grid, even_batches, odd_batches, canvas, scaffold, cond, settings, mask))
+    """Run both passes through the executor and composite them: even pasted; odd tiles feathered in
+    (seed 002), or, `pinned`, their overlaps held on the even result and only their free pixels pasted."""
+    tasks = chess_tasks(grid, even_batches, odd_batches, canvas, scaffold, cond, settings, mask, pinned)
+    done = ex.run("chess", tasks)
     n_even = len(even_batches)
     even = _merged(done, range(n_even))
     odd = _merged(done, range(n_even, n_even + len(odd_batches)))
@@ -146,4 +181,4 @@ def chess_refine(
         if set(results) != expected:
             raise RuntimeError(f"{name} pass returned tiles {sorted(results)}, expected {sorted(expected)}")
     canvas = composite_pass(canvas, grid, even, "paste")
-    return composite_pass(canvas, grid, odd, "feather")
+    return composite_cores(canvas, grid, odd) if pinned else composite_pass(canvas, grid, odd, "feather")

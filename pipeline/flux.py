@@ -23,7 +23,7 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from pipeline.sampler import PromptEmbeds
+from pipeline.sampler import PromptEmbeds, holds
 from pipeline.schedule import make_scheduler, refine_schedule, schedule_length
 
 
@@ -120,13 +120,20 @@ class FluxDenoiser:
                 return_dict=False,
             )[0]
 
-    def _run(self, scheduler, timesteps, latents: torch.Tensor, c: FluxConditioning, hold=None) -> torch.Tensor:
+    def predict_latents(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, cfg: float) -> torch.Tensor:
+        """The velocity for a batch of 4-D latents [B, C, h, w], unpacked (the blended sampler's unit)."""
+        _, _, h, w = x.shape
+        x = x.to(self.device, self.dtype)
+        return unpack(self.predict(pack(x), t.to(self.device), self.conditioning(cond, x, cfg)), h, w)
+
+    def _run(self, scheduler, timesteps, latents: torch.Tensor, c: FluxConditioning, hold=()) -> torch.Tensor:
         """FluxPipeline's loop on packed latents: predict the velocity, Euler step (held pixels as in
         pipeline.sampler.Hold, with packed mask, input and noise)."""
         for i, t in enumerate(timesteps):
-            if hold is not None and i <= hold.steps:
-                held = scheduler.scale_noise(hold.original, t.reshape(1), hold.noise)  # at this step's sigma
-                latents = torch.lerp(latents, held, hold.mask)
+            for h in hold:
+                if i <= h.steps:
+                    held = scheduler.scale_noise(h.original, t.reshape(1), h.noise)  # at this step's sigma
+                    latents = torch.lerp(latents, held, h.mask)
             latents = scheduler.step(self.predict(latents, t, c), t, latents, return_dict=False)[0]
         return latents
 
@@ -164,7 +171,14 @@ class FluxDenoiser:
         original = latents
         latents = scheduler.scale_noise(latents, schedule.timesteps[:1], noise)
         c = self.conditioning(cond, latents, cfg)
-        if hold is not None:
-            mask = hold.mask.to(self.device, self.dtype).expand_as(original)
-            hold = replace(hold, mask=pack(mask), original=pack(original), noise=pack(noise))
+        packed = pack(original), pack(noise)
+        hold = tuple(
+            replace(
+                h,
+                mask=pack(h.mask.to(self.device, self.dtype).expand_as(original)),
+                original=packed[0],
+                noise=packed[1],
+            )
+            for h in holds(hold)
+        )
         return unpack(self._run(scheduler, schedule.timesteps, pack(latents), c, hold), h, w)

@@ -60,6 +60,18 @@ class RenderPlan:
         return self.model.vae_factor
 
     @property
+    def blend_batches(self) -> tuple[tuple[Tile, ...], ...]:
+        """The blended sampler's fixed batches: every tile, in id order."""
+        return tuple(batches(self.grid.tiles, self.spec.tile_batch))
+
+    @property
+    def tile_batch_count(self) -> int:
+        """Sampler calls per step of the refine: every tile once, in the mode's batches."""
+        if self.spec.tiling == "blend":
+            return len(self.blend_batches)
+        return len(self.even_batches) + len(self.odd_batches)
+
+    @property
     def native_latent(self) -> int:
         """The model's native size in latent px (the size every tile and crop is sampled at)."""
         return (self.spec.native or self.model.native_px) // self.f
@@ -90,7 +102,12 @@ class RenderPlan:
     def model_calls(self) -> tuple[int, int]:
         """(base sampler calls, tile sampler calls): one per step and batch; CFG doubles a call's batch."""
         base = 0 if self.spec.workflow == "enhance" else self.spec.base_steps
-        return base, (len(self.even_batches) + len(self.odd_batches)) * self.spec.steps
+        return base, self.tile_batch_count * self.spec.steps
+
+    def _batch_text(self) -> str:
+        if self.spec.tiling == "blend":
+            return f"{len(self.blend_batches)} per step"
+        return f"{len(self.even_batches)} even + {len(self.odd_batches)} odd"
 
     def describe(self) -> str:
         """The plan as text: stages, sizes, tiles, steps and estimated model calls."""
@@ -127,8 +144,9 @@ class RenderPlan:
             f"{grid_name} {g.cols}x{g.rows} = {len(g.tiles)} tiles of {g.tile_w * f}x{g.tile_h * f} px: "
             f"{len(g.even)} even + {len(g.odd)} odd, stride {sx * f}x{sy * f} px, "
             f"overlap >= {ox * f}x{oy * f} px, work x{g.work_multiplier:.2f}",
-            f"batches of {s.tile_batch}: {len(self.even_batches)} even + {len(self.odd_batches)} odd, "
+            f"batches of {s.tile_batch}: {self._batch_text()}, "
             f"{s.steps} steps at denoise {s.denoise}, CFG {s.cfg} ({sampler})",
+            f"tiling {s.tiling}: {TILING_WHY[s.tiling]}",
         ]
         lines += [
             f"detail layer {c.layer}: {c.name!r} ({c.selection}, up to "
@@ -148,6 +166,16 @@ class RenderPlan:
         total = f"{base_calls} base + {tile_calls} tile" if base_calls else f"{tile_calls} tile"
         lines.append(f"estimated {self.network} calls: {total} = {base_calls + tile_calls}{cfg_note}")
         return "\n".join(lines)
+
+
+TILING_WHY = {
+    "blend": "every step, each tile predicts from the same canvas and one sampler steps the whole canvas on the "
+    "blended predictions: every pixel refined once, no seams (the default: the seam bench's best at the same work)",
+    "chess": "even tiles, then odd tiles whose overlaps stay pinned to the even result (re-noised each step): "
+    "every pixel refined once, one barrier between the passes",
+    "chess-original": "seed 002's passes: odd tiles refine their overlaps again and are feathered in "
+    "(for comparison: overlap bands show, see BENCHMARKS.md)",
+}
 
 
 def _check_multiple(model: ModelInfo, values: tuple[tuple[str, int], ...]) -> None:

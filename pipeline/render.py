@@ -16,54 +16,25 @@ as worker calls and task graphs fixed by the plan, so both executors produce the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.blend import blend_refine
 from pipeline.chess_pass import RefineSettings, chess_refine
 from pipeline.clock import Clock
 from pipeline.detailer import detail, plan_jobs
 from pipeline.detection import choose
 from pipeline.inputs import load_input_image
 from pipeline.plan import LATENT_UPSCALE, RenderPlan
+from pipeline.progress import Progress, no_progress, task_progress  # noqa: F401 (re-exported)
 from pipeline.resize import describe_fit, fit_exact, resize
 from pipeline.scaffold import make_scaffold, pool_noise
-from pipeline.taskgraph import Executor, Task
+from pipeline.taskgraph import Executor
 from pipeline.tiling import run_tiled
 
 UPSCALE_OVERLAP = 32  # px of input shared by neighbouring upscaler tiles
-
-
-class Bar:
-    """A progress sink: `update(n)` after n units of work."""
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-# progress(stage, total units, unit name) -> a context manager yielding a Bar
-Progress = Callable[[str, int, str], AbstractContextManager[Bar]]
-
-
-def no_progress(stage: str, total: int, unit: str) -> AbstractContextManager[Bar]:
-    return nullcontext(Bar())
-
-
-@contextmanager
-def task_progress(progress: Progress, stage: str, tasks: list[Task]) -> Iterator[Callable[[Task], None]]:
-    """One bar per task group of a stage (e.g. 'chess even', 'chess odd'); yields done(task) to report each."""
-    totals: dict[str, int] = {}
-    for task in tasks:
-        totals[task.group or stage] = totals.get(task.group or stage, 0) + task.units
-    with ExitStack() as stack:
-        bars = {
-            group: stack.enter_context(progress(f"{stage} {group}" if group != stage else group, n, "tile"))
-            for group, n in totals.items()
-        }
-        yield lambda task: bars[task.group or stage].update(task.units)
 
 
 @dataclass
@@ -157,12 +128,26 @@ def start(plan: RenderPlan, ex: Executor, clock: Clock) -> Start:
 
 
 def chess_stage(plan: RenderPlan, ex: Executor, s: Start, canvas: torch.Tensor, mask=None) -> torch.Tensor:
+    """The refine over tiles, in the spec's tiling mode (pipeline.blend, or the chess passes)."""
     spec = plan.spec
     settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler, spec.detail_chess_denoise)
+    if spec.tiling == "blend":
+        facts = s.facts
+        return blend_refine(
+            ex,
+            plan.grid,
+            plan.blend_batches,
+            canvas,
+            s.scaffold,
+            s.cond,
+            settings,
+            facts.family,
+            facts.scheduler_config,
+            mask,
+        )
     grid, even, odd = plan.grid, plan.even_batches, plan.odd_batches
-    if spec.tiling != "chess-original":
-        raise NotImplementedError(f"tiling {spec.tiling!r} is not built yet")
-    return chess_refine(ex, grid, even, odd, canvas, s.shared_scaffold, s.cond, settings, mask)
+    pinned = spec.tiling == "chess"
+    return chess_refine(ex, grid, even, odd, canvas, s.shared_scaffold, s.cond, settings, mask, pinned)
 
 
 def render(plan: RenderPlan, ex: Executor, clock: Clock | None = None, log=lambda text: None) -> RenderResult:
@@ -200,7 +185,7 @@ def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
         canvas = ex.call("encode", "encode", pixels)
     del pixels
 
-    with clock.stage("chess"):
+    with clock.stage("refine"):
         mask = refined_mask if spec.detail_chess_denoise and refined_mask is not None else None
         canvas = chess_stage(plan, ex, s, canvas, mask)
 
@@ -222,7 +207,7 @@ def render_two_pass(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
     with clock.stage("latent upscale"):
         canvas = upscale_latents(latents, LATENT_UPSCALE)
 
-    with clock.stage("chess"):  # tiles of the chess refiner; one tile when the canvas fits in one
+    with clock.stage("refine"):  # over tiles; one tile when the canvas fits in one
         canvas = chess_stage(plan, ex, s, canvas)
 
     with clock.stage("decode"):
@@ -250,7 +235,7 @@ def render_enhance(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Render
         canvas = ex.call("encode", "encode", pixels)
     del pixels
 
-    with clock.stage("chess"):
+    with clock.stage("refine"):
         canvas = chess_stage(plan, ex, s, canvas)
 
     with clock.stage("decode"):

@@ -102,16 +102,21 @@ class Denoiser:
         uncond, text = out.chunk(2)
         return uncond + cfg * (text - uncond)
 
+    def predict_latents(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, cfg: float) -> torch.Tensor:
+        """One prediction for a batch of scaled model inputs [B, C, h, w] (the blended sampler's unit)."""
+        x = x.to(self.device, self.dtype)
+        return self.predict(x, t.to(self.device), self.conditioning(cond, x, cfg), cfg)
+
     def _run(
-        self, scheduler, timesteps, latents, cond: PromptEmbeds, cfg: float, hold: Hold | None = None
+        self, scheduler, timesteps, latents, cond: PromptEmbeds, cfg: float, hold: tuple[Hold, ...] = ()
     ) -> torch.Tensor:
         """The sampling loop of diffusers' SDXL pipelines: scale input, predict, step."""
         conditioning = self.conditioning(cond, latents, cfg)  # once per call, not per step
         for i, t in enumerate(timesteps):
-            if hold is not None and i <= hold.steps:
-                # add_noise reads the scheduler's current step index: the noised input at this step's sigma
-                held = scheduler.add_noise(hold.original, hold.noise, t.reshape(1))
-                latents = torch.lerp(latents, held, hold.mask)
+            for h in holds(hold):
+                if i <= h.steps:
+                    # add_noise reads the scheduler's current step index: the noised input at this step's sigma
+                    latents = torch.lerp(latents, scheduler.add_noise(h.original, h.noise, t.reshape(1)), h.mask)
             x = scheduler.scale_model_input(latents, t)
             noise_pred = self.predict(x, t, conditioning, cfg)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
@@ -133,7 +138,7 @@ class Denoiser:
         steps: int,
         denoise: float,
         sampler: str,
-        hold: Hold | None = None,
+        hold: Hold | tuple[Hold, ...] | None = None,
     ) -> torch.Tensor:
         """img2img: add_noise at the start timestep, then the last `steps` steps (StableDiffusionXLImg2ImgPipeline).
 
@@ -143,8 +148,7 @@ class Denoiser:
         original = latents.to(self.device, self.dtype)
         noise = noise.to(self.device, self.dtype)
         latents = scheduler.add_noise(original, noise, timesteps[:1])
-        if hold is not None:
-            hold = Hold(hold.mask.to(self.device, self.dtype), hold.steps, original, noise)
+        hold = tuple(Hold(h.mask.to(self.device, self.dtype), h.steps, original, noise) for h in holds(hold))
         return self._run(scheduler, timesteps, latents, cond, cfg, hold)
 
 
@@ -157,6 +161,13 @@ class Hold:
     steps: int
     original: torch.Tensor | None = None  # the clean latents (set by refine)
     noise: torch.Tensor | None = None
+
+
+def holds(hold: Hold | tuple[Hold, ...] | None) -> tuple[Hold, ...]:
+    """Every hold of a refine (the detailer's lower denoise, the chess pass's pinned overlaps), in order."""
+    if hold is None:
+        return ()
+    return hold if isinstance(hold, tuple) else (hold,)
 
 
 @torch.no_grad()
@@ -177,7 +188,7 @@ def refine(
     steps: int,
     denoise: float,
     sampler: str,
-    hold: Hold | None = None,
+    hold: Hold | tuple[Hold, ...] | None = None,
 ) -> torch.Tensor:
     """img2img on a batch of latent tiles with their own noise: run `steps` steps from sigmas[N - steps].
 

@@ -53,7 +53,7 @@ class RenderSpec:
     lora: str = ""  # LoRA .safetensors fused into the model; empty = none
     lora_strength: float = 1.0  # LoRA strength on the denoiser (UNet or Flux transformer)
     lora_text_strength: float = 1.0  # LoRA strength on the text encoder(s)
-    tiling: str = "chess-original"  # one of TILINGS
+    tiling: str = "blend"  # one of TILINGS
     grid: str = "chess"  # "fit": fewest tiles near `tile` px, sized to the canvas (less tile area)
     fit_overlap: int = 128  # with grid "fit": minimum overlap between neighbouring tiles, px
     base_cfg: float = 0.0  # guidance of the base pass; 0 = the same as cfg

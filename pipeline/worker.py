@@ -86,6 +86,8 @@ class WorkerFacts:
     device: str
     upscale: int  # the upscaler's scale; 0 without one
     decode_tile: int  # latent tile the VAE decodes comfortably (its sample size / factor)
+    family: str = "sdxl"  # the diffusion model's family: which sampler loop the driver runs
+    scheduler_config: dict | None = None  # the model's scheduler config (the blended sampler's steps)
 
 
 class TileWorker:
@@ -118,6 +120,8 @@ class TileWorker:
             str(self.device),
             self.upscaler.scale if self.upscaler else 0,
             vae_cfg["sample_size"] // self.model.info.vae_factor,
+            self.model.denoiser.family,
+            dict(self.model.denoiser.scheduler_config),
         )
 
     def encode_prompt(self, prompt: str, negative: str, cfg: float) -> PromptEmbeds:
@@ -153,10 +157,21 @@ class TileWorker:
         cond: PromptEmbeds,
         settings: RefineSettings,
         mask: torch.Tensor | None = None,
+        pin: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
         """Refine a batch of chess tiles, each with its own slice of the scaffold as noise."""
         noise = tile_noise(scaffold, tiles)
-        return refine_tiles(self.model.denoiser, cond, settings, tiles, latents, noise, mask)
+        return refine_tiles(self.model.denoiser, cond, settings, tiles, latents, noise, mask, pin)
+
+    def predict(
+        self, tiles: tuple[Tile, ...], latents: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, cfg: float
+    ) -> dict[int, torch.Tensor]:
+        """The model's prediction for a batch of tiles of the canvas at timestep t (the blended sampler)."""
+        with torch.no_grad():
+            out = self.model.denoiser.predict_latents(latents, t, cond, cfg).float().cpu()
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"tiles {[t.id for t in tiles]} produced NaN/Inf predictions on {self.device}")
+        return {tile.id: out[i : i + 1] for i, tile in enumerate(tiles)}
 
     def detect(self, image: torch.Tensor, concepts: tuple[Concept, ...]) -> list[Detection]:
         """Every candidate for the concepts on the base image (the detailer selects among them)."""

@@ -81,6 +81,7 @@ def small_spec(tiny_sdxl, tiny_upscaler):
         tile_batch=4,
         native=128,
         upscale_tile=64,
+        tiling="chess",  # the chess passes' machinery (even/odd batches, dependencies); blend has its own tests
     )
 
 

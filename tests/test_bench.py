@@ -86,8 +86,8 @@ def test_gpu_render_smoke_prints_every_table(tiny_sdxl, tiny_upscaler, capsys):
         assert f"| {stage} |" in out
     chess, fit = figures["renders"]
     assert (chess["grid"], fit["grid"]) == ("chess", "fit")
-    assert chess["stages"]["chess"]["calls"]["unet"] == chess["batches"]  # 1 step: one CFG-batched call per batch
-    assert chess["isolated_seconds"] > 0 and chess["stages"]["chess"]["unet_tflops"] > 0
+    assert chess["stages"]["refine"]["calls"]["unet"] == chess["batches"]  # 1 step: one CFG-batched call per batch
+    assert chess["isolated_seconds"] > 0 and chess["stages"]["refine"]["unet_tflops"] > 0
     assert (chess["tiles"], fit["tiles"]) == (9, 4)
     assert figures["baselines"][256]["tiles"] == 4
     assert figures["baselines"][256]["calls"] == {"unet": 4, "vae": 8}  # one encode + one decode per tile

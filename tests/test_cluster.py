@@ -1,5 +1,7 @@
 """The Ray executor on a real local Ray with fake GPUs: same pixels as the local executor, faults, checks."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,26 @@ def test_same_pixels_as_the_local_executor(local_ray, cluster_plan, local_image,
     assert torch.equal(run.result.image, local_image)
     used = {d.actor for d in run.executor.scheduler.log}
     assert used == set(range(workers))  # every actor took work
+
+
+@pytest.fixture(scope="module")
+def blend_plan(small_spec):
+    return prepare(replace(small_spec, tiling="blend"))
+
+
+@pytest.fixture(scope="module")
+def blend_local(blend_plan):
+    return run_local(blend_plan).result.image
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_blended_steps_give_the_same_pixels_as_the_local_executor(local_ray, blend_plan, blend_local, workers):
+    faults = {("blend", 1)} if workers == 2 else set()  # and an actor lost mid-step changes nothing
+    run = run_cluster(blend_plan, workers=workers, faults=faults)
+    assert torch.equal(run.result.image, blend_local)
+    steps = [d for d in run.executor.scheduler.log if d.stage == "blend"]
+    assert {d.actor for d in steps} == set(range(workers))
+    assert len(steps) == blend_plan.spec.steps * len(blend_plan.blend_batches) + len(faults)
 
 
 def test_actors_killed_in_the_even_and_odd_pass_change_nothing(local_ray, cluster_plan, local_image):

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ def _flags(spec, **extra) -> list[str]:
         "--native": str(spec.native),
         "--upscale-tile": str(spec.upscale_tile),
         "--tile-batch": "1",
+        "--tiling": spec.tiling,
     } | extra
     args = []
     for flag, value in flags.items():
@@ -84,6 +86,24 @@ def test_a_render_killed_in_the_odd_pass_resumes_to_the_same_image(small_spec, r
     chess = [r for r in run.rows if r["kind"] == "task" and r["stage"] == "chess"]
     assert {r["task"] for r in chess} == set(range(len(plan.grid.tiles)))  # every batch ran once, across both runs
     assert not (tmp_path / "killed.run" / "state").exists()  # the finished render drops its stored units
+
+
+def test_a_blended_render_killed_mid_step_resumes_to_the_same_image(small_spec, tmp_path):
+    spec = replace(small_spec, tiling="blend")
+    ref = tmp_path / "ref.png"
+    assert main(["render", *_flags(spec), "--out", str(ref), "--quiet"]) == 0
+    out = tmp_path / "killed.png"
+    state = tmp_path / "killed.run" / "state"
+    _kill_when([*_flags(spec), "--out", str(out)], lambda: (state / "blend.2.3.safetensors").exists())
+    kept = {p.name for p in state.iterdir()}
+    tiles = len(prepare(spec).grid.tiles)  # batches of 1: one task per tile and step
+    assert {f"blend.1.{i}.safetensors" for i in range(tiles)} <= kept  # step 1 finished, step 2 had begun
+    assert len([k for k in kept if k.startswith("blend.2.")]) < tiles
+    assert main(["render", "--resume", str(tmp_path / "killed.run"), "--quiet"]) == 0
+    assert np.array_equal(_pixels(out), _pixels(ref))
+    run, _, _ = RunDir.open(tmp_path / "killed.run")
+    blend = [r for r in run.rows if r["kind"] == "task" and r["stage"] == "blend"]
+    assert len(blend) == 2 * tiles  # each tile of each step predicted once, across both runs
 
 
 def test_a_render_killed_in_the_detailer_resumes_to_the_same_image(small_spec, tiny_sam3, tmp_path):
