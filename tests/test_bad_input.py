@@ -54,6 +54,7 @@ def files(tmp_path, tiny_sdxl, tiny_upscaler, tiny_sam3, evil_pickle, tiny_flux,
 
 # (case id, flags replacing the good ones, text the message must contain)
 CASES = [
+    ("tiling-unknown", {"--tiling": "mosaic"}, ["tiling 'mosaic'", "blend, chess, chess-original"]),
     ("size-not-multiple-of-8", {"--size": "1030x1024"}, ["1030", "multiple of 8", "1024 or 1032"]),
     ("size-zero", {"--size": "0x1024"}, ["0x1024", "positive"]),
     ("size-negative", {"--size": "-512x512"}, ["-512x512", "positive"]),
