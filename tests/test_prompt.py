@@ -300,3 +300,23 @@ def test_flux_reads_plain_text_and_says_what_it_ignores_or_cuts(tiny_flux_model)
     long = tiny_flux_model.encode_prompt("ab " * 300, "", 2.0, "comfyui")
     assert long.embeds.shape[1] == 512
     assert any("901 T5 tokens" in n and "last 389 are cut" in n for n in long.notes), long.notes
+
+
+def test_the_render_encodes_once_in_the_spec_style_and_logs_the_counts(small_spec, tiny_worker):
+    from dataclasses import replace
+
+    from farm.executor import LocalExecutor, prepare
+    from pipeline.clock import Clock
+    from pipeline.render import start
+
+    spec = replace(small_spec, prompt="a lighthouse BREAK (at dawn:1.2)", negative="", prompt_style="a1111")
+    ex, notes, calls = LocalExecutor(tiny_worker), [], []
+    inner = ex.call
+    ex.call = lambda stage, method, *args: calls.append((method, args)) or inner(stage, method, *args)
+    s = start(prepare(spec), ex, Clock(), notes.append)
+    assert [c for c in calls if c[0] == "encode_prompt"] == [("encode_prompt", (spec.prompt, "", 3.0, "a1111"))]
+    assert s.cond_value.embeds.shape == (1, 154, 64) and s.cond_value.negative_embeds.abs().max() == 0
+    assert notes[:2] == [
+        "prompt: 17 tokens in 2 chunks (a1111 style)",
+        "negative: empty, encoded as zeros (a1111 style)",
+    ]
