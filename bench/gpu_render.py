@@ -192,7 +192,7 @@ def measure_render(worker: TileWorker, spec: RenderSpec, repeats: int) -> dict:
 def measure_baseline(worker: TileWorker, spec: RenderSpec, pixels: torch.Tensor, args) -> dict:
     """The USDU-style per-tile refine of the same upscaled pixels: seconds, model calls, peak memory, seams."""
     clock = StageClock()
-    cond = worker.encode_prompt(spec.prompt, spec.negative, spec.cfg)
+    cond = worker.encode_prompt(spec.prompt, spec.negative, spec.cfg, spec.prompt_style)
     settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler)
     worker.model.denoiser.clock = clock.model
     try:
@@ -227,7 +227,7 @@ def measure_optimisations(worker: TileWorker, spec: RenderSpec, args, batches: i
     denoiser = worker.model.denoiser
     render_unet = denoiser.unet
     denoiser.unet = getattr(render_unet, "_orig_mod", render_unet)  # toggles switch one thing on the eager UNet
-    cond = worker.encode_prompt(spec.prompt, spec.negative, spec.cfg)
+    cond = worker.encode_prompt(spec.prompt, spec.negative, spec.cfg, spec.prompt_style)
     latent = spec.tile // worker.model.info.vae_factor
     call = opt.UnetCall.make(denoiser, cond, spec.tile_batch, latent, spec.cfg)
     r = args.repeat

@@ -17,6 +17,12 @@ SPEC_FLAGS = {
     "--upscaler": ("upscaler", str, "spandrel upscaler (.safetensors, or .pth loaded safely); default: bicubic"),
     "--prompt": ("prompt", str, "what to render"),
     "--negative": ("negative", str, "negative prompt"),
+    "--prompt-style": (
+        "prompt_style",
+        str,
+        "how prompts are read: comfyui (default; (word:1.2) sets a weight) or a1111 ([word], BREAK); "
+        "long prompts run in 77-token chunks",
+    ),
     "--seed": ("seed", int, "seed of the noise scaffold"),
     "--steps": ("steps", int, "refine steps that run per tile (default 20)"),
     "--base-steps": ("base_steps", int, "steps of the native-size base (default 30)"),

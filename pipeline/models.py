@@ -155,21 +155,14 @@ class DiffusionModel:
     def vae(self):
         return self.pipe.vae
 
-    def encode_prompt(self, prompt: str, negative: str, cfg: float) -> PromptEmbeds:
-        """Encode the prompts once per render with diffusers' own prompt encoder of the family."""
+    def encode_prompt(self, prompt: str, negative: str, cfg: float, style: str = "comfyui") -> PromptEmbeds:
+        """Encode the prompts once per render, parsed and chunked by `style` (pipeline.prompt)."""
+        from pipeline.text_encode import encode_flux, encode_sdxl
+
         if self.info.family == "flux":
             # guidance is embedded, not a second pass: Flux has no negative prompt (see pipeline.flux)
-            embeds, pooled, _ = self.pipe.encode_prompt(
-                prompt, prompt_2=None, device=self.denoiser.device, max_sequence_length=FLUX_MAX_TOKENS
-            )
-            return PromptEmbeds(embeds, pooled, None, None)
-        embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-            prompt,
-            negative_prompt=negative,
-            do_classifier_free_guidance=cfg > 1.0,
-            device=self.denoiser.device,
-        )
-        return PromptEmbeds(embeds, pooled, neg if cfg > 1.0 else None, neg_pooled if cfg > 1.0 else None)
+            return encode_flux(self.pipe, prompt, style, self.denoiser.device, FLUX_MAX_TOKENS)
+        return encode_sdxl(self.pipe, prompt, negative, cfg, style, self.denoiser.device)
 
 
 def _quiet_hf_logs() -> None:

@@ -83,7 +83,9 @@ def detail_stage(plan: RenderPlan, ex: Executor, base, pixels, scaffold, cond, l
     jobs = plan_jobs(detections, spec.concepts, (plan.latent_h, plan.latent_w), plan.native_latent, spec.detail_padding)
     conds = {"": cond}
     for prompt in sorted({job.prompt for job in jobs} - {""}):
-        conds[prompt] = ex.call("prompt", "encode_prompt", prompt, spec.negative, spec.cfg)
+        conds[prompt] = ex.call("prompt", "encode_prompt", prompt, spec.negative, spec.cfg, spec.prompt_style)
+        for text in conds[prompt].notes:
+            log(f"detail {text}")
     settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler)
     return detail(
         ex,
@@ -111,14 +113,17 @@ class Start:
     shared_scaffold: object
 
 
-def start(plan: RenderPlan, ex: Executor, clock: Clock) -> Start:
+def start(plan: RenderPlan, ex: Executor, clock: Clock, note=lambda text: None) -> Start:
     spec = plan.spec
     with clock.stage("load"):
         facts = ex.call("load", "facts")  # on a cluster this waits for the actors' models
 
     with clock.stage("prompt"):
         # the base may guide with CFG while the refine does not: encode the negative whenever either does
-        cond_value = ex.call("prompt", "encode_prompt", spec.prompt, spec.negative, max(spec.cfg, spec.base_cfg))
+        cfg = max(spec.cfg, spec.base_cfg)
+        cond_value = ex.call("prompt", "encode_prompt", spec.prompt, spec.negative, cfg, spec.prompt_style)
+        for text in cond_value.notes:
+            note(text)
         cond = ex.share(cond_value)
 
     with clock.stage("scaffold"):
@@ -167,7 +172,7 @@ def render(plan: RenderPlan, ex: Executor, clock: Clock | None = None, log=lambd
 def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> RenderResult:
     """Seed 002: plan at the target size, sample at native size."""
     spec = plan.spec
-    s = start(plan, ex, clock)
+    s = start(plan, ex, clock, note)
 
     with clock.stage("base"):
         native_noise = pool_noise(s.scaffold, plan.k)
@@ -197,7 +202,7 @@ def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
 def render_two_pass(plan: RenderPlan, ex: Executor, clock: Clock, note) -> RenderResult:
     """Seeds 000 and 003: base, latent upscale 2x, refine the whole latent, decode, pixel upscale, exact size."""
     spec = plan.spec
-    s = start(plan, ex, clock)
+    s = start(plan, ex, clock, note)
 
     with clock.stage("base"):
         noise = pool_noise(s.scaffold, plan.k)
@@ -225,7 +230,7 @@ def render_two_pass(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
 def render_enhance(plan: RenderPlan, ex: Executor, clock: Clock, note) -> RenderResult:
     """Seed 001: an input image, upscaled by the model in tiles to the target, encoded, refined, decoded."""
     spec = plan.spec
-    s = start(plan, ex, clock)
+    s = start(plan, ex, clock, note)
 
     with clock.stage("upscale"):
         image = load_input_image(spec.input, max(spec.width, spec.height))

@@ -10,6 +10,7 @@ denoiser class runs its own family's loop on the same 4-D latents, so callers ne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,21 +28,41 @@ if TYPE_CHECKING:
 class PromptEmbeds:
     """Text conditioning for one render, computed once: token and pooled embeddings (SDXL: CLIPs; Flux: T5, CLIP)."""
 
-    embeds: torch.Tensor  # [1, T, D]
+    embeds: torch.Tensor  # [1, T, D]; SDXL: T = 77 x chunks
     pooled: torch.Tensor  # [1, P]
-    negative_embeds: torch.Tensor | None  # None when CFG is off
+    negative_embeds: torch.Tensor | None  # None when CFG is off; else as long as embeds
     negative_pooled: torch.Tensor | None
+    notes: tuple[str, ...] = ()  # what encoding found (token counts, warnings), for the render's log
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PromptEmbeds:
+        """The same conditioning with `fn` applied to each tensor."""
+        return PromptEmbeds(
+            *(
+                None if t is None else fn(t)
+                for t in (self.embeds, self.pooled, self.negative_embeds, self.negative_pooled)
+            ),
+            self.notes,
+        )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> PromptEmbeds:
         """The same embeddings on the sampling device and dtype."""
-        return PromptEmbeds(*(None if t is None else t.to(device, dtype) for t in vars(self).values()))
+        return self.map(lambda t: t.to(device, dtype))
 
     @staticmethod
     def stack(items: list[PromptEmbeds]) -> PromptEmbeds:
-        """One batch of per-item conditionings (e.g. a different prompt per crop), in order."""
+        """One batch of per-item conditionings (e.g. a different prompt per crop), in order. Token sequences
+        of different lengths are repeated to a common multiple, which leaves each item's result unchanged
+        (pipeline.text_encode.repeat_tokens)."""
+        from pipeline.text_encode import repeat_tokens
+
+        length = math.lcm(*(t.shape[1] for e in items for t in (e.embeds, e.negative_embeds) if t is not None))
+        items = [e.map(lambda t: repeat_tokens(t, length) if t.ndim == 3 else t) for e in items]
         first = items[0]
         return PromptEmbeds(
-            *(None if getattr(first, k) is None else torch.cat([getattr(e, k) for e in items]) for k in vars(first))
+            *(
+                None if getattr(first, k) is None else torch.cat([getattr(e, k) for e in items])
+                for k in ("embeds", "pooled", "negative_embeds", "negative_pooled")
+            )
         )
 
     def for_batch(self, batch: int, cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields
 
 from pipeline.detection import Concept
 from pipeline.errors import SpecError
+from pipeline.prompt import STYLES as PROMPT_STYLES
+from pipeline.prompt import parse_prompt
 from pipeline.schedule import SAMPLERS
 
 MAX_SIDE = 65536  # beyond this no machine we target holds the pixel buffers
@@ -31,6 +33,7 @@ class RenderSpec:
     model: str = ""
     prompt: str = ""
     negative: str = ""
+    prompt_style: str = "comfyui"  # how prompts are weighted and chunked: one of PROMPT_STYLES (pipeline.prompt)
     width: int = 4096
     height: int = 4096
     seed: int = 0
@@ -101,6 +104,7 @@ class RenderSpec:
         _check_size(self.width, self.height)
         if not self.model:
             raise SpecError("no model given: pass --model PATH (a diffusers SDXL or Flux folder or .safetensors file)")
+        self._validate_prompts()
         if self.steps < 1:
             raise SpecError(f"steps {self.steps}: must be at least 1 (steps that run per tile)")
         if self.base_steps < 1:
@@ -147,6 +151,18 @@ class RenderSpec:
             )
         self._validate_workflow()
         return self
+
+    def _validate_prompts(self) -> None:
+        """Refuse, before any model loads, a prompt style we do not know and syntax the style cannot run."""
+        if self.prompt_style not in PROMPT_STYLES:
+            raise SpecError(
+                f"prompt_style {self.prompt_style!r}: choose one of {', '.join(PROMPT_STYLES)} "
+                "(how the prompt's weights, e.g. (word:1.2), are read)"
+            )
+        parse_prompt(self.prompt, self.prompt_style, "prompt")
+        parse_prompt(self.negative, self.prompt_style, "negative")
+        for concept in self.concepts:
+            parse_prompt(concept.prompt, self.prompt_style, f"concept {concept.name!r} prompt")
 
     def _validate_workflow(self) -> None:
         if not 1 <= self.pixel_upscale <= MAX_PIXEL_UPSCALE:

@@ -124,10 +124,11 @@ class TileWorker:
             dict(self.model.denoiser.scheduler_config),
         )
 
-    def encode_prompt(self, prompt: str, negative: str, cfg: float) -> PromptEmbeds:
+    def encode_prompt(self, prompt: str, negative: str, cfg: float, style: str = "comfyui") -> PromptEmbeds:
+        """The render's conditioning, prompts written in `style` (comfyui or a1111; see pipeline.prompt)."""
         with self._timed("text encoders"):
-            cond = self.model.encode_prompt(prompt, negative, cfg)
-        return PromptEmbeds(*(None if t is None else t.float().cpu() for t in vars(cond).values()))
+            cond = self.model.encode_prompt(prompt, negative, cfg, style)
+        return cond.map(lambda t: t.float().cpu())
 
     def base(self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str) -> torch.Tensor:
         """txt2img at native size from the pooled scaffold, decoded to pixels."""

@@ -136,6 +136,12 @@ CASES = [
     ("input-16-bit", {"--workflow": "enhance", "--input": "{deep_image}"}, ["{deep_image}", "16", "8 bits"]),
     ("input-huge", {"--workflow": "enhance", "--input": "{tall_image}"}, ["{tall_image}", "1x70000", "at most 32768"]),
     ("out-and-out-dir", {"--out-dir": "{tmp}"}, ["--out", "--out-dir", "not both"]),
+    ("unknown-prompt-style", {"--prompt-style": "webui"}, ["prompt_style 'webui'", "comfyui, a1111"]),
+    ("prompt-editing-comfyui", {"--prompt": "a [cat:dog:0.5]"}, ["prompt: '[cat:dog:0.5]'", "prompt editing"]),
+    ("and-in-a1111", {"--prompt-style": "a1111", "--prompt": "a cat AND a dog"}, ["prompt: 'AND'", "composable"]),
+    ("lora-tag-comfyui", {"--prompt": "a <lora:x:1> cat"}, ["prompt: '<lora:x:1>'", "--lora FILE"]),
+    ("lora-tag-a1111", {"--prompt-style": "a1111", "--negative": "<lora:x:1>"}, ["negative: '<lora:x:1>'", "--lora"]),
+    ("unbalanced-comfyui", {"--prompt": "a (fox"}, ["prompt: '(' at character 3", "never closed"]),
 ]
 
 
