@@ -22,16 +22,32 @@ import torch
 
 from pipeline.chess import Tile, TileGrid
 from pipeline.chess_pass import Batches, RefineSettings, crops
-from pipeline.feather import composite_pass
+from pipeline.feather import coverage, feather_mask
 from pipeline.flux import flow_sigmas, shift_mu
 from pipeline.progress import stage_bar
 from pipeline.schedule import held_steps, make_scheduler, refine_schedule, resolve_sampler, schedule_length
 from pipeline.taskgraph import Executor, Task
 
 
-def blend_predictions(grid: TileGrid, predictions: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i * pred_i / sum_i w_i over the canvas (MultiDiffusion eq. 5), summed in tile-id order."""
-    return composite_pass(torch.zeros_like(like), grid, predictions, "paste")
+def blend_weights(grid: TileGrid) -> dict[int, torch.Tensor]:
+    """Each tile's share w_i / sum_j w_j of every pixel it covers (feather weights, DESIGN rule 3): the
+    shares over any pixel sum to 1, and one tile covering the canvas has share 1 everywhere."""
+    total = coverage(grid, grid.tiles)
+    return {
+        tile.id: feather_mask(grid, tile) / total[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w]
+        for tile in grid.tiles
+    }
+
+
+def blend_predictions(
+    grid: TileGrid, shares: dict[int, torch.Tensor], predictions: dict[int, torch.Tensor], like: torch.Tensor
+) -> torch.Tensor:
+    """sum_i share_i * pred_i over the canvas (MultiDiffusion eq. 5), summed in tile-id order."""
+    out = torch.zeros_like(like)
+    for tile in grid.tiles:  # grid order = tile id order: a fixed summation order keeps results bit-stable
+        box = out[..., tile.y : tile.y + tile.h, tile.x : tile.x + tile.w]
+        box.addcmul_(predictions[tile.id].to(out.dtype), shares[tile.id])
+    return out
 
 
 def start_scheduler(family: str, sampler: str, scheduler_config: dict, grid: TileGrid, settings: RefineSettings):
@@ -96,6 +112,7 @@ def blend_refine(
     latents = noised(family, scheduler, clean, noise, timesteps[0])
     held = held_steps(s.steps, s.denoise, s.masked_denoise) if mask is not None and s.masked_denoise else -1
     tiles = sum(len(b) for b in tile_batches)
+    shares = blend_weights(grid)
     with stage_bar(ex, "refine blend", len(timesteps) * tiles) as bar:
         for i, t in enumerate(timesteps):
             if i <= held:
@@ -109,5 +126,6 @@ def blend_refine(
                 predictions |= done[i_batch]
             if set(predictions) != {tile.id for b in tile_batches for tile in b}:
                 raise RuntimeError(f"blend step {i + 1} returned tiles {sorted(predictions)}")
-            latents = scheduler.step(blend_predictions(grid, predictions, latents), t, latents, return_dict=False)[0]
+            blended = blend_predictions(grid, shares, predictions, latents)
+            latents = scheduler.step(blended, t, latents, return_dict=False)[0]
     return latents.float()
