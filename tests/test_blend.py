@@ -160,3 +160,23 @@ def test_blend_leaves_no_bands_where_the_original_chess_pass_does(small_spec):
         ratios[mode] = band_interior_ratio(run_local(plan, "cpu").result.canvas, plan.grid)
     assert ratios["chess-original"] > 1.15
     assert 0.9 < ratios["blend"] < 1.05
+
+
+def test_the_detailers_mask_is_a_lower_denoise_under_the_blended_sampler(tiny_worker):
+    """Held everywhere for held_steps(4, 0.5, 0.25) = 2 steps, a blended refine at denoise 0.5 is the blended
+    refine at 0.25 (Euler: the last 2 steps of the same 8-step schedule); a zero mask changes nothing."""
+    g = torch.Generator().manual_seed(6)
+    canvas, noise = torch.randn(1, 4, 40, 40, generator=g), torch.randn(1, 4, 40, 40, generator=g)
+    cond = tiny_worker.encode_prompt("a lighthouse", "", 1.0)
+    grid = chess_grid(40, 40, 16)
+    tile_batches = tuple(batches(grid.tiles, 4))
+    config = tiny_worker.facts().scheduler_config
+    ex = LocalExecutor(tiny_worker)
+
+    def run(settings, mask=None):
+        return blend_refine(ex, grid, tile_batches, canvas, noise, cond, settings, "sdxl", config, mask)
+
+    masked = replace(_settings("euler", 4, 0.5), masked_denoise=0.25)
+    plain = run(_settings("euler", 4, 0.5))
+    assert torch.equal(run(masked, torch.zeros(1, 1, 40, 40)), plain)
+    assert torch.allclose(run(masked, torch.ones(1, 1, 40, 40)), run(_settings("euler", 2, 0.25)), atol=1e-5)
