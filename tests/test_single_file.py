@@ -115,3 +115,18 @@ def test_v_prediction_markers_set_the_scheduler(sdxl_pair, tmp_path, no_network)
     scheduler = load_diffusion_model(vpred, CPU, torch.float32).pipe.scheduler
     assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.config.rescale_betas_zero_snr is True
+
+
+def test_cli_renders_from_the_single_file_offline(sdxl_pair, tmp_path, no_network):
+    from PIL import Image
+
+    from farm.cli import main
+
+    _, file = sdxl_pair
+    out = tmp_path / "single.png"
+    args = ["render", "--model", str(file), "--prompt", "a castle", "--workflow", "two-pass", "--seed", "2"]
+    args += ["--base-size", "64x64", "--size", "128x128", "--pixel-upscale", "1", "--tile", "128"]
+    args += ["--steps", "1", "--base-steps", "2", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    with Image.open(out) as image:
+        assert image.size == (128, 128)
