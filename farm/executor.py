@@ -14,6 +14,7 @@ import torch
 from pipeline.checkpoint import Checkpointed, Store
 from pipeline.clock import Clock
 from pipeline.errors import UserError
+from pipeline.flux_parts import resolve_spec_files
 from pipeline.health import ATTEMPTS, bad_result_error, nonfinite, now, poison, stage_row, task_row
 from pipeline.inputs import load_input_image
 from pipeline.memory import MemoryEstimate, auto_tile_batch, check_fits, count_parameters, host_bytes, worker_estimate
@@ -49,7 +50,7 @@ def enhance_target(spec: RenderSpec, info: ModelInfo) -> tuple[RenderSpec, list[
 def prepare(spec: RenderSpec, device_name: str = "auto") -> RenderPlan:
     """Check every input that can be checked without loading a model, and plan the render
     (a tile batch of 0 is resolved here, from the free memory of the device that will run it)."""
-    spec.validate()
+    spec = resolve_spec_files(spec.validate())
     info = inspect_diffusion_model(spec.model)
     notes: list[str] = []
     if spec.workflow == "enhance":

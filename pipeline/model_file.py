@@ -51,7 +51,7 @@ class FileKind:
         words = {
             "sdxl": f"an SDXL {self.variant or 'base'} checkpoint",
             "flux-transformer": f"a Flux {self.variant} transformer ({self.layout} layout)",
-            "vae": f"a {'Flux (16-channel)' if self.family == 'flux' else 'SDXL/SD (4-channel)'} VAE",
+            "vae": "a Flux (16-channel) VAE" if self.family == "flux" else "an SDXL/SD (4-channel) VAE",
             "clip-l": "a CLIP-L text encoder",
             "clip-g": "a CLIP-G (OpenCLIP bigG) text encoder",
             "t5": "a T5 text encoder",

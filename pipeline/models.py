@@ -183,7 +183,7 @@ def _quiet_hf_logs() -> None:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 
-def _load_pipeline(info: ModelInfo, dtype: torch.dtype, config: str | Path | None):
+def _load_pipeline(info: ModelInfo, dtype: torch.dtype, config: str | Path | None, parts=None):
     """The family's diffusers pipeline from a folder, or from a single file plus a config folder."""
     from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusionXLPipeline
 
@@ -197,6 +197,12 @@ def _load_pipeline(info: ModelInfo, dtype: torch.dtype, config: str | Path | Non
 
         return load_sdxl_checkpoint(info.path, inspect_file(info.path), dtype)
     if config is None:
+        from pipeline.flux_parts import FluxParts, load_flux_parts
+        from pipeline.model_file import inspect_file
+
+        kind = inspect_file(info.path)
+        if kind.layout == "bfl":
+            return load_flux_parts(info.path, kind, parts or FluxParts(), dtype)
         raise ModelFileError(
             f"single-file checkpoint {info.path} needs --model-config: a diffusers {family_name} folder "
             "with its VAE, text encoders, configs and tokenizers (no downloads happen here)"
@@ -218,12 +224,14 @@ def load_diffusion_model(
     dtype: torch.dtype,
     config: str | Path | None = None,
     loras: Sequence[tuple[str | Path, float, float]] = (),
+    parts=None,
 ) -> DiffusionModel:
     """Load an SDXL or Flux diffusers folder (local files only) or single .safetensors checkpoint.
 
-    A single file needs the pipeline's configs and tokenizers: `config` is a diffusers folder
-    holding them (and, for Flux, the VAE and text encoders). `loras` are (file, denoiser strength,
-    text encoder strength), fused into the weights in order.
+    A single SDXL checkpoint needs nothing else; a Flux transformer file needs its VAE, CLIP-L and
+    T5 files (`parts`, a pipeline.flux_parts.FluxParts). `config`, a diffusers folder with the
+    pipeline's configs and tokenizers (and Flux's other components), overrides both. `loras` are
+    (file, denoiser strength, text encoder strength), fused into the weights in order.
     """
     from pipeline.lora import apply_lora
 
@@ -233,7 +241,7 @@ def load_diffusion_model(
         for weights in sorted(info.path.glob("*/*.safetensors")):
             _check_safetensors(weights)
     try:
-        pipe = _load_pipeline(info, dtype, config)
+        pipe = _load_pipeline(info, dtype, config, parts)
     except ModelFileError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:

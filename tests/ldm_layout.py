@@ -124,3 +124,58 @@ def sdxl_pipeline_to_checkpoint(pipe) -> dict[str, torch.Tensor]:
         "conditioner.embedders.1.model." + k: v for k, v in clip_g_to_openclip(pipe.text_encoder_2.state_dict()).items()
     }
     return {k: v.contiguous() for k, v in state.items()}
+
+
+def flux_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel state dict in Black Forest Labs' keys (flux1-dev.safetensors)."""
+    top = {
+        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+        "context_embedder": "txt_in",
+        "x_embedder": "img_in",
+        "proj_out": "final_layer.linear",
+    }
+    double = {
+        "norm1.linear": "img_mod.lin",
+        "norm1_context.linear": "txt_mod.lin",
+        "ff.net.0.proj": "img_mlp.0",
+        "ff.net.2": "img_mlp.2",
+        "ff_context.net.0.proj": "txt_mlp.0",
+        "ff_context.net.2": "txt_mlp.2",
+        "attn.to_out.0": "img_attn.proj",
+        "attn.to_add_out": "txt_attn.proj",
+    }
+    norms = {"norm_q": "img_attn.norm.query_norm", "norm_k": "img_attn.norm.key_norm"}
+    norms |= {"norm_added_q": "txt_attn.norm.query_norm", "norm_added_k": "txt_attn.norm.key_norm"}
+    out = {}
+    for leaf in ("weight", "bias"):
+        for ours, bfl in top.items():
+            if f"{ours}.{leaf}" in state:
+                out[f"{bfl}.{leaf}"] = state[f"{ours}.{leaf}"]
+        scale, shift = state[f"norm_out.linear.{leaf}"].chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{leaf}"] = torch.cat([shift, scale])
+    doubles = {int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}
+    for i in doubles:
+        src, dst = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for leaf in ("weight", "bias"):
+            for ours, bfl in double.items():
+                out[f"{dst}{bfl}.{leaf}"] = state[f"{src}{ours}.{leaf}"]
+            out[f"{dst}img_attn.qkv.{leaf}"] = torch.cat([state[f"{src}attn.to_{p}.{leaf}"] for p in "qkv"])
+            out[f"{dst}txt_attn.qkv.{leaf}"] = torch.cat([state[f"{src}attn.add_{p}_proj.{leaf}"] for p in "qkv"])
+        for ours, bfl in norms.items():
+            out[f"{dst}{bfl}.scale"] = state[f"{src}attn.{ours}.weight"]
+    singles = {int(k.split(".")[1]) for k in state if k.startswith("single_transformer_blocks.")}
+    for i in singles:
+        src, dst = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"{dst}modulation.lin.{leaf}"] = state[f"{src}norm.linear.{leaf}"]
+            out[f"{dst}linear2.{leaf}"] = state[f"{src}proj_out.{leaf}"]
+            fused = [state[f"{src}attn.to_{p}.{leaf}"] for p in "qkv"] + [state[f"{src}proj_mlp.{leaf}"]]
+            out[f"{dst}linear1.{leaf}"] = torch.cat(fused)
+        out[f"{dst}norm.query_norm.scale"] = state[f"{src}attn.norm_q.weight"]
+        out[f"{dst}norm.key_norm.scale"] = state[f"{src}attn.norm_k.weight"]
+    return out
