@@ -25,6 +25,12 @@ from pipeline.single_file_configs import (
 )
 
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+SDXL_PARTS = {  # SGM checkpoint prefixes of the networks a render needs
+    "model.diffusion_model.": "UNet",
+    "first_stage_model.": "VAE",
+    "conditioner.embedders.0.transformer.": "CLIP-L text encoder",
+    "conditioner.embedders.1.model.": "OpenCLIP bigG text encoder",
+}
 
 
 def part(state: dict, prefix: str) -> dict:
@@ -130,6 +136,12 @@ def load_sdxl_checkpoint(path: Path, kind: FileKind, dtype: torch.dtype):
         )
     state = read_tensors(path, kind)
     shapes = shapes_of(state)
+    for prefix, what in SDXL_PARTS.items():
+        if not any(k.startswith(prefix) for k in shapes):
+            raise ModelFileError(
+                f"{path} looks like an SDXL checkpoint but holds no {what} (no {prefix}* tensors); pass a full "
+                "checkpoint (UNet, VAE and both text encoders), or a diffusers folder"
+            )
     g_prefix = "conditioner.embedders.1.model."
     g_config = CLIPTextConfig(**clip_config(shapes_of(part(state, g_prefix)), "openclip", big=True))
     _check_vocab(g_config.vocab_size, path, "OpenCLIP bigG")
