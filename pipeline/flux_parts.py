@@ -17,7 +17,7 @@ import torch
 from pipeline.errors import ModelFileError
 from pipeline.flux_keys import apply_plan, bfl_plan, flux_transformer_config
 from pipeline.model_file import FileKind, inspect_file
-from pipeline.single_file import build, clip_l_model, part, read_tensors, shapes_of
+from pipeline.single_file import build, clip_l_model, dequantise, part, read_tensors, shapes_of
 from pipeline.single_file_configs import FLUX_SCHEDULER, clip_tokenizer, t5_config, vae_config
 
 PART_FOLDERS = {  # ComfyUI models/ sub-folders, current name first
@@ -95,6 +95,8 @@ def check_part(path: Path, role: str) -> FileKind:
     if kind.kind != PART_KINDS[role]:
         wanted = FileKind(PART_KINDS[role], "flux" if role == "vae" else "")
         raise ModelFileError(f"{flag} {path} is {kind.describe()}, not {wanted.describe()}")
+    if kind.missing_scales:
+        dequantise({}, path, kind)  # refuses, naming the file
     if kind.kind == "vae" and kind.layout != "ldm":
         raise ModelFileError(f"{flag} {path} is a VAE in diffusers layout; pass the original ae.safetensors")
     return kind
@@ -190,13 +192,15 @@ def resolve_spec_files(spec):
     if spec.comfy_models and spec.model and not Path(spec.model).expanduser().exists():
         spec = replace(spec, model=str(find_in_comfy(spec.model, "model", spec.comfy_models)))
     model = Path(spec.model).expanduser()
-    if spec.model_config or not model.is_file():
-        return spec
-    kind = inspect_file(model)
-    if kind.kind != "flux-transformer" or kind.layout != "bfl":
+    kind = inspect_file(model) if model.is_file() and not spec.model_config else None
+    if kind is None or kind.kind != "flux-transformer" or kind.layout != "bfl":
         given = [PART_FLAGS[role] for role in ("vae", "clip_l", "t5", "t5_tokenizer") if getattr(spec, role)]
         if given:
-            raise SpecError(f"{', '.join(given)} are for a Flux transformer file; model {model} is {kind.describe()}")
+            what = kind.describe() if kind else "a folder" if model.is_dir() else "loaded with --model-config"
+            raise SpecError(
+                f"{', '.join(given)}: these are for a Flux transformer file in BFL layout (flux1-dev.safetensors); "
+                f"model {model} is {what}"
+            )
         return spec
     parts = FluxParts(spec.vae, spec.clip_l, spec.t5, spec.t5_tokenizer, spec.comfy_models)
     files = {role: find_in_comfy(getattr(parts, role), role, parts.comfy_models) for role in PART_KINDS}
