@@ -174,7 +174,7 @@ def _load(parts, **change):
     return load_diffusion_model(parts["model"], CPU, torch.float32, parts=FluxParts(**(given | change))).pipe
 
 
-def test_parts_load_equal_to_the_networks_they_were_saved_from(parts):
+def test_parts_load_equal_to_the_networks_they_were_saved_from(parts, no_network):
     pipe = _load(parts)
     models = parts["models"]
     g = torch.Generator().manual_seed(2)
@@ -222,7 +222,7 @@ def test_fp8_text_encoders_are_dequantised_on_load(parts, name):
         assert torch.allclose(loaded[key], original, rtol=0.07, atol=1e-3), key  # fp8 keeps ~2 significant digits
 
 
-def test_comfy_models_folder_finds_every_part(parts, tmp_path):
+def test_comfy_models_folder_finds_every_part(parts, tmp_path, no_network):
     from PIL import Image
 
     from farm.cli import main

@@ -40,31 +40,6 @@ def sdxl_pair(tmp_path_factory):
     return folder, file
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """The hub is unreachable and any attempt to use it fails the test loudly."""
-    import diffusers.loaders.single_file as dsf
-    import diffusers.utils.hub_utils as dhub
-    import huggingface_hub
-    import huggingface_hub.utils._http as hf_http
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[:1]}")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    for module, name in [
-        (huggingface_hub, "hf_hub_download"),
-        (huggingface_hub, "snapshot_download"),
-        (dsf, "snapshot_download"),
-        (dhub, "hf_hub_download"),
-        (dhub, "snapshot_download"),
-        (hf_http, "get_session"),
-        (hf_http, "http_backoff"),
-    ]:
-        monkeypatch.setattr(module, name, refuse)
-
-
 def test_classified_as_sdxl_base(sdxl_pair):
     _, file = sdxl_pair
     kind = inspect_file(file)
@@ -130,3 +105,43 @@ def test_cli_renders_from_the_single_file_offline(sdxl_pair, tmp_path, no_networ
     assert main(args) == 0
     with Image.open(out) as image:
         assert image.size == (128, 128)
+
+
+def test_full_size_sdxl_header_gives_the_released_configs():
+    """SDXL's released sizes, built on the meta device and renamed to the checkpoint layout, read back exactly."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from ldm_layout import clip_g_to_openclip, unet_to_ldm, vae_to_ldm
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from pipeline.single_file_configs import clip_config, sdxl_unet_config, vae_config
+
+    released_unet = dict(
+        block_out_channels=[320, 640, 1280],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        transformer_layers_per_block=[1, 2, 10],
+        attention_head_dim=[5, 10, 20],
+        cross_attention_dim=2048,
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        layers_per_block=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        sample_size=128,
+    )
+    released_vae = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4)
+    released_vae |= dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+    released_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20)
+    released_g |= dict(projection_dim=1280, hidden_act="gelu", vocab_size=49408, max_position_embeddings=77)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**released_unet)
+        vae = AutoencoderKL(**released_vae)
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**released_g))
+    up_attention = [t.startswith("CrossAttn") for t in released_unet["up_block_types"]]
+    shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731
+    unet_shapes = shapes(unet_to_ldm(unet.state_dict(), 2, up_attention))
+    assert sdxl_unet_config(unet_shapes, pooled_dim=1280) | released_unet == sdxl_unet_config(unet_shapes, 1280)
+    vae_found = vae_config(shapes(vae_to_ldm(vae.state_dict(), 4)), "sdxl")
+    assert vae_found | released_vae == vae_found and vae_found["scaling_factor"] == 0.13025
+    g_found = clip_config(shapes(clip_g_to_openclip(clip_g.state_dict())), "openclip", big=True)
+    assert g_found | released_g == g_found
