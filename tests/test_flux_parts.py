@@ -263,3 +263,19 @@ def test_wrong_family_parts_are_refused(parts, tiny_sdxl):
         ModelFileError, match=r"--t5 .*clip_l.safetensors is a CLIP-L text encoder, not a T5 text encoder"
     ):
         _load(parts, t5=str(parts["clip_l"]))
+
+
+def test_prepare_resolves_the_parts_and_counts_their_weights(parts):
+    from farm.executor import model_parameters, prepare
+    from pipeline.memory import count_parameters
+    from pipeline.spec import RenderSpec
+
+    spec = RenderSpec(model="flux1-tiny.safetensors", comfy_models=str(parts["root"] / "models"), prompt="x")
+    spec = RenderSpec(**(spec.to_dict() | dict(width=256, height=256, tile=128, native=128, steps=1, base_steps=1)))
+    plan = prepare(spec)
+    resolved = {name: getattr(plan.spec, name) for name in ("model", "vae", "clip_l", "t5", "t5_tokenizer")}
+    assert resolved == {name: str(parts[name]) for name in ("model", "vae", "clip_l", "t5")} | {
+        "t5_tokenizer": str(parts["tokenizer"])
+    }
+    files = [parts[name] for name in ("model", "vae", "clip_l", "t5")]
+    assert model_parameters(plan) == sum(count_parameters(f) for f in files) > count_parameters(parts["model"])
