@@ -136,8 +136,7 @@ def evil_pickle(tmp_path) -> tuple[Path, Path]:
     return evil, marker
 
 
-@pytest.fixture
-def no_network(monkeypatch):
+def block_hub(monkeypatch) -> None:
     """The hub is unreachable and any attempt to use it fails the test loudly."""
     import diffusers.loaders.single_file as dsf
     import diffusers.utils.hub_utils as dhub
@@ -159,3 +158,8 @@ def no_network(monkeypatch):
         (hf_http, "http_backoff"),
     ]:
         monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    block_hub(monkeypatch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import block_hub
 from ldm_layout import sdxl_pipeline_to_checkpoint
 from safetensors.torch import save_file
 
@@ -48,11 +49,19 @@ def test_classified_as_sdxl_base(sdxl_pair):
     assert (info.family, info.single_file, info.latent_channels) == ("sdxl", True, 4)
 
 
-def test_loads_with_no_config_bit_equal_to_the_folder(sdxl_pair, no_network):
+@pytest.fixture(scope="module")
+def loaded(sdxl_pair):
+    """(the single file loaded with no config and the hub unreachable, its folder form loaded the usual way)."""
     folder, file = sdxl_pair
-    single = load_diffusion_model(file, CPU, torch.float32).pipe
-    torch.manual_seed(0)  # the folder load must not depend on the hub either
-    reference = load_diffusion_model(folder, CPU, torch.float32).pipe
+    with pytest.MonkeyPatch.context() as patch:
+        block_hub(patch)
+        single = load_diffusion_model(file, CPU, torch.float32).pipe
+        reference = load_diffusion_model(folder, CPU, torch.float32).pipe
+    return single, reference
+
+
+def test_loads_with_no_config_bit_equal_to_the_folder(loaded):
+    single, reference = loaded
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         mine, theirs = getattr(single, name).state_dict(), getattr(reference, name).state_dict()
         assert mine.keys() == theirs.keys(), name
@@ -60,6 +69,12 @@ def test_loads_with_no_config_bit_equal_to_the_folder(sdxl_pair, no_network):
             assert torch.equal(mine[key], theirs[key]), f"{name}.{key}"
     for name in ("unet", "vae"):  # the configs read from the header are the folder's, field by field
         assert config_of(getattr(single, name)) == config_of(getattr(reference, name)), name
+    assert single.scheduler.config.prediction_type == "epsilon"
+    assert single.scheduler.config.timestep_spacing == "leading"
+
+
+def test_single_file_computes_what_the_folder_computes(loaded):
+    single, reference = loaded
     realign(single, reference)
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 4, 8, 8, generator=g)
@@ -76,8 +91,6 @@ def test_loads_with_no_config_bit_equal_to_the_folder(sdxl_pair, no_network):
         )
     for mine, theirs in zip(embeds, expected, strict=True):
         assert torch.equal(mine, theirs)
-    assert single.scheduler.config.prediction_type == "epsilon"
-    assert single.scheduler.config.timestep_spacing == "leading"
 
 
 def test_v_prediction_markers_set_the_scheduler(sdxl_pair, tmp_path, no_network):
@@ -90,6 +103,11 @@ def test_v_prediction_markers_set_the_scheduler(sdxl_pair, tmp_path, no_network)
     scheduler = load_diffusion_model(vpred, CPU, torch.float32).pipe.scheduler
     assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.config.rescale_betas_zero_snr is True
+    from pipeline.schedule import make_scheduler
+
+    for sampler in ("dpmpp_2m_karras", "euler"):  # the render's own samplers keep both
+        mine = make_scheduler(sampler, dict(scheduler.config))
+        assert mine.config.prediction_type == "v_prediction" and float(mine.alphas_cumprod[-1]) < 1e-6
 
 
 def test_cli_renders_from_the_single_file_offline(sdxl_pair, tmp_path, no_network):
