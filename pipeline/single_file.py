@@ -76,7 +76,8 @@ def read_tensors(path: Path, kind: FileKind) -> dict[str, torch.Tensor]:
 
 
 def build(factory, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str, path: Path):
-    """A real network from `factory`, its parameters taken from `state` (strict: every key, no extras)."""
+    """A real network from `factory`, every parameter taken from `state` (tensors it has no place for,
+    such as CLIP's position_ids or text_projection in a CLIP-L file, are left out)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):  # parameters on meta, then assigned: no second copy
@@ -97,18 +98,17 @@ def build(factory, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str
     return model.eval()
 
 
-def clip_l_model(state: dict, dtype: torch.dtype, path: Path, with_projection: bool = False):
+def clip_l_model(state: dict, dtype: torch.dtype, path: Path):
     """CLIPTextModel from HF-layout keys (`text_model.*`), sized from their shapes."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
     config = CLIPTextConfig(**clip_config(shapes_of(state), "hf", big=False))
     _check_vocab(config.vocab_size, path, "CLIP-L")
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    # CLIPTextModel has no text_model. level in transformers >= 5.6; CLIPTextModelWithProjection keeps it
-    if not any(k.startswith("text_model.") for k in on_meta(lambda: cls(config)).state_dict()):
+    # CLIPTextModel has no text_model. level in transformers >= 5.6 (real files keep it)
+    if not any(k.startswith("text_model.") for k in on_meta(lambda: CLIPTextModel(config)).state_dict()):
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    return build(lambda: cls(config), state, dtype, "CLIP-L text encoder", path)
+    return build(lambda: CLIPTextModel(config), state, dtype, "CLIP-L text encoder", path)
 
 
 def _check_vocab(vocab: int, path: Path, what: str) -> None:
