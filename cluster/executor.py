@@ -97,6 +97,7 @@ def preflight(config: WorkerConfig, gpus_per_worker: float) -> None:
     nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("GPU", 0) > 0 or not gpus_per_worker)]
     check = ray.remote(num_cpus=0)(_check_node)
     paths = [config.model, config.upscaler, config.model_config, config.detector, config.lora]
+    paths += [config.vae, config.clip_l, config.t5, config.t5_tokenizer, config.comfy_models]
     reports = ray.get(
         [
             check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)

@@ -33,6 +33,15 @@ SPEC_FLAGS = {
     "--native": ("native", int, "the model's native size in px (default: from the model)"),
     "--upscale-tile": ("upscale_tile", int, "upscaler input tile in px (default 512)"),
     "--model-config": ("model_config", str, "diffusers folder with configs for a single-file checkpoint"),
+    "--vae": ("vae", str, "Flux from parts: its VAE file (ae.safetensors)"),
+    "--clip-l": ("clip_l", str, "Flux from parts: its CLIP-L file (clip_l.safetensors)"),
+    "--t5": ("t5", str, "Flux from parts: its T5 file (t5xxl_fp16.safetensors; fp8 and scaled fp8 too)"),
+    "--t5-tokenizer": ("t5_tokenizer", str, "Flux from parts: T5's tokenizer.json (default: ComfyUI's copy)"),
+    "--comfy-models": (
+        "comfy_models",
+        str,
+        "a ComfyUI models/ folder: --model, --vae, --clip-l, --t5 may be names in it, or are found by kind",
+    ),
     "--detector": ("detector", str, "SAM3 model folder for the semantic detailer (with --concept)"),
     "--detail-padding": ("detail_padding", float, "context around a detection per side, x its size (default 0.25)"),
     "--detail-chess-denoise": (

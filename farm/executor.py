@@ -14,6 +14,7 @@ import torch
 from pipeline.checkpoint import Checkpointed, Store
 from pipeline.clock import Clock
 from pipeline.errors import UserError
+from pipeline.flux_parts import resolve_spec_files
 from pipeline.health import ATTEMPTS, bad_result_error, nonfinite, now, poison, stage_row, task_row
 from pipeline.inputs import load_input_image
 from pipeline.memory import MemoryEstimate, auto_tile_batch, check_fits, count_parameters, host_bytes, worker_estimate
@@ -50,7 +51,7 @@ def enhance_target(spec: RenderSpec, info: ModelInfo) -> tuple[RenderSpec, list[
 def prepare(spec: RenderSpec, device_name: str = "auto") -> RenderPlan:
     """Check every input that can be checked without loading a model, and plan the render
     (a tile batch of 0 is resolved here, from the free memory of the device that will run it)."""
-    spec.validate()
+    spec = resolve_spec_files(spec.validate())
     info = inspect_diffusion_model(spec.model)
     notes: list[str] = []
     if spec.workflow == "enhance":
@@ -68,6 +69,12 @@ def prepare(spec: RenderSpec, device_name: str = "auto") -> RenderPlan:
     return replace(make_plan(spec, info), notes=tuple(notes))
 
 
+def model_parameters(plan: RenderPlan) -> int:
+    """Parameters of the model and of the part files beside it (Flux's VAE and text encoders), from headers."""
+    parts = [plan.spec.vae, plan.spec.clip_l, plan.spec.t5]
+    return count_parameters(plan.model.path) + sum(count_parameters(Path(p).expanduser()) for p in parts if p)
+
+
 def _auto_batch(plan: RenderPlan, device_name: str) -> int:
     """On a GPU: the largest batch the memory estimate fits into free memory. Elsewhere 4: a CPU gains
     nothing from larger batches, and a cluster driver cannot see its workers' GPUs."""
@@ -76,7 +83,7 @@ def _auto_batch(plan: RenderPlan, device_name: str) -> int:
         return 4
     dtype = pick_dtype(plan.spec.precision, device, plan.model.family)
     free, _ = torch.cuda.mem_get_info(device)
-    return auto_tile_batch(plan, torch.finfo(dtype).bits // 8, count_parameters(plan.model.path), free)
+    return auto_tile_batch(plan, torch.finfo(dtype).bits // 8, model_parameters(plan), free)
 
 
 class LocalExecutor:
@@ -156,7 +163,7 @@ def check_memory(plan: RenderPlan, device_name: str) -> None:
     """Before loading any model: the device holds the weights and the largest step, and the host the buffers."""
     device = pick_device(device_name)
     dtype = pick_dtype(plan.spec.precision, device, plan.model.family)
-    need = worker_estimate(plan, torch.finfo(dtype).bits // 8, count_parameters(plan.model.path))
+    need = worker_estimate(plan, torch.finfo(dtype).bits // 8, model_parameters(plan))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         check_fits(plan, need, free, f"GPU ({torch.cuda.get_device_name(device)})")

@@ -8,6 +8,7 @@ model of the other family is refused before anything loads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.models import inspect_diffusion_model
@@ -36,8 +37,8 @@ class Preset:
 
     def check_model(self, model: str) -> None:
         """Refuse a model of the other family before it loads (a Flux model on an SDXL preset, or the reverse)."""
-        if self.family == "any" or not model:
-            return
+        if self.family == "any" or not model or not Path(model).expanduser().exists():
+            return  # a name under --comfy-models, or a missing path: render preparation resolves or names it
         family = inspect_diffusion_model(model).family
         if family != self.family:
             raise UserError(

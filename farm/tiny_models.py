@@ -30,8 +30,12 @@ def _tiny_tokenizer():
     return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=77)
 
 
-def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
-    """Save a tiny SDXL-architecture diffusers folder (UNet with text_time embeddings, 8x VAE, two CLIPs)."""
+def build_tiny_sdxl(path: Path, seed: int = 0, release_rules: bool = False) -> Path:
+    """Save a tiny SDXL-architecture diffusers folder (UNet with text_time embeddings, 8x VAE, two CLIPs).
+
+    `release_rules`: follow what SDXL's released configs fix and shapes cannot show (64-wide heads,
+    32 norm groups, CLIP's vocabulary and activations), as a single file saved from it must.
+    """
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -42,32 +46,32 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=32,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
+        attention_head_dim=(1, 1) if release_rules else (2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=6 * 8 + 32,
         cross_attention_dim=64,
-        norm_num_groups=8,
+        norm_num_groups=32 if release_rules else 8,
+        sample_size=128 if release_rules else 32,
     )
     vae = AutoencoderKL(
-        sample_size=TINY_NATIVE_PX,
+        sample_size=1024 if release_rules else TINY_NATIVE_PX,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(8, 16, 16, 16),
+        block_out_channels=(32,) * 4 if release_rules else (8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         layers_per_block=1,
-        norm_num_groups=8,
+        norm_num_groups=32 if release_rules else 8,
         scaling_factor=0.13025,
     )
     text_config = dict(
@@ -83,7 +87,15 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         hidden_act="gelu",
         max_position_embeddings=77,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    tokenizers = _tiny_tokenizer(), _tiny_tokenizer()
+    if release_rules:
+        from pipeline.single_file_configs import CLIP_VOCAB, clip_tokenizer
+
+        ids = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)  # the released configs' (see clip_config)
+        text_config.update(vocab_size=CLIP_VOCAB, num_attention_heads=1, **ids)
+        tokenizers = clip_tokenizer(), clip_tokenizer(pad_token="!")
+    text_act = "quick_gelu" if release_rules else "gelu"  # CLIP-L's activation; OpenCLIP bigG's is gelu
+    text_encoder = CLIPTextModel(CLIPTextConfig(**(text_config | dict(hidden_act=text_act))))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
@@ -96,8 +108,8 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
-        tokenizer=_tiny_tokenizer(),
-        tokenizer_2=_tiny_tokenizer(),
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
         unet=unet,
         scheduler=scheduler,
     )

@@ -59,29 +59,29 @@ def _check_safetensors(file: Path) -> list[str]:
         ) from None
 
 
-def single_file_family(file: Path, keys: list[str]) -> str:
-    """'sdxl' or 'flux' from a checkpoint's tensor names, original (BFL/SGM) or diffusers layout."""
-    names = {part for key in keys for part in key.split(".")[:3]}
-    if names & {"double_blocks", "single_transformer_blocks"}:
-        return "flux"
-    if names & {"input_blocks", "down_blocks"}:
-        return "sdxl"
-    raise ModelFileError(
-        f"model file {file} is neither an SDXL nor a Flux checkpoint (no UNet input blocks and no Flux "
-        "double blocks among its tensors); pass an SDXL or Flux .safetensors, or a diffusers folder"
-    )
-
-
 def _single_file_info(path: Path) -> ModelInfo:
-    if path.suffix != ".safetensors":
-        raise ModelFileError(
-            f"model file {path} is not .safetensors; single-file checkpoints must be safetensors "
-            "(pickled .ckpt files can run code when loaded): convert it, or pass a diffusers folder"
-        )
-    family = single_file_family(path, _check_safetensors(path))
-    if family == "flux":
+    from pipeline.model_file import inspect_file, top_prefixes
+
+    kind = inspect_file(path)
+    if kind.kind == "flux-transformer":
         return ModelInfo(path, "flux", 16, 8, 1024, single_file=True, size_multiple=16)
-    return ModelInfo(path, "sdxl", 4, 8, 1024, single_file=True)
+    if kind.kind == "sdxl":
+        return ModelInfo(path, "sdxl", 4, 8, 1024, single_file=True)
+    if kind.kind == "sd15":
+        raise ModelFileError(
+            f"model file {path} is {kind.describe()}; tilefarm renders with SDXL and Flux models only: "
+            "pass an SDXL checkpoint (e.g. sd_xl_base_1.0.safetensors) or a Flux transformer"
+        )
+    if kind.kind != "unknown":
+        flag = {"vae": "--vae", "clip-l": "--clip-l", "t5": "--t5"}.get(kind.kind)
+        hint = f"pass it with {flag} next to a Flux --model" if flag else "it is not a diffusion model"
+        raise ModelFileError(f"model file {path} is {kind.describe()}, not an SDXL or Flux checkpoint; {hint}")
+    from pipeline.model_file import read_header
+
+    raise ModelFileError(
+        f"model file {path} is neither an SDXL nor a Flux checkpoint (its tensors start with "
+        f"{top_prefixes(read_header(path))}); pass an SDXL checkpoint, a Flux transformer, or a diffusers folder"
+    )
 
 
 def _read_configs(path: Path, class_name: str, *names: str) -> list[dict]:
@@ -176,7 +176,7 @@ def _quiet_hf_logs() -> None:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 
-def _load_pipeline(info: ModelInfo, dtype: torch.dtype, config: str | Path | None):
+def _load_pipeline(info: ModelInfo, dtype: torch.dtype, config: str | Path | None, parts=None):
     """The family's diffusers pipeline from a folder, or from a single file plus a config folder."""
     from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusionXLPipeline
 
@@ -184,11 +184,21 @@ def _load_pipeline(info: ModelInfo, dtype: torch.dtype, config: str | Path | Non
     if not info.single_file:
         pipeline_class = FluxPipeline if info.family == "flux" else StableDiffusionXLPipeline
         return pipeline_class.from_pretrained(str(info.path), local_files_only=True, dtype=dtype)
+    if config is None and info.family == "sdxl":
+        from pipeline.model_file import inspect_file
+        from pipeline.single_file import load_sdxl_checkpoint
+
+        return load_sdxl_checkpoint(info.path, inspect_file(info.path), dtype)
     if config is None:
-        needs = "its VAE, text encoders and " if info.family == "flux" else ""
+        from pipeline.flux_parts import FluxParts, load_flux_parts
+        from pipeline.model_file import inspect_file
+
+        kind = inspect_file(info.path)
+        if kind.layout == "bfl":
+            return load_flux_parts(info.path, kind, parts or FluxParts(), dtype)
         raise ModelFileError(
             f"single-file checkpoint {info.path} needs --model-config: a diffusers {family_name} folder "
-            f"with {needs}its configs and tokenizers (no downloads happen here)"
+            "with its VAE, text encoders, configs and tokenizers (no downloads happen here)"
         )
     if info.family == "sdxl":
         return StableDiffusionXLPipeline.from_single_file(
@@ -207,12 +217,14 @@ def load_diffusion_model(
     dtype: torch.dtype,
     config: str | Path | None = None,
     loras: Sequence[tuple[str | Path, float, float]] = (),
+    parts=None,
 ) -> DiffusionModel:
     """Load an SDXL or Flux diffusers folder (local files only) or single .safetensors checkpoint.
 
-    A single file needs the pipeline's configs and tokenizers: `config` is a diffusers folder
-    holding them (and, for Flux, the VAE and text encoders). `loras` are (file, denoiser strength,
-    text encoder strength), fused into the weights in order.
+    A single SDXL checkpoint needs nothing else; a Flux transformer file needs its VAE, CLIP-L and
+    T5 files (`parts`, a pipeline.flux_parts.FluxParts). `config`, a diffusers folder with the
+    pipeline's configs and tokenizers (and Flux's other components), overrides both. `loras` are
+    (file, denoiser strength, text encoder strength), fused into the weights in order.
     """
     from pipeline.lora import apply_lora
 
@@ -222,7 +234,7 @@ def load_diffusion_model(
         for weights in sorted(info.path.glob("*/*.safetensors")):
             _check_safetensors(weights)
     try:
-        pipe = _load_pipeline(info, dtype, config)
+        pipe = _load_pipeline(info, dtype, config, parts)
     except ModelFileError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:

@@ -48,6 +48,11 @@ class RenderSpec:
     upscale_tile: int = 512
     native: int = 0  # the model's native size in px; 0 = read from the model
     model_config: str = ""  # diffusers folder with configs, for single-file checkpoints
+    vae: str = ""  # Flux from parts: the ae.safetensors VAE (a path, or a name under comfy_models)
+    clip_l: str = ""  # Flux from parts: the CLIP-L text encoder file
+    t5: str = ""  # Flux from parts: the T5 text encoder file (fp16, fp8 or scaled fp8)
+    t5_tokenizer: str = ""  # Flux from parts: T5's tokenizer.json
+    comfy_models: str = ""  # a ComfyUI models/ folder to find the model and its parts in
     precision: str = "auto"
     detector: str = ""  # SAM3 folder for the semantic detailer
     concepts: tuple[Concept, ...] = ()  # what the detailer looks for; none = no detail stage

@@ -16,6 +16,7 @@ from pipeline.chess import Tile
 from pipeline.chess_pass import RefineSettings, refine_tiles, tile_noise
 from pipeline.detection import Concept, Detection
 from pipeline.errors import UserError
+from pipeline.flux_parts import FluxParts
 from pipeline.models import inspect_diffusion_model, load_diffusion_model, load_upscaler
 from pipeline.sampler import PromptEmbeds, generate, refine
 from pipeline.spec import RenderSpec
@@ -60,6 +61,11 @@ class WorkerConfig:
     lora: str = ""  # LoRA file fused into the model; empty = none
     lora_strength: float = 1.0
     lora_text_strength: float = 1.0
+    vae: str = ""  # Flux from parts (see pipeline.flux_parts)
+    clip_l: str = ""
+    t5: str = ""
+    t5_tokenizer: str = ""
+    comfy_models: str = ""
 
     @classmethod
     def from_spec(cls, spec: RenderSpec, device: str = "auto") -> WorkerConfig:
@@ -76,6 +82,11 @@ class WorkerConfig:
             lora=spec.lora,
             lora_strength=spec.lora_strength,
             lora_text_strength=spec.lora_text_strength,
+            vae=spec.vae,
+            clip_l=spec.clip_l,
+            t5=spec.t5,
+            t5_tokenizer=spec.t5_tokenizer,
+            comfy_models=spec.comfy_models,
         )
 
 
@@ -105,8 +116,9 @@ class TileWorker:
             load_upscaler(config.upscaler, self.device, half=dtype != torch.float32) if config.upscaler else None
         )
         loras = [(config.lora, config.lora_strength, config.lora_text_strength)] if config.lora else []
+        parts = FluxParts(config.vae, config.clip_l, config.t5, config.t5_tokenizer, config.comfy_models)
         self.model = load_diffusion_model(
-            config.model, self.device, dtype, config=config.model_config or None, loras=loras
+            config.model, self.device, dtype, config=config.model_config or None, loras=loras, parts=parts
         )
         self.model.denoiser.clock = clock.model if clock else None
         self.detector = None  # loaded on first use: most renders never detect

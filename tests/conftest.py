@@ -135,3 +135,32 @@ def evil_pickle(tmp_path) -> tuple[Path, Path]:
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
     torch.save({"params": _RunsCode(marker)}, evil)
     return evil, marker
+
+
+def block_hub(monkeypatch) -> None:
+    """The hub is unreachable and any attempt to use it fails the test loudly."""
+    import diffusers.loaders.single_file as dsf
+    import diffusers.utils.hub_utils as dhub
+    import huggingface_hub
+    import huggingface_hub.utils._http as hf_http
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:1]}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    for module, name in [
+        (huggingface_hub, "hf_hub_download"),
+        (huggingface_hub, "snapshot_download"),
+        (dsf, "snapshot_download"),
+        (dhub, "hf_hub_download"),
+        (dhub, "snapshot_download"),
+        (hf_http, "get_session"),
+        (hf_http, "http_backoff"),
+    ]:
+        monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    block_hub(monkeypatch)

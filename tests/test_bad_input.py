@@ -1,5 +1,6 @@
 """Bad input: a clear message naming the input, exit code 2, no traceback, and no output file."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,49 @@ def bad_images(folder: Path) -> dict[str, str]:
     return {f"{name}_image": str(path) for name, path in files.items()}
 
 
+def single_files(folder: Path, tiny_flux: Path) -> dict[str, str]:
+    """Single model files tilefarm must refuse or check: an SD1.5 checkpoint, non-safetensors, Flux parts."""
+    import torch
+    from ldm_layout import flux_to_bfl, vae_to_ldm
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    out = {name: folder / name for name in ("sd15.safetensors", "fake.safetensors", "model.ckpt", "odd.safetensors")}
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(8, 4),
+        },
+        str(out["sd15.safetensors"]),
+    )
+    out["fake.safetensors"].write_text("not tensors at all")
+    out["model.ckpt"].write_bytes(b"x")
+    save_file({"foo.bar.weight": torch.zeros(2)}, str(out["odd.safetensors"]))
+    weights = {
+        name: load_file(str(next((tiny_flux / name).glob("*.safetensors"))))
+        for name in os.listdir(tiny_flux)
+        if (tiny_flux / name).is_dir() and any((tiny_flux / name).glob("*.safetensors"))
+    }
+    parts = {
+        "flux1-tiny.safetensors": flux_to_bfl(weights["transformer"]),
+        "ae.safetensors": vae_to_ldm(weights["vae"], 4),
+        "clip_l.safetensors": {
+            f"text_model.{k.removeprefix('text_model.')}": v for k, v in weights["text_encoder"].items()
+        },
+        "t5.safetensors": weights["text_encoder_2"],
+        "t5_scaled_no_scales.safetensors": weights["text_encoder_2"] | {"scaled_fp8": torch.empty(0)},
+    }
+    for name, state in parts.items():
+        out[name] = folder / name
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out[name]))
+    names = dict(sd15="sd15.safetensors", fake_st="fake.safetensors", ckpt="model.ckpt", odd="odd.safetensors")
+    names |= dict(flux_bfl="flux1-tiny.safetensors", flux_ae="ae.safetensors", flux_clip="clip_l.safetensors")
+    names |= dict(flux_t5="t5.safetensors", t5_noscale="t5_scaled_no_scales.safetensors")
+    return {key: str(out[name]) for key, name in names.items()} | {
+        "t5_tok": str(tiny_flux / "tokenizer_2" / "tokenizer.json")
+    }
+
+
 @pytest.fixture
 def files(tmp_path, tiny_sdxl, tiny_upscaler, tiny_sam3, evil_pickle, tiny_flux, flux_lora):
     corrupt = tmp_path / "corrupt.safetensors"
@@ -38,23 +82,51 @@ def files(tmp_path, tiny_sdxl, tiny_upscaler, tiny_sam3, evil_pickle, tiny_flux,
     existing = tmp_path / "out" / "exists.png"
     existing.parent.mkdir()
     existing.write_bytes(b"keep me")
-    return bad_images(tmp_path / "images") | {
-        "flux": str(tiny_flux),
-        "flux_lora": str(flux_lora),
-        "model": str(tiny_sdxl),
-        "sam3": str(tiny_sam3),
-        "upscaler": str(tiny_upscaler),
-        "corrupt": str(corrupt),
-        "evil": str(evil),
-        "missing": str(tmp_path / "no-such-model"),
-        "existing": str(existing),
-        "tmp": tmp_path,
-    }
+    return (
+        bad_images(tmp_path / "images")
+        | single_files(tmp_path / "single", tiny_flux)
+        | {
+            "flux": str(tiny_flux),
+            "flux_lora": str(flux_lora),
+            "model": str(tiny_sdxl),
+            "sam3": str(tiny_sam3),
+            "upscaler": str(tiny_upscaler),
+            "corrupt": str(corrupt),
+            "evil": str(evil),
+            "missing": str(tmp_path / "no-such-model"),
+            "existing": str(existing),
+            "tmp": tmp_path,
+        }
+    )
 
 
+FLUX_PARTS = {"--model": "{flux_bfl}", "--vae": "{flux_ae}", "--clip-l": "{flux_clip}", "--t5": "{flux_t5}"}
+FLUX_PARTS["--t5-tokenizer"] = "{t5_tok}"
 # (case id, flags replacing the good ones, text the message must contain)
 CASES = [
     ("tiling-unknown", {"--tiling": "mosaic"}, ["tiling 'mosaic'", "blend, chess, chess-original"]),
+    ("sd15-checkpoint", {"--model": "{sd15}"}, ["{sd15}", "Stable Diffusion 1.x/2.x", "SDXL and Flux models only"]),
+    ("model-not-safetensors", {"--model": "{fake_st}"}, ["{fake_st}", "not a readable .safetensors"]),
+    ("model-pickle-checkpoint", {"--model": "{ckpt}"}, ["{ckpt}", "not .safetensors", "can run code"]),
+    ("unknown-single-file", {"--model": "{odd}"}, ["{odd}", "neither an SDXL nor a Flux", "foo.bar"]),
+    ("flux-without-its-parts", {"--model": "{flux_bfl}"}, ["needs --vae", "--comfy-models"]),
+    (
+        "sdxl-vae-as-flux-vae",
+        FLUX_PARTS | {"--vae": "{model}/vae/diffusion_pytorch_model.safetensors"},
+        ["{model}/vae/diffusion_pytorch_model.safetensors", "4-channel", "16-channel"],
+    ),
+    ("clip-file-as-t5", FLUX_PARTS | {"--t5": "{flux_clip}"}, ["--t5 {flux_clip}", "CLIP-L", "not a T5"]),
+    (
+        "scaled-fp8-without-scales",
+        FLUX_PARTS | {"--t5": "{t5_noscale}"},
+        ["{t5_noscale}", "scaled fp8", "scale_weight"],
+    ),
+    ("flux-part-on-sdxl", {"--vae": "{flux_ae}"}, ["--vae", "for a Flux transformer file", "{model} is a folder"]),
+    (
+        "comfy-models-missing",
+        FLUX_PARTS | {"--comfy-models": "{missing}", "--vae": "ae2.safetensors"},
+        ["{missing}", "not a folder"],
+    ),
     ("size-not-multiple-of-8", {"--size": "1030x1024"}, ["1030", "multiple of 8", "1024 or 1032"]),
     ("size-zero", {"--size": "0x1024"}, ["0x1024", "positive"]),
     ("size-negative", {"--size": "-512x512"}, ["-512x512", "positive"]),

@@ -86,15 +86,16 @@ def test_missing_and_wrong_model_paths(tmp_path):
         inspect_diffusion_model(ckpt)
 
 
-def test_single_file_checkpoint_needs_a_config_folder(tmp_path):
+def test_single_file_checkpoint_without_its_vae_is_named(tmp_path):
     from safetensors.torch import save_file
 
-    # the family is read from the tensor names: an SGM-layout UNet key makes it an SDXL checkpoint
+    # the family is read from the tensor names: SGM-layout UNet keys with a text_time embedding make it SDXL
     single = tmp_path / "sdxl.safetensors"
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(single))
+    unet = {"input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3), "label_emb.0.0.weight": torch.zeros(8, 8)}
+    save_file({"model.diffusion_model." + k: v for k, v in unet.items()}, str(single))
     info = inspect_diffusion_model(single)
     assert info.single_file and (info.family, info.size_multiple) == ("sdxl", 8)
-    with pytest.raises(ModelFileError, match="--model-config"):
+    with pytest.raises(ModelFileError, match="sdxl.safetensors looks like an SDXL checkpoint but holds no VAE"):
         load_diffusion_model(single, CPU, torch.float32)
 
 
