@@ -1,11 +1,11 @@
 """Tiled VAE decode and encode against an untiled one: per-tile texture, per-tile GroupNorm vs shared.
 
-texture of a region = mean |I(x) - I(x-1)| along rows. For every tile of the grid, its interior (the
-part no other tile overlaps) is measured on the tiled result and on the untiled one; the table gives
-the ratio tiled / untiled (min and max over tiles: a checkerboard spreads them apart), the even /
-odd ratio of interior texture, and the mean |tiled - untiled|. The latent is seeded noise with a
-channel-mean offset on the even tiles' interiors (tiles whose statistics differ, as a real image's
-do); the encode input is the untiled decode of that latent.
+texture of a region = mean |I(x) - I(x-1)| along rows. For every tile of the grid, its interior
+(its core: its share of the canvas, overlaps split at their middle) is measured on the tiled result
+and on the untiled one; the table gives the ratio tiled / untiled (min and max over tiles: a
+checkerboard spreads them apart), the even / odd ratio of interior texture, and the mean
+|tiled - untiled|. The latent is seeded noise with a channel-mean offset on the even tiles' cores
+(tiles whose statistics differ, as a real image's do); the encode input is the untiled decode of that latent.
 
     python bench/vae_seams.py                        # 64x64 latent (512 px), 24-latent tiles, overlap 6
     python bench/vae_seams.py --latent 96 --tile 32 --overlap 8 --shift 0.3
@@ -26,14 +26,14 @@ from farm.executor import LocalExecutor  # noqa: E402
 from farm.tiny_models import ensure_tiny_models  # noqa: E402
 from pipeline import vae  # noqa: E402
 from pipeline.chess import TileGrid, cover_grid  # noqa: E402
-from pipeline.tiling import run_tiled, run_tiled_shared_norm  # noqa: E402
+from pipeline.tiling import core_bounds, run_tiled, run_tiled_shared_norm  # noqa: E402
 from pipeline.worker import TileWorker, WorkerConfig  # noqa: E402
 
 
 def interior(grid: TileGrid, tile, scale: int) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) in output px of the part of `tile` that no other tile overlaps."""
-    y0, y1 = tile.y + grid.overlap_before(tile, "y"), tile.y + tile.h - grid.overlap_after(tile, "y")
-    x0, x1 = tile.x + grid.overlap_before(tile, "x"), tile.x + tile.w - grid.overlap_after(tile, "x")
+    """(y0, y1, x0, x1) in output px of the tile's core (the cores partition the canvas)."""
+    y0, y1 = core_bounds(grid.ys, grid.tile_h, grid.canvas_h, tile.row)
+    x0, x1 = core_bounds(grid.xs, grid.tile_w, grid.canvas_w, tile.col)
     return y0 * scale, y1 * scale, x0 * scale, x1 * scale
 
 
@@ -59,7 +59,7 @@ def even_odd(image: torch.Tensor, grid: TileGrid, scale: int) -> float:
 
 
 def shifted_latent(size: int, grid: TileGrid, shift: float, seed: int = 1, channels: int = 4) -> torch.Tensor:
-    """Seeded N(0, 1) latents with `shift` added to every channel inside the even tiles' interiors."""
+    """Seeded N(0, 1) latents with `shift` added to every channel inside the even tiles' cores."""
     latent = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(seed))
     for t in grid.even:
         y0, y1, x0, x1 = interior(grid, t, 1)
