@@ -101,3 +101,19 @@ def test_shared_statistics_give_every_encode_tile_the_same_texture(encoded):
     # per-tile statistics tilt even against odd tiles; shared ones keep the untiled balance
     assert not 0.95 < even_odd(old, grid, 1) / even_odd(untiled, grid, 1) < 1.05
     assert 0.95 < even_odd(new, grid, 1) / even_odd(untiled, grid, 1) < 1.05
+
+
+def test_half_precision_activations_keep_float32_statistics():
+    """A bf16 GroupNorm records float64 moments and normalises in float32, returning bf16."""
+    from pipeline.groupnorm import apply_stats, record_stats
+
+    norm = torch.nn.GroupNorm(4, 8).to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight)
+    x = (torch.randn(1, 8, 12, 12, generator=torch.Generator().manual_seed(5)) * 4 + 100).to(torch.bfloat16)
+    with record_stats(norm, (0.0, 1.0, 0.0, 1.0)) as stats:
+        norm(x)
+    assert stats[""].dtype == torch.float64
+    with apply_stats(norm, combine_stats([stats])):
+        y = norm(x)
+    reference = torch.nn.functional.group_norm(x.float(), 4, norm.weight.float(), norm.bias.float(), norm.eps)
+    assert y.dtype == torch.bfloat16 and (y.float() - reference).abs().max() < 0.05
