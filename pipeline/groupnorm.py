@@ -6,9 +6,13 @@ GroupNorm records, per sample and group, the count, mean and squared deviations 
 (the tile's exclusive share of the canvas; cores partition it, so nothing is counted twice). The
 driver pools them into one mean and variance per layer and group (exact pooling: Chan, Golub &
 LeVeque 1979), and every tile runs again normalising with those. Tile results then agree wherever
-they overlap. The pooled statistics are exact for the activations of the recording pass; deeper
-layers of that pass saw per-tile normalisation upstream, so they approximate an untiled forward,
-identically for every tile. With one tile the result is the untiled forward.
+they overlap. With one tile the result is the untiled forward.
+
+One barrier makes the statistics approximate: the recording pass normalised each tile with its own
+statistics, so from the second GroupNorm on it records activations that differ a little from an
+untiled forward's. Every tile gets the same error, so no tile stands out, but the whole image can
+drift from an untiled decode (on the tiny random VAE: texture 5-15% lower for 24-32 latent tiles,
+less for larger ones; bench/vae_seams.py). Exact statistics need one barrier per GroupNorm.
 
 Layers are named by module path (plus '#k' for a module's k-th further call in one forward).
 """
@@ -102,13 +106,17 @@ class _Calls:
 def _patched(model: nn.Module, forward) -> Iterator[None]:
     """Every GroupNorm in `model` runs forward(name, module, x) instead of its own forward."""
     norms = _group_norms(model)
+    before = {m: m.__dict__.get("forward") for _, m in norms}  # an instance forward set by someone else
     try:
         for name, m in norms:
             m.forward = lambda x, name=name, m=m: forward(name, m, x)
         yield
     finally:
-        for _, m in norms:
-            m.__dict__.pop("forward", None)
+        for m, previous in before.items():
+            if previous is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = previous
 
 
 @contextmanager
