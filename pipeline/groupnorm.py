@@ -11,7 +11,7 @@ they overlap. With one tile the result is the untiled forward.
 One barrier makes the statistics approximate: the recording pass normalised each tile with its own
 statistics, so from the second GroupNorm on it records activations that differ a little from an
 untiled forward's. Every tile gets the same error, so no tile stands out, but the whole image can
-drift from an untiled decode (on the tiny random VAE: texture 5-15% lower for 24-32 latent tiles,
+drift from an untiled decode (on the tiny random VAE: texture 5-12% off for 24-32 latent tiles,
 less for larger ones; bench/vae_seams.py). Exact statistics need one barrier per GroupNorm.
 
 Layers are named by module path (plus '#k' for a module's k-th further call in one forward).
