@@ -32,9 +32,10 @@ from pipeline.progress import Progress, no_progress, task_progress  # noqa: F401
 from pipeline.resize import describe_fit, fit_exact, resize
 from pipeline.scaffold import make_scaffold, pool_noise
 from pipeline.taskgraph import Executor
-from pipeline.tiling import run_tiled
+from pipeline.tiling import run_tiled, run_tiled_shared_norm
 
 UPSCALE_OVERLAP = 32  # px of input shared by neighbouring upscaler tiles
+MIN_ENCODE_TILE = 16  # latents: tiny VAEs' sample sizes would otherwise cut thousands of tiles
 
 
 @dataclass
@@ -68,8 +69,21 @@ def upscale_latents(latents: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: int) -> torch.Tensor:
-    """Latent canvas -> pixels, decoded in overlapping latent tiles the VAE handles in one call."""
-    return run_tiled(ex, "decode", "decode_tile", canvas, tile, max(1, tile // 4), plan.f, 3)
+    """Latent canvas -> pixels, decoded in overlapping latent tiles the VAE handles in one call, every tile
+    normalising with the canvas's pooled GroupNorm statistics (no tile-sized colour or texture steps)."""
+    return run_tiled_shared_norm(
+        ex, "decode", "decode_stats", "decode_tile", canvas, tile, max(1, tile // 4), 1, plan.f, 3
+    )
+
+
+def encode_canvas(plan: RenderPlan, ex: Executor, pixels: torch.Tensor, tile_px: int | None = None) -> torch.Tensor:
+    """Pixels -> latent canvas, encoded in overlapping tiles of `tile_px` (the VAE's sample size; by default
+    the model's native size; at least MIN_ENCODE_TILE latents) with pooled GroupNorm statistics, as decode_canvas."""
+    tile = max((tile_px or plan.model.native_px) // plan.f, MIN_ENCODE_TILE)
+    channels = plan.model.latent_channels
+    return run_tiled_shared_norm(
+        ex, "encode", "encode_stats", "encode_tile", pixels, tile, max(1, tile // 4), plan.f, 1, channels
+    )
 
 
 def detail_stage(plan: RenderPlan, ex: Executor, base, pixels, scaffold, cond, log) -> tuple:
@@ -187,7 +201,7 @@ def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
             pixels, refined_mask = detail_stage(plan, ex, base, pixels, s.scaffold, s.cond_value, note)
 
     with clock.stage("encode"):
-        canvas = ex.call("encode", "encode", pixels)
+        canvas = encode_canvas(plan, ex, pixels, s.facts.encode_tile)
     del pixels
 
     with clock.stage("refine"):
@@ -237,7 +251,7 @@ def render_enhance(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Render
         pixels = upscale_pixels(plan, ex, image, s.facts.upscale, spec.height, spec.width)
 
     with clock.stage("encode"):
-        canvas = ex.call("encode", "encode", pixels)
+        canvas = encode_canvas(plan, ex, pixels, s.facts.encode_tile)
     del pixels
 
     with clock.stage("refine"):

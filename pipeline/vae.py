@@ -1,7 +1,10 @@
 """VAE encode and decode between pixels in [0, 1] and model latents (scaled as the UNet expects).
 
-diffusers' own tiling (`enable_tiling`) keeps an 8K image within memory; latents are the
-distribution's mean (the mode), so encoding is deterministic.
+Latents are the distribution's mean (the mode), so encoding is deterministic. A render encodes and
+decodes large images in tiles over the workers (pipeline.tiling): each tile first records its
+GroupNorm statistics (`*_stats`), then runs with the image's pooled ones (`stats=`), so every tile
+normalises alike (pipeline.groupnorm). Attention in the VAE's mid-block still sees one tile only.
+diffusers' own tiling (`tiled=True`, per-tile GroupNorm) remains for whole-image calls.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+
+from pipeline.groupnorm import Core, apply_stats, record_stats
 
 
 def to_model_latents(z: torch.Tensor, config) -> torch.Tensor:
@@ -31,29 +36,69 @@ def from_model_latents(x: torch.Tensor, config) -> torch.Tensor:
     return x / config["scaling_factor"] + (config.get("shift_factor") or 0.0)
 
 
-@torch.no_grad()
-def encode(vae, pixels: torch.Tensor, clock=None, tiled: bool = True) -> torch.Tensor:
-    """[B, 3, H, W] pixels in [0, 1] -> [B, C, H/f, W/f] model latents (float32, CPU)."""
+def _tiling(vae, tiled: bool, stats) -> None:
+    if tiled and stats is not None:
+        raise ValueError("shared GroupNorm statistics apply to one tile: pass tiled=False")
     if tiled:
         vae.enable_tiling()
     else:
         vae.disable_tiling()
+
+
+def _normalising(vae, stats: dict[str, torch.Tensor] | None):
+    return nullcontext() if stats is None else apply_stats(vae, stats)
+
+
+def _pixels_in(vae, pixels: torch.Tensor) -> torch.Tensor:
     param = next(vae.parameters())
-    x = (pixels * 2 - 1).to(param.device, param.dtype)
-    with clock("vae") if clock else nullcontext():
+    return (pixels * 2 - 1).to(param.device, param.dtype)
+
+
+def _latents_in(vae, latents: torch.Tensor) -> torch.Tensor:
+    param = next(vae.parameters())
+    return from_model_latents(latents.float(), vae.config).to(param.device, param.dtype)
+
+
+@torch.no_grad()
+def encode(vae, pixels: torch.Tensor, clock=None, tiled: bool = True, stats=None) -> torch.Tensor:
+    """[B, 3, H, W] pixels in [0, 1] -> [B, C, H/f, W/f] model latents (float32, CPU); with `stats`
+    (pooled by pipeline.groupnorm.combine_stats) every GroupNorm normalises with those."""
+    _tiling(vae, tiled, stats)
+    x = _pixels_in(vae, pixels)
+    with clock("vae") if clock else nullcontext(), _normalising(vae, stats):
         z = vae.encode(x).latent_dist.mode()
     return to_model_latents(z.float(), vae.config).cpu()
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, clock=None, tiled: bool = True) -> torch.Tensor:
-    """[B, C, h, w] model latents -> [B, 3, h*f, w*f] pixels in [0, 1] (float32, CPU)."""
-    if tiled:
-        vae.enable_tiling()
-    else:
-        vae.disable_tiling()
-    param = next(vae.parameters())
-    z = from_model_latents(latents.float(), vae.config).to(param.device, param.dtype)
-    with clock("vae") if clock else nullcontext():
+def decode(vae, latents: torch.Tensor, clock=None, tiled: bool = True, stats=None) -> torch.Tensor:
+    """[B, C, h, w] model latents -> [B, 3, h*f, w*f] pixels in [0, 1] (float32, CPU); `stats` as for encode."""
+    _tiling(vae, tiled, stats)
+    z = _latents_in(vae, latents)
+    with clock("vae") if clock else nullcontext(), _normalising(vae, stats):
         x = vae.decode(z, return_dict=False)[0]
     return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def _cpu(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.cpu() for name, t in stats.items()}
+
+
+@torch.no_grad()
+def encode_stats(vae, pixels: torch.Tensor, core: Core, clock=None) -> dict[str, torch.Tensor]:
+    """The encoder's GroupNorm moments over the tile's core (pipeline.groupnorm.record_stats), by layer."""
+    _tiling(vae, False, None)
+    x = _pixels_in(vae, pixels)
+    with clock("vae") if clock else nullcontext(), record_stats(vae, core) as stats:
+        vae.encode(x)
+    return _cpu(stats)
+
+
+@torch.no_grad()
+def decode_stats(vae, latents: torch.Tensor, core: Core, clock=None) -> dict[str, torch.Tensor]:
+    """The decoder's GroupNorm moments over the tile's core (pipeline.groupnorm.record_stats), by layer."""
+    _tiling(vae, False, None)
+    z = _latents_in(vae, latents)
+    with clock("vae") if clock else nullcontext(), record_stats(vae, core) as stats:
+        vae.decode(z, return_dict=False)
+    return _cpu(stats)

@@ -17,6 +17,7 @@ from pipeline.chess_pass import RefineSettings, refine_tiles, tile_noise
 from pipeline.detection import Concept, Detection
 from pipeline.errors import UserError
 from pipeline.flux_parts import FluxParts
+from pipeline.groupnorm import Core
 from pipeline.models import inspect_diffusion_model, load_diffusion_model, load_upscaler
 from pipeline.sampler import PromptEmbeds, generate, refine
 from pipeline.spec import RenderSpec
@@ -97,6 +98,7 @@ class WorkerFacts:
     device: str
     upscale: int  # the upscaler's scale; 0 without one
     decode_tile: int  # latent tile the VAE decodes comfortably (its sample size / factor)
+    encode_tile: int  # pixel tile the VAE encodes comfortably (its sample size)
     family: str = "sdxl"  # the diffusion model's family: which sampler loop the driver runs
     scheduler_config: dict | None = None  # the model's scheduler config (the blended sampler's steps)
 
@@ -132,6 +134,7 @@ class TileWorker:
             str(self.device),
             self.upscaler.scale if self.upscaler else 0,
             vae_cfg["sample_size"] // self.model.info.vae_factor,
+            vae_cfg["sample_size"],
             self.model.denoiser.family,
             dict(self.model.denoiser.scheduler_config),
         )
@@ -208,8 +211,21 @@ class TileWorker:
             raise FloatingPointError(f"a detail crop batch produced NaN/Inf latents on {self.device}")
         return vae.decode(self.model.vae, out, clock=self._clock_fn(), tiled=False)
 
-    def decode_tile(self, latents: torch.Tensor) -> torch.Tensor:
-        return vae.decode(self.model.vae, latents, clock=self._clock_fn(), tiled=False)
+    def decode_stats(self, latents: torch.Tensor, core: Core) -> dict[str, torch.Tensor]:
+        """The decoder's GroupNorm moments over one tile's core (the first phase of a tiled decode)."""
+        return vae.decode_stats(self.model.vae, latents, core, clock=self._clock_fn())
+
+    def decode_tile(self, latents: torch.Tensor, stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Decode one tile, with the image's pooled GroupNorm statistics when given (else the tile's own)."""
+        return vae.decode(self.model.vae, latents, clock=self._clock_fn(), tiled=False, stats=stats)
+
+    def encode_stats(self, pixels: torch.Tensor, core: Core) -> dict[str, torch.Tensor]:
+        """The encoder's GroupNorm moments over one tile's core (the first phase of a tiled encode)."""
+        return vae.encode_stats(self.model.vae, pixels, core, clock=self._clock_fn())
+
+    def encode_tile(self, pixels: torch.Tensor, stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Encode one tile, with the image's pooled GroupNorm statistics when given (else the tile's own)."""
+        return vae.encode(self.model.vae, pixels, clock=self._clock_fn(), tiled=False, stats=stats)
 
     def _clock_fn(self):
         return self.clock.model if self.clock else None
