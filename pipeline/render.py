@@ -97,7 +97,10 @@ def upscale_latents(latents: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: int) -> torch.Tensor:
-    """Latent canvas -> pixels, decoded in overlapping latent tiles the VAE handles in one call."""
+    """Latent canvas -> pixels, decoded in overlapping latent tiles the VAE handles in one call (smaller ones
+    where the memory pre-flight chose them)."""
+    if plan.vae_tile:
+        tile = min(tile, plan.vae_tile // plan.f)
     return run_tiled(ex, "decode", "decode_tile", canvas, tile, max(1, tile // 4), plan.f, 3)
 
 
@@ -197,7 +200,7 @@ def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
             pixels, refined_mask = detail_stage(plan, ex, base, pixels, s.scaffold, s.cond_value, note)
 
     with clock.stage("encode"):
-        canvas = ex.call("encode", "encode", pixels)
+        canvas = ex.call("encode", "encode", pixels, plan.vae_tile)
     del pixels
 
     with clock.stage("chess"):
@@ -247,7 +250,7 @@ def render_enhance(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Render
         pixels = upscale_pixels(plan, ex, image, s.facts.upscale, spec.height, spec.width)
 
     with clock.stage("encode"):
-        canvas = ex.call("encode", "encode", pixels)
+        canvas = ex.call("encode", "encode", pixels, plan.vae_tile)
     del pixels
 
     with clock.stage("chess"):

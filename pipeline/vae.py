@@ -32,16 +32,23 @@ def from_model_latents(x: torch.Tensor, config) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(vae, pixels: torch.Tensor, clock=None, tiled: bool = True) -> torch.Tensor:
-    """[B, 3, H, W] pixels in [0, 1] -> [B, C, H/f, W/f] model latents (float32, CPU)."""
+def encode(vae, pixels: torch.Tensor, clock=None, tiled: bool = True, tile: int = 0) -> torch.Tensor:
+    """[B, 3, H, W] pixels in [0, 1] -> [B, C, H/f, W/f] model latents (float32, CPU); diffusers' tiles are
+    the VAE's sample size, or `tile` px when smaller (what the memory pre-flight chose)."""
     if tiled:
         vae.enable_tiling()
     else:
         vae.disable_tiling()
     param = next(vae.parameters())
     x = (pixels * 2 - 1).to(param.device, param.dtype)
-    with clock("vae") if clock else nullcontext():
-        z = vae.encode(x).latent_dist.mode()
+    sizes = vae.tile_sample_min_size, vae.tile_latent_min_size
+    if tile and tile < sizes[0]:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile * sizes[1] // sizes[0]
+    try:
+        with clock("vae") if clock else nullcontext():
+            z = vae.encode(x).latent_dist.mode()
+    finally:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = sizes
     return to_model_latents(z.float(), vae.config).cpu()
 
 
