@@ -202,11 +202,11 @@ def test_dry_run_prints_the_estimate_per_stage(tiny_sdxl, tmp_path, capsys):
 
 
 def _refine_args(worker):
-    canvas = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(1))
-    scaffold = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(2))
-    tiles = chess_grid(48, 48, 16).tiles[:4]
+    canvas = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(1))
+    scaffold = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(2))
+    tiles = chess_grid(24, 24, 8).tiles[:4]
     cond = worker.encode_prompt("a lighthouse", "", 1.0)
-    return tiles, crops(canvas, tiles), scaffold, cond, RefineSettings(1.0, 2, 0.5, "euler")
+    return tiles, crops(canvas, tiles), scaffold, cond, RefineSettings(1.0, 1, 1.0, "euler")
 
 
 def test_a_batch_that_runs_out_of_memory_is_split_in_halves_once(tiny_worker, caplog):
@@ -224,13 +224,16 @@ def test_a_batch_that_runs_out_of_memory_is_split_in_halves_once(tiny_worker, ca
         tiny_worker.refine(tiles[:1], latents[:1], scaffold, cond, settings)
 
 
-def test_the_ledger_records_each_tasks_peak_memory_and_survives_an_injected_oom(small_spec):
+def test_the_ledger_records_each_tasks_peak_memory_and_survives_an_injected_oom(small_spec, caplog):
     from farm.executor import prepare, run_local
 
     rows = []
-    plan = prepare(small_spec, "cpu")
+    caplog.set_level(logging.WARNING, logger="pipeline.worker")
+    spec = replace(small_spec, width=256, height=256, steps=1, base_steps=1, cfg=1.0, upscaler="")
+    plan = prepare(spec, "cpu")
     run = run_local(plan, "cpu", faults=[("chess", 0, "oom")], record=rows.append)
-    assert run.result.image.shape == (1, 3, 512, 512)
+    assert run.result.image.shape == (1, 3, 256, 256)
     tasks = [r for r in rows if r["kind"] == "task"]
     assert tasks and all(r["peak_memory"] > 2**20 for r in tasks)
     assert all(r["outcome"] == "ok" for r in tasks)
+    assert "out of memory refining tiles [0, 2, 4, 6]" in caplog.text
