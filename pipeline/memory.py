@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.errors import ModelFileError
 from pipeline.memory_table import Curve, curve
 
 HEADROOM = 1.2  # traced peaks miss allocator fragmentation and workspaces: 8-14% below measured (research 3.3)
@@ -49,22 +50,36 @@ VAE_PREFIXES = ("first_stage_model.", "vae.")  # a single file's VAE (SGM and di
 
 
 def _files(path: Path) -> list[Path]:
-    return [path] if path.is_file() else sorted(path.glob("*/*.safetensors")) + sorted(path.glob("*.safetensors"))
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob("*/*.safetensors")) + sorted(path.glob("*.safetensors"))
+    # diffusers loads `name.safetensors`, not a `name.fp16.safetensors` variant saved beside it
+    return [f for f in files if not (Path(f.stem).suffix and (f.parent / f"{Path(f.stem).stem}.safetensors").exists())]
+
+
+def _shapes(file: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a .safetensors header (no tensor is read); an unreadable file fails here, named."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ModelFileError(
+            f"{file} is not a readable .safetensors file ({err}); re-download or re-export it"
+        ) from None
 
 
 def component_parameters(path: Path) -> dict[str, int]:
     """Parameters per component (a folder's subfolder, or 'vae' / 'model' in a single file), from the headers."""
-    from safetensors import safe_open
-
     counts: dict[str, int] = {}
     for file in _files(path):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if file == path:
-                    part = "vae" if key.startswith(VAE_PREFIXES) else "model"
-                else:
-                    part = file.parent.name if file.parent != path else "model"
-                counts[part] = counts.get(part, 0) + math.prod(handle.get_slice(key).get_shape())
+        for key, shape in _shapes(file).items():
+            if file == path:
+                part = "vae" if key.startswith(VAE_PREFIXES) else "model"
+            else:
+                part = file.parent.name if file.parent != path else "model"
+            counts[part] = counts.get(part, 0) + math.prod(shape)
     return counts
 
 
@@ -214,7 +229,7 @@ def decide(estimate: Estimate, budget: Budget, tile_batch: int) -> Decision:
                 )
                 vae_tile = side
         elif not fits(stage):
-            fix = STAGE_FIX.get(stage.name, "Use a device with more memory")
+            fix = STAGE_FIX.get(stage.name.split()[0], "Use a device with more memory")
             return Decision(tile_batch, refusal=_refusal(estimate, stage, budget, fix))
     return Decision(batch, vae_tile, notes=tuple(notes))
 
@@ -250,11 +265,8 @@ def upscaler_config(path: Path) -> dict:
     """An upscaler's architecture and width from its safetensors header: Compact (SRVGG) or, by default, ESRGAN."""
     if path.suffix != ".safetensors":
         return {"arch": "ESRGAN", "num_filters": 64, "scale": 4}  # a pickle cannot be read without loading it
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        keys = list(handle.keys())
-        shapes = [handle.get_slice(k).get_shape() for k in keys]
+    header = _shapes(path)
+    keys, shapes = list(header), list(header.values())
     first = next((s[0] for s in shapes if len(s) == 4 and s[1] == 3), 64)  # the first conv: RGB in, width out
     if any("rdb" in k.lower() for k in keys):
         return {"arch": "ESRGAN", "num_filters": first, "scale": 4}
@@ -278,7 +290,8 @@ def plan_stages(plan, configs: dict[str, dict], dtype_bytes: int, vae_bytes: int
         base_items = 2 if max(s.cfg, s.base_cfg) > 1 and family == "sdxl" else 1
         stages.append(Stage("base", name, net, plan.base_h * plan.base_w, base_items))
         if s.workflow == "top-down":
-            stages.append(Stage("base decode", "VAE decoder", decode, min(plan.base_h * plan.base_w, vae_side**2)))
+            side = min(plan.base_h, plan.base_w, vae_side)  # diffusers tiles a base larger than its sample size
+            stages.append(Stage("base decode", "VAE decoder", decode, side * side, knob="vae tile"))
     if upscaler and (s.workflow != "two-pass" or s.pixel_upscale > 1):
         up = curve("upscaler", upscaler, "esrgan-4x" if upscaler["arch"] == "ESRGAN" else "compact-4x", dtype_bytes)
         stages.append(Stage("upscale", f"upscaler ({upscaler['arch']})", up, s.upscale_tile**2))

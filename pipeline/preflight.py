@@ -73,16 +73,21 @@ def memory_report(plan: RenderPlan, device_name: str, cluster: bool = False) -> 
     return "\n".join(lines + [f"  {line}" for line in estimate.describe()])
 
 
+def worker_refusal(config: WorkerConfig, dtype_bytes: int, budget: Budget) -> str:
+    """Why a worker's weights (the VAE in fp32 where it upcasts) cannot fit `budget`; '' when they fit."""
+    weights = model_weight_bytes(
+        inspect_diffusion_model(config.model).path, config.model_config, config.upscaler, dtype_bytes
+    )
+    return decide(Estimate(weights, ()), budget, 1).refusal
+
+
 def check_worker(config: WorkerConfig) -> None:
-    """A GPU worker, before loading: its weights (at its dtype, the VAE in fp32 where it upcasts) fit its GPU's
-    free memory, or UserError with the numbers; the stages are checked by the driver's plan (or OOM-split)."""
+    """A GPU worker, before it loads anything: its weights fit its own GPU's free memory, or UserError with the
+    numbers. The stages were fitted by the driver's plan; a tile batch that still runs out is split."""
     device = pick_device(config.device)
     if device.type != "cuda":
         return
-    info = inspect_diffusion_model(config.model)
-    dtype = pick_dtype(config.precision, device, info.family)
-    weights = model_weight_bytes(info.path, config.model_config, config.upscaler, dtype.itemsize)
-    budget = device_budget(device)
-    refusal = decide(Estimate(weights, ()), budget, 1).refusal
+    dtype = pick_dtype(config.precision, device, inspect_diffusion_model(config.model).family)
+    refusal = worker_refusal(config, dtype.itemsize, device_budget(device))
     if refusal:
         raise UserError(f"GPU worker for {config.model}: {refusal}")

@@ -189,7 +189,8 @@ def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
 
     with clock.stage("base"):
         native_noise = pool_noise(s.scaffold, plan.k)
-        base = ex.call("base", "base", native_noise, s.cond, spec.base_cfg or spec.cfg, spec.base_steps, spec.sampler)
+        cfg = spec.base_cfg or spec.cfg
+        base = ex.call("base", "base", native_noise, s.cond, cfg, spec.base_steps, spec.sampler, plan.vae_tile)
 
     with clock.stage("upscale"):
         pixels = upscale_to_target(plan, ex, base, s.facts.upscale)

@@ -6,7 +6,7 @@ distribution's mean (the mode), so encoding is deterministic.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -31,6 +31,18 @@ def from_model_latents(x: torch.Tensor, config) -> torch.Tensor:
     return x / config["scaling_factor"] + (config.get("shift_factor") or 0.0)
 
 
+@contextmanager
+def tile_size(vae, tile: int):
+    """diffusers' tiles at `tile` px while inside, when smaller than the VAE's own (its sample size)."""
+    sizes = vae.tile_sample_min_size, vae.tile_latent_min_size
+    if tile and tile < sizes[0]:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile * sizes[1] // sizes[0]
+    try:
+        yield
+    finally:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = sizes
+
+
 @torch.no_grad()
 def encode(vae, pixels: torch.Tensor, clock=None, tiled: bool = True, tile: int = 0) -> torch.Tensor:
     """[B, 3, H, W] pixels in [0, 1] -> [B, C, H/f, W/f] model latents (float32, CPU); diffusers' tiles are
@@ -41,26 +53,20 @@ def encode(vae, pixels: torch.Tensor, clock=None, tiled: bool = True, tile: int 
         vae.disable_tiling()
     param = next(vae.parameters())
     x = (pixels * 2 - 1).to(param.device, param.dtype)
-    sizes = vae.tile_sample_min_size, vae.tile_latent_min_size
-    if tile and tile < sizes[0]:
-        vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile * sizes[1] // sizes[0]
-    try:
-        with clock("vae") if clock else nullcontext():
-            z = vae.encode(x).latent_dist.mode()
-    finally:
-        vae.tile_sample_min_size, vae.tile_latent_min_size = sizes
+    with tile_size(vae, tile), clock("vae") if clock else nullcontext():
+        z = vae.encode(x).latent_dist.mode()
     return to_model_latents(z.float(), vae.config).cpu()
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, clock=None, tiled: bool = True) -> torch.Tensor:
-    """[B, C, h, w] model latents -> [B, 3, h*f, w*f] pixels in [0, 1] (float32, CPU)."""
+def decode(vae, latents: torch.Tensor, clock=None, tiled: bool = True, tile: int = 0) -> torch.Tensor:
+    """[B, C, h, w] model latents -> [B, 3, h*f, w*f] pixels in [0, 1] (float32, CPU); tiled as encode is."""
     if tiled:
         vae.enable_tiling()
     else:
         vae.disable_tiling()
     param = next(vae.parameters())
     z = from_model_latents(latents.float(), vae.config).to(param.device, param.dtype)
-    with clock("vae") if clock else nullcontext():
+    with tile_size(vae, tile), clock("vae") if clock else nullcontext():
         x = vae.decode(z, return_dict=False)[0]
     return ((x.float() + 1) / 2).clamp(0, 1).cpu()

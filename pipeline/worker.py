@@ -133,10 +133,12 @@ class TileWorker:
             cond = self.model.encode_prompt(prompt, negative, cfg)
         return PromptEmbeds(*(None if t is None else t.float().cpu() for t in vars(cond).values()))
 
-    def base(self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str) -> torch.Tensor:
-        """txt2img at native size from the pooled scaffold, decoded to pixels."""
+    def base(
+        self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str, vae_tile: int = 0
+    ) -> torch.Tensor:
+        """txt2img at native size from the pooled scaffold, decoded to pixels (in `vae_tile` px tiles if set)."""
         latents = generate(self.model.denoiser, noise, cond, cfg, steps, sampler)
-        return vae.decode(self.model.vae, latents, clock=self._clock_fn())
+        return vae.decode(self.model.vae, latents, clock=self._clock_fn(), tile=vae_tile)
 
     def base_latents(
         self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str

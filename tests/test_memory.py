@@ -13,6 +13,7 @@ import torch
 from pipeline.chess import chess_grid
 from pipeline.chess_pass import RefineSettings, crops
 from pipeline.memory import (
+    CUDA_OVERHEAD,
     HEADROOM,
     Budget,
     Estimate,
@@ -37,14 +38,21 @@ GiB = 2**30
 
 def test_parameters_are_counted_from_the_headers(tiny_sdxl, tiny_model):
     pipe = tiny_model.pipe
-    parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    parts = {
+        "unet": pipe.unet,
+        "vae": pipe.vae,
+        "text_encoder": pipe.text_encoder,
+        "text_encoder_2": pipe.text_encoder_2,
+    }
     counts = component_parameters(Path(tiny_sdxl))
     assert counts == {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
     assert count_parameters(Path(tiny_sdxl)) == sum(counts.values())
 
 
 def test_weights_are_counted_at_the_dtype_each_part_runs_in(tiny_sdxl, tiny_upscaler):
-    plan = make_plan(RenderSpec(model=str(tiny_sdxl), width=512, height=512, tile=256).validate(), _tiny_info(tiny_sdxl))
+    plan = make_plan(
+        RenderSpec(model=str(tiny_sdxl), width=512, height=512, tile=256).validate(), _tiny_info(tiny_sdxl)
+    )
     counts = component_parameters(Path(tiny_sdxl))
     half = plan_estimate(plan, 2, "GPU", host=False).weights
     # the VAE stays fp32 under half precision (force_upcast): 4 bytes, everything else 2
@@ -107,7 +115,10 @@ def test_a_fresh_trace_of_the_tiny_models_matches_their_table_entries(tiny_sdxl)
     from memory_table import trace
 
     configs = model_configs(Path(tiny_sdxl))
-    for stage, config, latent, dtype in (("unet", configs["unet"], 64, "fp16"), ("vae_decode", configs["vae"], 64, "fp32")):
+    for stage, config, latent, dtype in (
+        ("unet", configs["unet"], 64, "fp16"),
+        ("vae_decode", configs["vae"], 64, "fp32"),
+    ):
         table = curve(stage, config, "sdxl", 2 if dtype == "fp16" else 4)
         assert "tiny-sdxl" in table.source
         assert trace(stage, config, latent, dtype) == pytest.approx(table.at((latent * 8) ** 2), rel=0.03)
@@ -165,10 +176,46 @@ def test_only_what_cannot_fit_at_batch_1_is_refused_with_the_numbers_and_a_fix()
     assert f"x{HEADROOM} margin" in one_tile.refusal
 
 
+def test_a_gpu_worker_refuses_weights_its_own_gpu_cannot_hold(tiny_sdxl):
+    from pipeline.preflight import worker_refusal
+    from pipeline.worker import WorkerConfig
+
+    config = WorkerConfig(str(tiny_sdxl), "", "", "fp16")
+    weights = 2 * count_parameters(Path(tiny_sdxl)) + 2 * component_parameters(Path(tiny_sdxl))["vae"]
+    assert worker_refusal(config, 2, Budget(GiB, "GPU (test)")) == ""
+    refusal = worker_refusal(config, 2, Budget(weights, "GPU (test)"))  # the margin does not fit
+    assert "model weights alone" in refusal and f"{weights / GiB:.2f} GiB weights" in refusal
+
+
 def test_the_need_of_each_stage_grows_with_batch_and_size():
     base = _synthetic().stages[0]
     assert base.with_batch(2).activations * 2 == base.activations
     assert base.with_side(512).activations * 4 == base.activations
+
+
+# SDXL base 1.0: UNet, CLIP-L, CLIP-G, then the VAE (kept in fp32 under fp16)
+SDXL_PARAMS, SDXL_VAE_PARAMS = 2_567_463_684 + 123_060_480 + 694_659_840, 83_653_863
+
+
+def test_sdxl_8k_on_consumer_cards_tiles_the_vae_before_refusing():
+    """The old coefficients refused 8K in batches of 4 on a 16 GB card; traced, it fits, and 12 GiB needs
+    only smaller VAE tiles."""
+    stages = tuple(plan_stages(_sdxl_plan(8192, 4), model_configs(SDXL_CONFIGS), 2, 4, None))
+    estimate = Estimate(2 * SDXL_PARAMS + 4 * SDXL_VAE_PARAMS, stages)
+
+    def on(gib: int):
+        return decide(estimate, Budget(gib * GiB, f"GPU ({gib} GiB)", CUDA_OVERHEAD), 4)
+
+    assert (on(16).tile_batch, on(16).vae_tile, on(16).refusal) == (4, 0, "")
+    assert (on(12).tile_batch, on(12).vae_tile, on(12).refusal) == (4, 512, "")
+    assert "model weights alone" in on(8).refusal and "8.00 GiB available" in on(8).refusal
+
+
+def test_tile_batch_zero_is_resolved_before_the_render(small_spec):
+    from farm.executor import prepare
+
+    plan = prepare(replace(small_spec, tile_batch=0), "cpu")
+    assert plan.spec.tile_batch == 4 and len(plan.even_batches) == 4
 
 
 # --- acceptance on the tiny models -------------------------------------------------------------
