@@ -33,6 +33,11 @@ def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+def size(n: float) -> str:
+    """GiB, or MiB below a tenth of one (tiny models)."""
+    return gib(n) if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
 def available_host_bytes() -> int:
     """Host memory a render can still take: MemAvailable from /proc/meminfo (Linux >= 3.14), else free pages."""
     try:
@@ -129,10 +134,10 @@ class Stage:
     def describe(self) -> str:
         cfg = f" x{self.items} (CFG)" if self.items > 1 else ""
         what = f"{self.batch} x " if self.batch > 1 else ""
-        extra = f" + {gib(self.fixed)} buffers" if self.fixed else ""
+        extra = f" (with {size(self.fixed)} for the whole canvas)" if self.fixed else ""
         return (
-            f"{self.name}: {self.network}, {what}{self.side} px{cfg}: {gib(self.activations)} activations{extra} "
-            f"({self.curve.source})"
+            f"{self.name}: {self.network}, {what}{self.side} px{cfg}: {size(self.activations)} activations{extra} "
+            f"[{self.curve.source}]"
         )
 
 
@@ -146,11 +151,18 @@ class Estimate:
     host_buffers: int = 0
     where: str = ""  # "GPU (NVIDIA H200)" or "host": for messages
 
-    def describe(self) -> list[str]:
+    def describe(self, budget: Budget | None = None) -> list[str]:
+        """One line for the weights, one per stage (with what it needs on `budget`'s device when given)."""
         lines = [
-            f"weights {gib(self.weights)}" + (f", pixel buffers {gib(self.host_buffers)}" if self.host_buffers else "")
+            f"weights {size(self.weights)}" + (f", pixel buffers {size(self.host_buffers)}" * bool(self.host_buffers))
         ]
-        return lines + [s.describe() for s in self.stages]
+        for stage in self.stages:
+            fits = ""
+            if budget:
+                n = need(self, stage, budget)
+                fits = f" -> needs {gib(n)}: {'fits' if n <= budget.available else 'does not fit'}"
+            lines.append(stage.describe() + fits)
+        return lines
 
 
 @dataclass(frozen=True)

@@ -65,12 +65,12 @@ def memory_report(plan: RenderPlan, device_name: str, cluster: bool = False) -> 
     """The pre-flight's estimate per stage and its budget, for --dry-run (on a cluster: at half precision,
     which each GPU worker checks against its own free memory when it starts)."""
     if cluster:
-        estimate = plan_estimate(plan, 2, "GPU", host=False)
-        lines = ["memory per GPU worker at half precision (each worker checks its own GPU when it starts):"]
+        estimate, budget = plan_estimate(plan, 2, "GPU", host=False), None
+        head = "memory per GPU worker at half precision (each worker checks its own GPU when it starts):"
     else:
         estimate, budget = memory_estimate(plan, pick_device(device_name))
-        lines = [f"memory on the {budget.where}: {budget.available / 2**30:.2f} GiB available"]
-    return "\n".join(lines + [f"  {line}" for line in estimate.describe()])
+        head = f"memory on the {budget.where}: {budget.available / 2**30:.2f} GiB available"
+    return "\n".join([head] + [f"  {line}" for line in estimate.describe(budget)])
 
 
 def worker_refusal(config: WorkerConfig, dtype_bytes: int, budget: Budget) -> str:
