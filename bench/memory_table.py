@@ -9,7 +9,7 @@ batch item (px: image pixels of one item); the px^2 term is kept only when a lin
 by more than 2%. Networks: the full-size SDXL and FLUX.1-dev configs in bench/configs/, the tiny
 test models (farm/tiny_models.py), and two spandrel upscalers (ESRGAN 4x, Compact 4x).
 
-    python bench/memory_table.py            # rewrites pipeline/memory_table.json (a few minutes on 2 cores)
+    python bench/memory_table.py            # rewrites pipeline/memory_table.json (~15 min on 2 busy cores)
 """
 
 from __future__ import annotations

@@ -153,9 +153,8 @@ class Estimate:
 
     def describe(self, budget: Budget | None = None) -> list[str]:
         """One line for the weights, one per stage (with what it needs on `budget`'s device when given)."""
-        lines = [
-            f"weights {size(self.weights)}" + (f", pixel buffers {size(self.host_buffers)}" * bool(self.host_buffers))
-        ]
+        buffers = f", pixel buffers {size(self.host_buffers)}" if self.host_buffers else ""
+        lines = [f"weights {size(self.weights)}{buffers}"]
         for stage in self.stages:
             fits = ""
             if budget:
@@ -209,7 +208,10 @@ def _refusal(estimate: Estimate, stage: Stage | None, budget: Budget, fix: str) 
 def decide(estimate: Estimate, budget: Budget, tile_batch: int) -> Decision:
     """Fit every stage into the budget: lower the tile batch (never below 1), halve VAE tiles (never below
     MIN_VAE_TILE); refuse only what cannot fit at batch 1 and the smallest tile (research 5d)."""
-    fits = lambda s: need(estimate, s, budget) <= budget.available  # noqa: E731
+
+    def fits(stage: Stage | None) -> bool:
+        return need(estimate, stage, budget) <= budget.available
+
     if not fits(None):
         return Decision(tile_batch, refusal=_refusal(estimate, None, budget, WEIGHTS_FIX))
     batch, vae_tile, notes = tile_batch, 0, []
@@ -232,7 +234,7 @@ def decide(estimate: Estimate, budget: Budget, tile_batch: int) -> Decision:
             while side > MIN_VAE_TILE and not fits(stage.with_side(side)):
                 side //= 2
             if not fits(stage.with_side(side)):
-                fix = "Use half precision (bf16 VAE), or a device with more memory"
+                fix = f"VAE tiles are already {side} px, the smallest; use a device with more memory"
                 return Decision(tile_batch, refusal=_refusal(estimate, stage.with_side(side), budget, fix))
             if side < stage.side:
                 notes.append(

@@ -271,14 +271,18 @@ def test_a_batch_that_runs_out_of_memory_is_split_in_halves_once(tiny_worker, ca
         tiny_worker.refine(tiles[:1], latents[:1], scaffold, cond, settings)
 
 
-def test_the_ledger_records_each_tasks_peak_memory_and_survives_an_injected_oom(small_spec, caplog):
+def test_the_ledger_records_each_tasks_peak_memory_and_survives_an_injected_oom(small_spec, caplog, tmp_path):
     from farm.executor import prepare, run_local
+    from farm.ledger import summary
+    from farm.rundir import RunDir
 
-    rows = []
     caplog.set_level(logging.WARNING, logger="pipeline.worker")
     spec = replace(small_spec, width=256, height=256, steps=1, base_steps=1, cfg=1.0, upscaler="")
+    run_dir = RunDir.create(tmp_path / "run", spec, tmp_path / "out.png")
     plan = prepare(spec, "cpu")
-    run = run_local(plan, "cpu", faults=[("chess", 0, "oom")], record=rows.append)
+    run = run_local(plan, "cpu", faults=[("chess", 0, "oom")], record=run_dir.add)
+    rows = RunDir.open(tmp_path / "run")[0].rows  # through the Parquet file
+    assert "| peak memory |" in summary(run_dir) and " GiB |" in summary(run_dir)
     assert run.result.image.shape == (1, 3, 256, 256)
     tasks = [r for r in rows if r["kind"] == "task"]
     assert tasks and all(r["peak_memory"] > 2**20 for r in tasks)
