@@ -16,6 +16,9 @@ class GpuWorker:
     """Ray actor around a TileWorker; the device comes from torch, never from Ray's (possibly fake) GPU ids."""
 
     def __init__(self, config: WorkerConfig):
+        from pipeline.preflight import check_worker
+
+        check_worker(config)  # its own GPU, before loading: a clear error instead of an out-of-memory mid-load
         self.worker = TileWorker(config)
 
     def run(self, method: str, *args, crash: str = ""):

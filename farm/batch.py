@@ -205,7 +205,7 @@ def run_batch(args: argparse.Namespace) -> int:
             spec = build_spec([*layers, (values, item.label)])
             if preset:
                 preset.check_model(spec.model)
-            plan = prepare(spec)
+            plan = prepare(spec, "cpu" if args.cluster else args.device, cluster=bool(args.cluster))
             stem = Path(spec.input).stem if spec.input else f"{n:04d}"
             with lock:  # names are checked for collisions: one at a time
                 out = check_output_path(out or output_name(out_dir, prefix, stem), args.overwrite)

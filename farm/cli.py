@@ -259,7 +259,7 @@ def _resumed(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from farm.executor import prepare, run_local
+    from farm.executor import memory_report, prepare, run_local
     from farm.output import check_output_path, save_png
     from farm.progress import tqdm_progress
     from farm.rundir import RunDir
@@ -291,18 +291,19 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "render" and args.resume:
         run_dir, spec, out = _resumed(args)
         out = check_output_path(out, True)
-        plan = prepare(spec, device)
+        plan = prepare(spec, device, cluster=bool(args.cluster))
     elif args.command == "render":
         spec, preset, out = _spec_for_render(args)
-        plan = prepare(spec, device)  # reads no model weights
+        plan = prepare(spec, device, cluster=bool(args.cluster))  # reads no model weights
         if args.dry_run:
             print(plan.describe())
+            print(memory_report(plan, device, cluster=bool(args.cluster)))
             return 0
         out = output_for(args, plan.spec, preset, out)
     else:
         spec, out = _spec_for_demo(args)
         out = check_output_path(out, args.overwrite)
-        plan = prepare(spec, device)
+        plan = prepare(spec, device, cluster=bool(args.cluster))
     spec = plan.spec  # tile batch resolved; the enhance workflow's size comes from its input
     if not args.quiet:
         print(plan.describe(), file=sys.stderr)

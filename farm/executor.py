@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.checkpoint import Checkpointed, Store
 from pipeline.clock import Clock
 from pipeline.errors import UserError
 from pipeline.flux_parts import resolve_spec_files
-from pipeline.health import ATTEMPTS, bad_result_error, nonfinite, now, poison, stage_row, task_row
+from pipeline.health import (
+    ATTEMPTS,
+    bad_result_error,
+    nonfinite,
+    now,
+    peak_memory,
+    poison,
+    reset_peak_memory,
+    stage_row,
+    task_row,
+)
 from pipeline.inputs import load_input_image
-from pipeline.memory import MemoryEstimate, auto_tile_batch, check_fits, count_parameters, host_bytes, worker_estimate
 from pipeline.models import ModelInfo, inspect_diffusion_model
 from pipeline.plan import RenderPlan, make_plan
+from pipeline.preflight import memory_decision, memory_report  # noqa: F401  (memory_report: the CLI's)
 from pipeline.progress import Progress, no_progress, task_progress
 from pipeline.render import RenderResult, render
 from pipeline.sam3 import inspect_detector
 from pipeline.spec import MAX_SIDE, RenderSpec
 from pipeline.taskgraph import OnResult, Task, check_graph
-from pipeline.worker import TileWorker, WorkerConfig, pick_device, pick_dtype
+from pipeline.worker import TileWorker, WorkerConfig, pick_device
 
 
 def enhance_target(spec: RenderSpec, info: ModelInfo) -> tuple[RenderSpec, list[str]]:
@@ -48,9 +55,10 @@ def enhance_target(spec: RenderSpec, info: ModelInfo) -> tuple[RenderSpec, list[
     return replace(spec, width=width, height=height).validate(), notes
 
 
-def prepare(spec: RenderSpec, device_name: str = "auto") -> RenderPlan:
-    """Check every input that can be checked without loading a model, and plan the render
-    (a tile batch of 0 is resolved here, from the free memory of the device that will run it)."""
+def prepare(spec: RenderSpec, device_name: str = "auto", cluster: bool = False) -> RenderPlan:
+    """Check every input that can be checked without loading a model, and plan the render. Locally the
+    memory pre-flight runs here: a tile batch that does not fit is lowered (0 = the largest that fits), VAE
+    tiles are made smaller, and what cannot fit is refused (a cluster's actors check their own GPUs)."""
     spec = resolve_spec_files(spec.validate())
     info = inspect_diffusion_model(spec.model)
     notes: list[str] = []
@@ -65,32 +73,27 @@ def prepare(spec: RenderSpec, device_name: str = "auto") -> RenderPlan:
     if spec.detector:
         inspect_detector(spec.detector)
     if spec.tile_batch == 0:
-        spec = replace(spec, tile_batch=_auto_batch(make_plan(replace(spec, tile_batch=1), info), device_name))
-    return replace(make_plan(spec, info), notes=tuple(notes))
+        # a CPU gains nothing from larger batches, and a cluster driver cannot see its workers' GPUs
+        gpu = not cluster and pick_device(device_name).type == "cuda"
+        spec = replace(spec, tile_batch=AUTO_GPU_BATCH if gpu else 4)
+    plan = replace(make_plan(spec, info), notes=tuple(notes))
+    if cluster:
+        return plan
+    decision = memory_decision(plan, device_name)
+    if decision.tile_batch != spec.tile_batch:
+        plan = make_plan(replace(spec, tile_batch=decision.tile_batch), info)
+    return replace(plan, vae_tile=decision.vae_tile, notes=tuple(notes) + decision.notes)
 
 
-def model_parameters(plan: RenderPlan) -> int:
-    """Parameters of the model and of the part files beside it (Flux's VAE and text encoders), from headers."""
-    parts = [plan.spec.vae, plan.spec.clip_l, plan.spec.t5]
-    return count_parameters(plan.model.path) + sum(count_parameters(Path(p).expanduser()) for p in parts if p)
-
-
-def _auto_batch(plan: RenderPlan, device_name: str) -> int:
-    """On a GPU: the largest batch the memory estimate fits into free memory. Elsewhere 4: a CPU gains
-    nothing from larger batches, and a cluster driver cannot see its workers' GPUs."""
-    device = pick_device(device_name)
-    if device.type != "cuda":
-        return 4
-    dtype = pick_dtype(plan.spec.precision, device, plan.model.family)
-    free, _ = torch.cuda.mem_get_info(device)
-    return auto_tile_batch(plan, torch.finfo(dtype).bits // 8, model_parameters(plan), free)
+AUTO_GPU_BATCH = 8  # tile_batch 0 on a GPU: start here, the pre-flight halves it until it fits
 
 
 class LocalExecutor:
     """Runs worker calls and task graphs in this process, tasks in id order, with a progress bar per group.
 
-    `faults` injects bad results for tests: each (stage, task id) entry spoils one result of that task with
-    a NaN (list it twice to spoil the retry too)."""
+    `faults` injects failures for tests: each (stage, task id) entry spoils one result of that task with
+    a NaN (list it twice to spoil the retry too); a (stage, task id, "oom") entry makes the worker run out of
+    memory at the start of that task's tile batch."""
 
     def __init__(self, worker: TileWorker, progress: Progress = no_progress, faults=(), record=None, prefetch=None):
         self.worker = worker
@@ -130,6 +133,10 @@ class LocalExecutor:
     def _run_task(self, stage: str, task: Task, args: tuple) -> Any:
         """Run one task; a NaN/Inf result is retried once, then stops the render."""
         start, device, errors = now(), str(self.worker.device), []
+        if (stage, task.id, "oom") in self.faults:
+            self.faults.remove((stage, task.id, "oom"))
+            self.worker.oom_faults += 1
+        reset_peak_memory(self.worker.device)
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 value = getattr(self.worker, task.method)(*args)
@@ -143,33 +150,15 @@ class LocalExecutor:
                 continue
             if self.record:
                 outcome = "retried" if errors else "ok"
-                self.record(
-                    task_row(stage, task, "local", self.host, device, start, now(), attempt, outcome, "; ".join(errors))
+                row = task_row(
+                    stage, task, "local", self.host, device, start, now(), attempt, outcome, "; ".join(errors)
                 )
+                self.record(row | {"peak_memory": peak_memory(self.worker.device)})
             return value
         if self.record:
-            self.record(
-                task_row(stage, task, "local", self.host, device, start, now(), ATTEMPTS, "failed", "; ".join(errors))
-            )
+            row = task_row(stage, task, "local", self.host, device, start, now(), ATTEMPTS, "failed", "; ".join(errors))
+            self.record(row | {"peak_memory": peak_memory(self.worker.device)})
         raise bad_result_error(stage, task, [f"local ({device})"])
-
-
-def available_host_bytes() -> int:
-    """Physical memory not in use now (what a render can still take)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def check_memory(plan: RenderPlan, device_name: str) -> None:
-    """Before loading any model: the device holds the weights and the largest step, and the host the buffers."""
-    device = pick_device(device_name)
-    dtype = pick_dtype(plan.spec.precision, device, plan.model.family)
-    need = worker_estimate(plan, torch.finfo(dtype).bits // 8, model_parameters(plan))
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        check_fits(plan, need, free, f"GPU ({torch.cuda.get_device_name(device)})")
-        need = MemoryEstimate(0, 0)  # the host then holds only the pixel buffers
-    on_host = MemoryEstimate(need.weights, need.activations + host_bytes(plan))
-    check_fits(plan, on_host, available_host_bytes(), "host (weights, activations and pixel buffers in RAM)")
 
 
 @dataclass
@@ -194,7 +183,7 @@ def run_local(
     """Load the models and run the plan on one device; `store` keeps finished units (resume), `record`
     receives ledger rows. A `worker` already holding the spec's models (a batch) is used as it is."""
     if worker is None:
-        check_memory(plan, device_name)
+        memory_decision(plan, device_name)  # memory may have changed since the plan was made
     clock = clock or Clock()
     if record:
         clock.on_stage = lambda name, start, end: record(stage_row(name, start, end))

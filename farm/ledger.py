@@ -41,17 +41,22 @@ def summary(run: RunDir) -> str:
     if wall:
         out.append(f"stages add up to {total:.2f} s of {wall:.2f} s wall ({100 * total / wall:.1f}%)")
 
-    per_worker: dict[str, list] = defaultdict(lambda: [0, 0.0, 0, ""])
+    per_worker: dict[str, list] = defaultdict(lambda: [0, 0.0, 0, "", None])
     for r in tasks:
         w = per_worker[r["worker"]]
         w[0] += 1
         w[1] += r["end"] - r["start"]
         w[2] += r["attempts"] - 1
         w[3] = f"{r['host']} {r['device']}".strip()
+        if r.get("peak_memory") is not None:
+            w[4] = max(w[4] or 0, r["peak_memory"])
     out += ["", "per worker:"]
     out += _table(
-        ["worker", "where", "tasks", "busy seconds", "retries"],
-        [[name, w[3], w[0], f"{w[1]:.2f}", w[2]] for name, w in sorted(per_worker.items())],
+        ["worker", "where", "tasks", "busy seconds", "retries", "peak memory"],
+        [
+            [name, w[3], w[0], f"{w[1]:.2f}", w[2], "-" if w[4] is None else f"{w[4] / 2**30:.2f} GiB"]
+            for name, w in sorted(per_worker.items())
+        ],
     )
     retried = [r for r in tasks if r["attempts"] > 1 or r["outcome"] != "ok"]
     out += ["", f"retried or failed tasks: {len(retried)}"]

@@ -195,5 +195,6 @@ def ledger_schema():
             ("attempts", pa.int64()),
             ("outcome", pa.string()),  # ok | retried | failed
             ("error", pa.string()),
+            ("peak_memory", pa.int64()),  # bytes: the worker's peak (CUDA max allocated; CPU peak RSS); null unknown
         ]
     )

@@ -81,7 +81,24 @@ def task_row(
         "attempts": attempts,
         "outcome": outcome,
         "error": error,
+        "peak_memory": None,  # bytes; measured where the executor can (peak_memory)
     }
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a task's peak anew (CUDA only: a process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: torch.cuda.max_memory_allocated since the last reset on a GPU; on the CPU the process's
+    peak resident set since it started (getrusage ru_maxrss, in KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def stage_row(stage: str, start: float, end: float, kind: str = "stage") -> dict:
@@ -101,6 +118,7 @@ def stage_row(stage: str, start: float, end: float, kind: str = "stage") -> dict
         "attempts": 1,
         "outcome": "ok",
         "error": "",
+        "peak_memory": None,
     }
 
 

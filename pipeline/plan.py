@@ -54,6 +54,7 @@ class RenderPlan:
     even_batches: tuple[tuple[Tile, ...], ...]
     odd_batches: tuple[tuple[Tile, ...], ...]
     notes: tuple[str, ...] = ()  # decisions made while planning (e.g. an input size snapped), shown by describe
+    vae_tile: int = 0  # px side of VAE encode/decode tiles when the memory pre-flight made them smaller; 0 = the VAE's
 
     @property
     def f(self) -> int:

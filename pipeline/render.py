@@ -69,8 +69,11 @@ def upscale_latents(latents: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: int) -> torch.Tensor:
-    """Latent canvas -> pixels, decoded in overlapping latent tiles the VAE handles in one call, every tile
-    normalising with the canvas's pooled GroupNorm statistics (no tile-sized colour or texture steps)."""
+    """Latent canvas -> pixels, decoded in overlapping latent tiles the VAE handles in one call (smaller ones
+    where the memory pre-flight chose them), every tile normalising with the canvas's pooled GroupNorm
+    statistics (no tile-sized colour or texture steps)."""
+    if plan.vae_tile:
+        tile = min(tile, max(1, plan.vae_tile // plan.f))
     return run_tiled_shared_norm(
         ex, "decode", "decode_stats", "decode_tile", canvas, tile, max(1, tile // 4), 1, plan.f, 3
     )
@@ -78,8 +81,12 @@ def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: in
 
 def encode_canvas(plan: RenderPlan, ex: Executor, pixels: torch.Tensor, tile_px: int | None = None) -> torch.Tensor:
     """Pixels -> latent canvas, encoded in overlapping tiles of `tile_px` (the VAE's sample size; by default
-    the model's native size; at least MIN_ENCODE_TILE latents) with pooled GroupNorm statistics, as decode_canvas."""
-    tile = max((tile_px or plan.model.native_px) // plan.f, MIN_ENCODE_TILE)
+    the model's native size; smaller where the memory pre-flight chose; at least MIN_ENCODE_TILE latents)
+    with pooled GroupNorm statistics, as decode_canvas."""
+    tile_px = tile_px or plan.model.native_px
+    if plan.vae_tile:
+        tile_px = min(tile_px, plan.vae_tile)
+    tile = max(tile_px // plan.f, MIN_ENCODE_TILE)
     channels = plan.model.latent_channels
     return run_tiled_shared_norm(
         ex, "encode", "encode_stats", "encode_tile", pixels, tile, max(1, tile // 4), plan.f, 1, channels
@@ -190,7 +197,8 @@ def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
 
     with clock.stage("base"):
         native_noise = pool_noise(s.scaffold, plan.k)
-        base = ex.call("base", "base", native_noise, s.cond, spec.base_cfg or spec.cfg, spec.base_steps, spec.sampler)
+        cfg = spec.base_cfg or spec.cfg
+        base = ex.call("base", "base", native_noise, s.cond, cfg, spec.base_steps, spec.sampler, plan.vae_tile)
 
     with clock.stage("upscale"):
         pixels = upscale_to_target(plan, ex, base, s.facts.upscale)

@@ -9,7 +9,7 @@ diffusers' own tiling (`tiled=True`, per-tile GroupNorm) remains for whole-image
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -45,6 +45,18 @@ def _tiling(vae, tiled: bool, stats) -> None:
         vae.disable_tiling()
 
 
+@contextmanager
+def tile_size(vae, tile: int):
+    """diffusers' tiles at `tile` px while inside, when smaller than the VAE's own (its sample size)."""
+    sizes = vae.tile_sample_min_size, vae.tile_latent_min_size
+    if tile and tile < sizes[0]:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile * sizes[1] // sizes[0]
+    try:
+        yield
+    finally:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = sizes
+
+
 def _normalising(vae, stats: dict[str, torch.Tensor] | None):
     return nullcontext() if stats is None else apply_stats(vae, stats)
 
@@ -60,22 +72,23 @@ def _latents_in(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(vae, pixels: torch.Tensor, clock=None, tiled: bool = True, stats=None) -> torch.Tensor:
+def encode(vae, pixels: torch.Tensor, clock=None, tiled: bool = True, stats=None, tile: int = 0) -> torch.Tensor:
     """[B, 3, H, W] pixels in [0, 1] -> [B, C, H/f, W/f] model latents (float32, CPU); with `stats`
-    (pooled by pipeline.groupnorm.combine_stats) every GroupNorm normalises with those."""
+    (pooled by pipeline.groupnorm.combine_stats) every GroupNorm normalises with those; diffusers' own
+    tiles (tiled=True) are the VAE's sample size, or `tile` px when smaller (the memory pre-flight's)."""
     _tiling(vae, tiled, stats)
     x = _pixels_in(vae, pixels)
-    with clock("vae") if clock else nullcontext(), _normalising(vae, stats):
+    with tile_size(vae, tile), clock("vae") if clock else nullcontext(), _normalising(vae, stats):
         z = vae.encode(x).latent_dist.mode()
     return to_model_latents(z.float(), vae.config).cpu()
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, clock=None, tiled: bool = True, stats=None) -> torch.Tensor:
+def decode(vae, latents: torch.Tensor, clock=None, tiled: bool = True, stats=None, tile: int = 0) -> torch.Tensor:
     """[B, C, h, w] model latents -> [B, 3, h*f, w*f] pixels in [0, 1] (float32, CPU); `stats` as for encode."""
     _tiling(vae, tiled, stats)
     z = _latents_in(vae, latents)
-    with clock("vae") if clock else nullcontext(), _normalising(vae, stats):
+    with tile_size(vae, tile), clock("vae") if clock else nullcontext(), _normalising(vae, stats):
         x = vae.decode(z, return_dict=False)[0]
     return ((x.float() + 1) / 2).clamp(0, 1).cpu()
 

@@ -6,6 +6,7 @@ same methods on the same inputs, so the image does not depend on where they ran.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -23,6 +24,12 @@ from pipeline.sampler import PromptEmbeds, generate, refine
 from pipeline.spec import RenderSpec
 
 DEVICES = ("auto", "cpu", "cuda")
+log = logging.getLogger(__name__)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """torch's OutOfMemoryError, or a RuntimeError saying so (CPU allocators and older CUDA paths)."""
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err))
 
 
 def pick_device(name: str) -> torch.device:
@@ -124,6 +131,7 @@ class TileWorker:
         )
         self.model.denoiser.clock = clock.model if clock else None
         self.detector = None  # loaded on first use: most renders never detect
+        self.oom_faults = 0  # fault injection: the next N refine batches run out of memory before they start
 
     def _timed(self, name: str):
         return self.clock.model(name) if self.clock else nullcontext()
@@ -145,10 +153,12 @@ class TileWorker:
             cond = self.model.encode_prompt(prompt, negative, cfg, style)
         return cond.map(lambda t: t.float().cpu())
 
-    def base(self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str) -> torch.Tensor:
-        """txt2img at native size from the pooled scaffold, decoded to pixels."""
+    def base(
+        self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str, vae_tile: int = 0
+    ) -> torch.Tensor:
+        """txt2img at native size from the pooled scaffold, decoded to pixels (in `vae_tile` px tiles if set)."""
         latents = generate(self.model.denoiser, noise, cond, cfg, steps, sampler)
-        return vae.decode(self.model.vae, latents, clock=self._clock_fn())
+        return vae.decode(self.model.vae, latents, clock=self._clock_fn(), tile=vae_tile)
 
     def base_latents(
         self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str
@@ -162,8 +172,9 @@ class TileWorker:
             out = self.upscaler.descriptor(patch.to(param.device, param.dtype))
         return out.float().clamp(0, 1).cpu()
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return vae.encode(self.model.vae, pixels, clock=self._clock_fn())
+    def encode(self, pixels: torch.Tensor, tile: int = 0) -> torch.Tensor:
+        """Pixels -> latents in the VAE's own tiles, or in `tile` px tiles when smaller (0 = the VAE's)."""
+        return vae.encode(self.model.vae, pixels, clock=self._clock_fn(), tile=tile)
 
     def refine(
         self,
@@ -175,9 +186,39 @@ class TileWorker:
         mask: torch.Tensor | None = None,
         pin: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
-        """Refine a batch of chess tiles, each with its own slice of the scaffold as noise."""
+        """Refine a batch of chess tiles, each with its own slice of the scaffold as noise. A batch that runs out
+        of memory runs again once as two halves (each exactly as if the plan had batched it so)."""
         noise = tile_noise(scaffold, tiles)
-        return refine_tiles(self.model.denoiser, cond, settings, tiles, latents, noise, mask, pin)
+        try:
+            if self.oom_faults:
+                self.oom_faults -= 1
+                raise torch.OutOfMemoryError(f"injected: out of memory refining tiles {[t.id for t in tiles]}")
+            return refine_tiles(self.model.denoiser, cond, settings, tiles, latents, noise, mask, pin)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not out_of_memory(err) or len(tiles) < 2:
+                raise
+            error = str(err).splitlines()[0]
+        # outside the except block: its traceback holds the failed batch's tensors
+        half = (len(tiles) + 1) // 2
+        log.warning(
+            "out of memory refining tiles %s on %s (%s): retrying as batches of %d and %d; a batch's composition "
+            "changes its results slightly, so these tiles differ a little from an uninterrupted render",
+            [t.id for t in tiles],
+            self.device,
+            error,
+            half,
+            len(tiles) - half,
+        )
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        done: dict[int, torch.Tensor] = {}
+        for part in (slice(0, half), slice(half, None)):
+            part_mask = None if mask is None else mask[part]
+            part_pin = None if pin is None else pin[part]
+            done |= refine_tiles(
+                self.model.denoiser, cond, settings, tiles[part], latents[part], noise[part], part_mask, part_pin
+            )
+        return done
 
     def predict(
         self, tiles: tuple[Tile, ...], latents: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, cfg: float

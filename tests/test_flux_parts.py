@@ -266,8 +266,8 @@ def test_wrong_family_parts_are_refused(parts, tiny_sdxl):
 
 
 def test_prepare_resolves_the_parts_and_counts_their_weights(parts):
-    from farm.executor import model_parameters, prepare
-    from pipeline.memory import count_parameters
+    from farm.executor import prepare
+    from pipeline.memory import count_parameters, part_parameters
     from pipeline.spec import RenderSpec
 
     spec = RenderSpec(model="flux1-tiny.safetensors", comfy_models=str(parts["root"] / "models"), prompt="x")
@@ -278,4 +278,5 @@ def test_prepare_resolves_the_parts_and_counts_their_weights(parts):
         "t5_tokenizer": str(parts["tokenizer"])
     }
     files = [parts[name] for name in ("model", "vae", "clip_l", "t5")]
-    assert model_parameters(plan) == sum(count_parameters(f) for f in files) > count_parameters(parts["model"])
+    with_parts = count_parameters(parts["model"]) + part_parameters((plan.spec.vae, plan.spec.clip_l, plan.spec.t5))
+    assert with_parts == sum(count_parameters(f) for f in files) > count_parameters(parts["model"])
