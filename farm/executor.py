@@ -21,7 +21,7 @@ from pipeline.models import ModelInfo, inspect_diffusion_model
 from pipeline.plan import RenderPlan, make_plan
 from pipeline.render import Progress, RenderResult, no_progress, render, task_progress
 from pipeline.sam3 import inspect_detector
-from pipeline.spec import MAX_SIDE, RenderSpec
+from pipeline.spec import MAX_SIDE, RenderSpec, with_seed
 from pipeline.taskgraph import OnResult, Task, check_graph
 from pipeline.worker import TileWorker, WorkerConfig, pick_device, pick_dtype
 
@@ -48,8 +48,9 @@ def enhance_target(spec: RenderSpec, info: ModelInfo) -> tuple[RenderSpec, list[
 
 def prepare(spec: RenderSpec, device_name: str = "auto") -> RenderPlan:
     """Check every input that can be checked without loading a model, and plan the render
-    (a tile batch of 0 is resolved here, from the free memory of the device that will run it)."""
-    spec.validate()
+    (a tile batch of 0 is resolved here, from the free memory of the device that will run it, and a
+    random seed (-1) is drawn: the plan's spec is the one to record)."""
+    spec = with_seed(spec.validate())
     info = inspect_diffusion_model(spec.model)
     notes: list[str] = []
     if spec.workflow == "enhance":

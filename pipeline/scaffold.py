@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 def make_scaffold(seed: int, channels: int, latent_h: int, latent_w: int) -> torch.Tensor:
     """Draw the [1, C, H, W] float32 scaffold on the CPU generator, so every device sees the same field."""
+    if not 0 <= seed < 2**64:  # the generator would wrap -1 to 2^64 - 1 silently; a random seed is drawn before
+        raise ValueError(f"scaffold seed {seed}: must be in [0, 2^64); draw a random one with spec.with_seed first")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn((1, channels, latent_h, latent_w), generator=generator, dtype=torch.float32)
 
