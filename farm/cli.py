@@ -306,8 +306,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "render":
         spec, preset, out = _spec_for_render(args)
         plan = prepare(spec, device)  # reads no model weights; draws a seed if there is none
-        print(f"seed: {plan.spec.seed}", file=sys.stderr)
         if args.dry_run:
+            print(f"seed: {plan.spec.seed}", file=sys.stderr)
             print(plan.describe())
             return 0
         out = output_for(args, plan.spec, preset, out)
@@ -316,12 +316,11 @@ def run(args: argparse.Namespace) -> int:
         out = check_output_path(out, args.overwrite)
         plan = prepare(spec, device)
     spec = plan.spec  # seed and tile batch resolved; the enhance workflow's size comes from its input
-    if args.command != "render" or args.resume:
-        print(f"seed: {spec.seed}", file=sys.stderr)
-    if not args.quiet:
-        print(plan.describe(), file=sys.stderr)
     created = run_dir is None
     run_dir = run_dir or new_run(spec, out, args.run_dir, metadata)
+    print(f"seed: {spec.seed}", file=sys.stderr)  # before any work: a stopped render's seed is known too
+    if not args.quiet:
+        print(plan.describe(), file=sys.stderr)
     wall = now()
     start = time.perf_counter()
     try:

@@ -1,5 +1,6 @@
 """Bad input: a clear message naming the input, exit code 2, no traceback, and no output file."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,8 @@ CASES = [
     ("input-16-bit", {"--workflow": "enhance", "--input": "{deep_image}"}, ["{deep_image}", "16", "8 bits"]),
     ("input-huge", {"--workflow": "enhance", "--input": "{tall_image}"}, ["{tall_image}", "1x70000", "at most 32768"]),
     ("out-and-out-dir", {"--out-dir": "{tmp}"}, ["--out", "--out-dir", "not both"]),
+    ("seed-2-to-the-64", {"--seed": "18446744073709551616"}, ["seed 18446744073709551616", "[0, 2^64 - 1]"]),
+    ("seed-negative", {"--seed": "-5"}, ["seed -5", "-1 for a random seed"]),
 ]
 
 
@@ -158,6 +161,7 @@ def test_bad_input_is_refused_cleanly(files, case, flags, expect, capsys):
     before = sorted(p.name for p in out.parent.iterdir())
     assert main(args) == 2
     err = capsys.readouterr().err
+    err = re.sub(r"\Aseed: \d+\n", "", err)  # a refusal while loading models comes after the render's seed
     assert err.startswith("farm: error: ") and "Traceback" not in err
     for text in expect:
         assert text.format(**files) in err, err
@@ -208,3 +212,15 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_resume_of_an_unknown_run_or_of_last_with_none_interrupted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TILEFARM_STATE_DIR", str(tmp_path / "state"))
+    assert main(["render", "--resume", "20991231-nosuchrun"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("farm: error: --resume 20991231-nosuchrun: no run with that id") and "farm runs" in err
+    assert main(["render", "--resume", "last"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume last: no interrupted run in" in err and str(tmp_path / "state") in err
+    assert main(["ledger", "nosuchrun"]) == 2
+    assert "farm ledger nosuchrun: no run with that id" in capsys.readouterr().err
