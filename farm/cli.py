@@ -242,8 +242,7 @@ def _spec_for_demo(args: argparse.Namespace):
 def _resumed(args: argparse.Namespace):
     """(run folder, spec, output) of a stopped render; the spec is the stored one, never changed by flags."""
     from farm.output import check_output_path
-    from farm.rundir import RunDir
-    from farm.runs import find_run
+    from farm.runs import resumable
 
     changed = [flag for flag, (dest, _, _) in SPEC_FLAGS.items() if getattr(args, dest, None) is not None]
     if args.spec or args.from_png or args.size or args.base_size or args.concept or args.preset or changed:
@@ -251,14 +250,7 @@ def _resumed(args: argparse.Namespace):
             "--resume continues the stored spec as it was; drop the spec file and spec flags "
             f"({', '.join(changed) or 'spec file / --preset / --size / --concept'}), or start a new render"
         )
-    run_dir, spec, out = RunDir.open(find_run(args.resume, "--resume", last="interrupted"))
-    if run_dir.status == "finished":
-        raise UserError(
-            f"run {run_dir.run_id} is finished: it wrote {out}; to render it again, "
-            f"`farm render --from-png {out} --out PATH` (a new run)"
-        )
-    if run_dir.status == "running":
-        raise UserError(f"run {run_dir.run_id} is rendering now ({run_dir.owner()}); wait for it or stop it first")
+    run_dir, spec, out = resumable(args.resume)
     out = check_output_path(out, args.overwrite)  # something else may have been written there since
     run_dir.claim()
     return run_dir, spec, out

@@ -109,6 +109,19 @@ def find_run(text: str, flag: str, last: str | None = None) -> Path:
     )
 
 
+def resumable(text: str) -> tuple[RunDir, RenderSpec, Path]:
+    """(run, spec, output) of the run `text` names (see find_run), refused if finished or rendering now."""
+    run, spec, out = RunDir.open(find_run(text, "--resume", last="interrupted"))
+    if run.status == "finished":
+        raise UserError(
+            f"run {run.run_id} is finished: it wrote {out}; to render it again, "
+            f"`farm render --from-png {out} --out PATH` (a new run)"
+        )
+    if run.status == "running":
+        raise UserError(f"run {run.run_id} is rendering now ({run.owner()}); wait for it or stop it first")
+    return run, spec, out
+
+
 def progress(run: RunDir) -> str:
     """How far a run got: 'done in N s', or the stages done and the tasks stored in the current one."""
     if run.status == "finished":
