@@ -355,6 +355,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         raise
+    finally:
+        run_dir.release()  # a failed render in a process that lives on (a notebook) is not 'running'
     seconds = time.perf_counter() - start
     print(
         f"wrote {out} ({spec.width}x{spec.height}, seed {spec.seed}) in {seconds:.1f} s on {where}, "

@@ -194,11 +194,15 @@ class RunDir:
         """Delete the whole folder (a render refused before it did any work)."""
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def release(self) -> None:
+        """This process no longer renders the run (it finished, failed or was interrupted)."""
+        (self.path / "owner.json").unlink(missing_ok=True)
+
     def finished(self) -> None:
         """The render is written: record it, and drop the stored units (the spec and the ledger stay)."""
         self.info["finished"] = time.time()
         self._write_info()
-        (self.path / "owner.json").unlink(missing_ok=True)
+        self.release()
         shutil.rmtree(self.state, ignore_errors=True)
 
     # --- the ledger ---
