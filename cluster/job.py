@@ -4,7 +4,9 @@
 
 Runs on the head node as the job's driver, joins the cluster, renders the spec over its GPU
 actors and writes the PNG the spec's `out` names, on the machine the driver runs on (use an
-absolute path: the job's working directory is a temporary copy). Progress goes to the job log.
+absolute path: the job's working directory is a temporary copy). Progress goes to the job log, with
+the seed (a spec without one gets a drawn seed, stored in the PNG); the run folder is in the driver's
+state folder (`farm runs` on the head node lists it).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int)
     parser.add_argument("--gpus-per-worker", type=float)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-metadata", action="store_true", help="write the PNG with no text chunks")
     args = parser.parse_args(argv)
     forwarded = ["render", args.spec, "--cluster", "auto"]
     if args.out:
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         forwarded += ["--gpus-per-worker", str(args.gpus_per_worker)]
     if args.overwrite:
         forwarded.append("--overwrite")
+    if args.no_metadata:
+        forwarded.append("--no-metadata")
     return farm_main(forwarded)
 
 

@@ -112,7 +112,7 @@ def read_items(source: str) -> list[Item]:
 
 
 def write_ledger(path: Path, rows: list[dict]) -> None:
-    """The batch ledger: one row per item (input, output, seconds, outcome ok|skipped|failed, error)."""
+    """The batch ledger: one row per item (input, output, seed, seconds, outcome ok|skipped|failed, error)."""
     import os
 
     import pyarrow as pa
@@ -122,6 +122,7 @@ def write_ledger(path: Path, rows: list[dict]) -> None:
         [
             ("input", pa.string()),
             ("output", pa.string()),
+            ("seed", pa.uint64()),  # the seed rendered with (a row without one gets a drawn seed)
             ("seconds", pa.float64()),
             ("start", pa.float64()),  # unix seconds: with renders in flight together, their spans overlap
             ("end", pa.float64()),
@@ -196,7 +197,7 @@ def run_batch(args: argparse.Namespace) -> int:
 
     def render_item(n: int, item: Item) -> None:
         start, wall = time.perf_counter(), time.time()
-        row = {"input": item.label, "output": "", "seconds": 0.0, "outcome": "ok", "error": ""}
+        row = {"input": item.label, "output": "", "seed": None, "seconds": 0.0, "outcome": "ok", "error": ""}
         try:
             if item.problem:
                 raise SpecError(item.problem)
@@ -205,14 +206,17 @@ def run_batch(args: argparse.Namespace) -> int:
             spec = build_spec([*layers, (values, item.label)])
             if preset:
                 preset.check_model(spec.model)
+            # draws a seed for a row without one
             plan = prepare(spec, "cpu" if args.cluster else args.device, cluster=bool(args.cluster))
+            row["seed"] = plan.spec.seed
             stem = Path(spec.input).stem if spec.input else f"{n:04d}"
             with lock:  # names are checked for collisions: one at a time
                 out = check_output_path(out or output_name(out_dir, prefix, stem), args.overwrite)
+            print(f"farm batch: {n}/{len(items)} {item.label}, seed: {plan.spec.seed}", file=sys.stderr)
             if not args.quiet:
-                print(f"farm batch: {n}/{len(items)} {item.label}\n{plan.describe()}", file=sys.stderr)
+                print(plan.describe(), file=sys.stderr)
             image = renderer.render(plan, progress, log).image
-            save_png(image, plan.spec, out, plan.describe())
+            save_png(image, plan, out, not args.no_metadata)
             row["output"] = str(out)
         except (UserError, RenderError) as err:
             row["outcome"] = "skipped" if isinstance(err, UserError) else "failed"

@@ -1,4 +1,4 @@
-"""The `farm` command: render a spec or a preset, a batch of them, list presets, or a demo with tiny models."""
+"""The `farm` command: render a spec or a preset, a batch of them, list presets and runs, or a demo with tiny models."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ SPEC_FLAGS = {
         "how prompts are read: comfyui (default; (word:1.2) sets a weight) or a1111 ([word], BREAK); "
         "long prompts run in 77-token chunks",
     ),
-    "--seed": ("seed", int, "seed of the noise scaffold"),
+    "--seed": ("seed", int, "seed of the noise scaffold, 0 to 2^64-1 (default -1: a random one, printed and stored)"),
     "--steps": ("steps", int, "refine steps that run per tile (default 20)"),
     "--base-steps": ("base_steps", int, "steps of the native-size base (default 30)"),
     "--cfg": ("cfg", float, "SDXL: classifier-free guidance scale, 1 = off (default 7); Flux: its guidance"),
@@ -84,9 +84,15 @@ def _add_exec_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", help="output name prefix with --out-dir (default: the preset's, or 'render')")
     parser.add_argument(
         "--run-dir",
-        help="run folder for checkpoints and the ledger (default: next to the output, OUT_NAME.run)",
+        help="run folder for checkpoints and the ledger (default: a new one per render in the state folder, "
+        "$TILEFARM_STATE_DIR or ~/.local/state/tilefarm/runs; see `farm runs`)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--no-metadata",
+        action="store_true",
+        help="write the PNG with no text chunks (no spec for --from-png, no A1111 parameters)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
         "--cluster",
@@ -128,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("spec", nargs="?", help="TOML spec file; flags override its values")
     render.add_argument("--from-png", help="reproduce the spec stored in a PNG tilefarm wrote")
     render.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a stopped render from its run folder (same image as unstopped)"
+        "--resume",
+        metavar="RUN",
+        help="continue a stopped render (same image as unstopped): a run id from `farm runs`, a run folder, "
+        "or last (the last interrupted run)",
     )
     _add_spec_flags(render)
     render.add_argument(
@@ -149,11 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the presets and the spec fields each sets")
 
     ledger = sub.add_parser("ledger", help="summarise a render's run ledger: time per stage and worker, retries")
-    ledger.add_argument("run_dir", help="the render's run folder (OUT_NAME.run next to its output by default)")
+    ledger.add_argument("run", help="a run id from `farm runs`, a run folder, or last (the last started run)")
+
+    runs = sub.add_parser("runs", help="list recent runs: id, status (finished, interrupted, running), output")
+    runs.add_argument("-n", "--limit", type=int, default=20, help="show the last N runs (default 20; 0 = all)")
 
     demo = sub.add_parser("demo", help="a small render with tiny random-weight models (abstract image)")
     demo.add_argument("--size", default="1024x1024", help="target size (default 1024x1024)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the noise scaffold (default 0: the same picture)")
     _add_exec_flags(demo)
     return parser
 
@@ -244,7 +256,8 @@ def _spec_for_demo(args: argparse.Namespace):
 
 def _resumed(args: argparse.Namespace):
     """(run folder, spec, output) of a stopped render; the spec is the stored one, never changed by flags."""
-    from farm.rundir import RunDir
+    from farm.output import check_output_path
+    from farm.runs import resumable
 
     changed = [flag for flag, (dest, _, _) in SPEC_FLAGS.items() if getattr(args, dest, None) is not None]
     if args.spec or args.from_png or args.size or args.base_size or args.concept or args.preset or changed:
@@ -252,9 +265,9 @@ def _resumed(args: argparse.Namespace):
             "--resume continues the stored spec as it was; drop the spec file and spec flags "
             f"({', '.join(changed) or 'spec file / --preset / --size / --concept'}), or start a new render"
         )
-    run_dir, spec, out = RunDir.open(args.resume)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"the render in {run_dir.path} is finished: {out} exists (pass --overwrite to render it again)")
+    run_dir, spec, out = resumable(args.resume)
+    out = check_output_path(out, args.overwrite)  # something else may have been written there since
+    run_dir.claim()
     return run_dir, spec, out
 
 
@@ -263,12 +276,16 @@ def run(args: argparse.Namespace) -> int:
     from farm.output import check_output_path, save_png
     from farm.progress import tqdm_progress
     from farm.rundir import RunDir
+    from farm.runs import find_run, forget, new_run, runs_table
     from pipeline.health import now, stage_row
 
     if args.command == "ledger":
         from farm.ledger import summary
 
-        print(summary(RunDir.open(args.run_dir)[0]))
+        print(summary(RunDir.open(find_run(args.run, "farm ledger"))[0]))
+        return 0
+    if args.command == "runs":
+        print(runs_table(args.limit))
         return 0
     if args.command == "presets":
         from farm.presets import presets_table
@@ -288,14 +305,16 @@ def run(args: argparse.Namespace) -> int:
         return run_batch(args)
     run_dir = None
     device = "cpu" if args.cluster else args.device  # where a tile batch of 0 is sized for
+    metadata = not args.no_metadata
     if args.command == "render" and args.resume:
         run_dir, spec, out = _resumed(args)
-        out = check_output_path(out, True)
+        metadata = metadata and run_dir.info.get("metadata", True)
         plan = prepare(spec, device, cluster=bool(args.cluster))
     elif args.command == "render":
         spec, preset, out = _spec_for_render(args)
-        plan = prepare(spec, device, cluster=bool(args.cluster))  # reads no model weights
+        plan = prepare(spec, device, cluster=bool(args.cluster))  # no weights read; draws a seed if none
         if args.dry_run:
+            print(f"seed: {plan.spec.seed}", file=sys.stderr)
             print(plan.describe())
             print(memory_report(plan, device, cluster=bool(args.cluster)))
             return 0
@@ -304,11 +323,12 @@ def run(args: argparse.Namespace) -> int:
         spec, out = _spec_for_demo(args)
         out = check_output_path(out, args.overwrite)
         plan = prepare(spec, device, cluster=bool(args.cluster))
-    spec = plan.spec  # tile batch resolved; the enhance workflow's size comes from its input
+    spec = plan.spec  # seed and tile batch resolved; the enhance workflow's size comes from its input
+    created = run_dir is None
+    run_dir = run_dir or new_run(spec, out, args.run_dir, metadata)
+    print(f"seed: {spec.seed}", file=sys.stderr)  # before any work: a stopped render's seed is known too
     if not args.quiet:
         print(plan.describe(), file=sys.stderr)
-    created = run_dir is None
-    run_dir = run_dir or RunDir.create(Path(args.run_dir or out.with_suffix(".run")).expanduser(), spec, out)
     wall = now()
     start = time.perf_counter()
     try:
@@ -317,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         if args.cluster:
             from cluster.executor import run_cluster  # Ray is imported only on this path
 
-            keep = out.with_name(out.stem + ".partial.safetensors")
+            keep = run_dir.path / "partial.safetensors"
             run_ = run_cluster(
                 plan,
                 args.cluster,
@@ -334,22 +354,31 @@ def run(args: argparse.Namespace) -> int:
             run_ = run_local(plan, args.device, progress=progress, log=log, store=run_dir, record=run_dir.add)
             where = run_.device
         with run_.clock.stage("save"):
-            save_png(run_.result.image, spec, out, plan.describe())
+            save_png(run_.result.image, plan, out, metadata)
         run_dir.add(stage_row("render", wall, now(), kind="render"))
         run_dir.finished()
     except UserError:
         if created:  # refused before any work that could be resumed: leave nothing behind
-            run_dir.remove()
+            forget(run_dir)
         raise
     except RenderError as err:
         raise RenderError(
-            f"{err}\nfinished work is kept: continue with `farm render --resume {run_dir.path}`"
+            f"{err}\nfinished work is kept in {run_dir.path}: continue with `farm render --resume {run_dir.run_id}`"
         ) from None
     except KeyboardInterrupt:
-        print(f"farm: finished work is kept: continue with `farm render --resume {run_dir.path}`", file=sys.stderr)
+        print(
+            f"farm: finished work is kept in {run_dir.path}: continue with `farm render --resume {run_dir.run_id}`",
+            file=sys.stderr,
+        )
         raise
+    finally:
+        run_dir.release()  # a failed render in a process that lives on (a notebook) is not 'running'
     seconds = time.perf_counter() - start
-    print(f"wrote {out} ({spec.width}x{spec.height}) in {seconds:.1f} s on {where}", file=sys.stderr)
+    print(
+        f"wrote {out} ({spec.width}x{spec.height}, seed {spec.seed}) in {seconds:.1f} s on {where}, "
+        f"run {run_dir.run_id}",
+        file=sys.stderr,
+    )
     if args.command == "demo":
         print(
             "random weights make an abstract image; point `farm render --model` at a real SDXL checkpoint.",

@@ -30,7 +30,7 @@ from pipeline.preflight import memory_decision, memory_report  # noqa: F401  (me
 from pipeline.progress import Progress, no_progress, task_progress
 from pipeline.render import RenderResult, render
 from pipeline.sam3 import inspect_detector
-from pipeline.spec import MAX_SIDE, RenderSpec
+from pipeline.spec import MAX_SIDE, RenderSpec, with_seed
 from pipeline.taskgraph import OnResult, Task, check_graph
 from pipeline.worker import TileWorker, WorkerConfig, pick_device
 
@@ -58,8 +58,9 @@ def enhance_target(spec: RenderSpec, info: ModelInfo) -> tuple[RenderSpec, list[
 def prepare(spec: RenderSpec, device_name: str = "auto", cluster: bool = False) -> RenderPlan:
     """Check every input that can be checked without loading a model, and plan the render. Locally the
     memory pre-flight runs here: a tile batch that does not fit is lowered (0 = the largest that fits), VAE
-    tiles are made smaller, and what cannot fit is refused (a cluster's actors check their own GPUs)."""
-    spec = resolve_spec_files(spec.validate())
+    tiles are made smaller, and what cannot fit is refused (a cluster's actors check their own GPUs). A random
+    seed (-1) is drawn here: the plan's spec is the one to record."""
+    spec = with_seed(resolve_spec_files(spec.validate()))
     info = inspect_diffusion_model(spec.model)
     notes: list[str] = []
     if spec.workflow == "enhance":

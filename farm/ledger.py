@@ -1,4 +1,4 @@
-"""`farm ledger RUN_DIR`: where a render's time went, per stage and per worker, and what was retried."""
+"""`farm ledger RUN`: where a render's time went, per stage and per worker, and what was retried."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import defaultdict
 from farm.rundir import RunDir
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
+def table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
@@ -21,7 +21,7 @@ def summary(run: RunDir) -> str:
     wall = sum(r["end"] - r["start"] for r in renders)
     out = [f"run {run.run_id} in {run.path}: {len(renders)} finished session(s), {len(tasks)} task row(s)"]
     if not renders:
-        out.append("the render has not finished (resume it with `farm render --resume`)")
+        out.append(f"the render has not finished (resume it with `farm render --resume {run.run_id}`)")
 
     per_stage: dict[str, float] = defaultdict(float)
     for r in stages:
@@ -31,7 +31,7 @@ def summary(run: RunDir) -> str:
         task_count[r["stage"]] += 1
     total = sum(per_stage.values())
     out += ["", "time per stage:"]
-    out += _table(
+    out += table(
         ["stage", "seconds", "share of wall", "tasks"],
         [
             [s, f"{t:.2f}", f"{100 * t / wall:.1f}%" if wall else "-", task_count.get(s, 0)]
@@ -51,7 +51,7 @@ def summary(run: RunDir) -> str:
         if r.get("peak_memory") is not None:
             w[4] = max(w[4] or 0, r["peak_memory"])
     out += ["", "per worker:"]
-    out += _table(
+    out += table(
         ["worker", "where", "tasks", "busy seconds", "retries", "peak memory"],
         [
             [name, w[3], w[0], f"{w[1]:.2f}", w[2], "-" if w[4] is None else f"{w[4] / 2**30:.2f} GiB"]

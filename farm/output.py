@@ -1,4 +1,4 @@
-"""Outputs: a PNG with the full spec in its metadata, written atomically (never half a file)."""
+"""Outputs: a PNG with the full spec and A1111's parameters in its metadata, written atomically (never half a file)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from pathlib import Path
 import torch
 
 from farm import __version__
+from farm.infotext import parameters
 from farm.specfile import PNG_KEY
 from pipeline.errors import UserError
-from pipeline.spec import RenderSpec
+from pipeline.plan import RenderPlan
+
+A1111_KEY = "parameters"  # the text chunk A1111, Civitai and most image browsers read
 
 
 def check_output_path(out: str | Path, overwrite: bool) -> Path:
@@ -45,15 +48,22 @@ def to_pil(image: torch.Tensor):
     return Image.fromarray(array, mode="RGB")
 
 
-def save_png(image: torch.Tensor, spec: RenderSpec, path: Path, plan_text: str = "") -> Path:
-    """Write the image with `{"spec": ..., "version": ...}` under the PNG text key 'tilefarm'."""
+def png_metadata(plan: RenderPlan):
+    """The PNG text chunks: 'tilefarm' (the full spec, for --from-png), A1111's 'parameters', Software,
+    Comment (the plan). Pillow writes tEXt, or iTXt for text beyond Latin-1 (a prompt in any script)."""
     from PIL.PngImagePlugin import PngInfo
 
     meta = PngInfo()
-    meta.add_text(PNG_KEY, json.dumps({"version": __version__, "spec": spec.to_dict()}))
+    meta.add_text(PNG_KEY, json.dumps({"version": __version__, "spec": plan.spec.to_dict()}))
+    meta.add_text(A1111_KEY, parameters(plan.spec, plan.model.family, __version__))
     meta.add_text("Software", f"tilefarm {__version__}")
-    if plan_text:
-        meta.add_text("Comment", plan_text)
+    meta.add_text("Comment", plan.describe())
+    return meta
+
+
+def save_png(image: torch.Tensor, plan: RenderPlan, path: Path, metadata: bool = True) -> Path:
+    """Write the image with png_metadata, or with no text chunks at all (--no-metadata)."""
+    meta = png_metadata(plan) if metadata else None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

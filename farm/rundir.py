@@ -1,6 +1,8 @@
 """The run folder of a render: its spec, every finished unit of work, and the Parquet ledger.
 
-    RUN/spec.json         the spec, the output path and the run id (the scaffold seed is in the spec)
+    RUN/spec.json         the run id, the spec (with its resolved seed), the output path, when it started
+                          and finished, and whether the PNG carries metadata
+    RUN/owner.json        the process rendering it now (pid, host); gone once it has finished
     RUN/state/KEY.safetensors   one finished unit: a stage output or a tile batch's results
     RUN/ledger.parquet    one row per task (tile batch, crop batch, model call) and per stage
 
@@ -12,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
+import socket
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -91,20 +94,29 @@ class RunDir:
         self.state = self.path / "state"
         self.rows: list[dict] = []
         self.run_id = ""
+        self.info: dict = {}  # spec.json: run_id, out, spec, started, finished, metadata
 
     @classmethod
-    def create(cls, path: Path, spec: RenderSpec, out: Path) -> RunDir:
-        """A new run folder for a render of `spec` to `out`; an unfinished one at `path` is refused."""
+    def create(cls, path: Path, run_id: str, spec: RenderSpec, out: Path, metadata: bool = True) -> RunDir:
+        """A new run folder for a render of `spec` to `out`; a folder that holds a render already is refused."""
         run = cls(path)
         if (run.path / "spec.json").exists():
             raise UserError(
                 f"run folder {run.path} already holds a render; continue it with `farm render --resume {run.path}`, "
-                "or pass another --run-dir (or remove that folder)"
+                "or pass another --run-dir (without --run-dir every render gets its own run folder)"
             )
         run.state.mkdir(parents=True, exist_ok=True)
-        run.run_id = uuid.uuid4().hex[:12]
-        data = {"run_id": run.run_id, "out": str(out), "spec": spec.to_dict()}
-        _atomic(run.path / "spec.json", lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+        run.run_id = run_id
+        run.info = {
+            "run_id": run_id,
+            "out": str(out),
+            "started": time.time(),
+            "finished": None,
+            "metadata": metadata,
+            "spec": spec.to_dict(),
+        }
+        run._write_info()
+        run.claim()
         return run
 
     @classmethod
@@ -115,13 +127,45 @@ class RunDir:
         if not spec_file.is_file():
             raise UserError(f"{run.path} is not a run folder (no spec.json); pass the folder a render created")
         try:
-            data = json.loads(spec_file.read_text())
-            spec = RenderSpec.from_dict(data["spec"], str(spec_file)).validate()
-            run.run_id, out = data["run_id"], Path(data["out"])
+            run.info = json.loads(spec_file.read_text())
+            spec = RenderSpec.from_dict(run.info["spec"], str(spec_file)).validate()
+            run.run_id, out = run.info["run_id"], Path(run.info["out"])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{spec_file} is damaged; the render cannot be resumed from it") from None
         run.rows = run.read_ledger()
         return run, spec, out
+
+    def _write_info(self) -> None:
+        text = json.dumps(self.info, indent=2)
+        _atomic(self.path / "spec.json", lambda tmp: tmp.write_text(text))
+
+    @property
+    def status(self) -> str:
+        """finished, running (a live process holds it) or interrupted (stopped or failed: resumable)."""
+        if self.info.get("finished") or ("finished" not in self.info and not self.state.exists()):
+            return "finished"  # (a folder from before the finished time was recorded: its state is dropped)
+        return "running" if self.owner() else "interrupted"
+
+    def owner(self) -> str:
+        """'pid N on HOST' of a live process rendering this run, or '' (none, or it died)."""
+        try:
+            data = json.loads((self.path / "owner.json").read_text())
+            pid, host = int(data["pid"]), str(data["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+        if host == socket.gethostname():
+            try:
+                os.kill(pid, 0)  # signal 0: only asks whether the process exists
+            except ProcessLookupError:
+                return ""
+            except PermissionError:
+                pass  # it exists, under another user
+        return f"pid {pid} on {host}"
+
+    def claim(self) -> None:
+        """Mark this process as the one rendering the run (a killed process leaves a dead pid: interrupted)."""
+        data = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+        _atomic(self.path / "owner.json", lambda tmp: tmp.write_text(data))
 
     # --- the checkpoint store ---
 
@@ -150,8 +194,15 @@ class RunDir:
         """Delete the whole folder (a render refused before it did any work)."""
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def release(self) -> None:
+        """This process no longer renders the run (it finished, failed or was interrupted)."""
+        (self.path / "owner.json").unlink(missing_ok=True)
+
     def finished(self) -> None:
-        """The render is written: drop the stored units (the spec and the ledger stay)."""
+        """The render is written: record it, and drop the stored units (the spec and the ledger stay)."""
+        self.info["finished"] = time.time()
+        self._write_info()
+        self.release()
         shutil.rmtree(self.state, ignore_errors=True)
 
     # --- the ledger ---

@@ -41,7 +41,10 @@ def read_png_spec(path: str | Path) -> dict:
     except (UnidentifiedImageError, OSError):
         raise UserError(f"--from-png {path} is not a readable PNG image") from None
     if not text:
-        raise UserError(f"--from-png {path} has no tilefarm metadata; only PNGs written by farm render carry a spec")
+        raise UserError(
+            f"--from-png {path} has no tilefarm metadata: it was written with --no-metadata, or not by farm "
+            "render; render from its spec file or flags instead"
+        )
     try:
         spec = json.loads(text)["spec"]
     except (json.JSONDecodeError, KeyError, TypeError):

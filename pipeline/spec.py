@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import secrets
+from dataclasses import asdict, dataclass, fields, replace
 
 from pipeline.detection import Concept
 from pipeline.errors import SpecError
@@ -23,6 +24,9 @@ MAX_PIXEL_UPSCALE = 8
 # latent upscale 2x, refine, decode, pixel upscale); enhance: seed 001 (an input image upscaled, then refined)
 WORKFLOWS = ("top-down", "two-pass", "enhance")
 _KIND_NAMES = {int: "a whole number", float: "a number", str: "a string"}
+RANDOM_SEED = -1  # draw a seed when the render is planned (A1111's -1)
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2^64 - 1; 2^64 overflows
+DRAWN_SEEDS = 4294967294  # A1111 draws random.randrange(4294967294): the value fits its and Civitai's fields
 
 
 @dataclass
@@ -36,7 +40,7 @@ class RenderSpec:
     prompt_style: str = "comfyui"  # how prompts are weighted and chunked: one of PROMPT_STYLES (pipeline.prompt)
     width: int = 4096
     height: int = 4096
-    seed: int = 0
+    seed: int = RANDOM_SEED  # -1: drawn by with_seed when the render is planned, then recorded
     steps: int = 20  # refine steps that run per tile (see pipeline.schedule)
     base_steps: int = 30
     cfg: float = 7.0
@@ -137,8 +141,10 @@ class RenderSpec:
             raise SpecError(f"native {self.native}: must be a multiple of 8 and at least 64 (0 = from the model)")
         if self.precision not in PRECISIONS:
             raise SpecError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if not 0 <= self.seed < 2**63:
-            raise SpecError(f"seed {self.seed}: must be in [0, 2^63)")
+        if self.seed != RANDOM_SEED and not 0 <= self.seed < SEED_LIMIT:
+            raise SpecError(
+                f"seed {self.seed}: must be in [0, 2^64 - 1] (18446744073709551615), or -1 for a random seed"
+            )
         for name in ("lora_strength", "lora_text_strength"):
             if not -MAX_LORA_STRENGTH <= getattr(self, name) <= MAX_LORA_STRENGTH:
                 raise SpecError(
@@ -207,6 +213,13 @@ class RenderSpec:
             )
         if not 0 <= self.detail_padding <= 2:
             raise SpecError(f"detail_padding {self.detail_padding}: must be in [0, 2] (0.25 = a quarter per side)")
+
+
+def with_seed(spec: RenderSpec) -> RenderSpec:
+    """The spec with a random seed drawn if it has none (-1), as A1111's get_fixed_seed does."""
+    if spec.seed != RANDOM_SEED:
+        return spec
+    return replace(spec, seed=secrets.randbelow(DRAWN_SEEDS))
 
 
 def _check_size(width: int, height: int, what: str = "size") -> None:

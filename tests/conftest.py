@@ -11,6 +11,19 @@ import torch
 from farm.tiny_models import build_tiny_flux, build_tiny_sam3, build_tiny_sdxl, build_tiny_upscaler
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_dir(tmp_path_factory):
+    """Run folders go to a test folder (TILEFARM_STATE_DIR), never to the user's ~/.local/state."""
+    path = tmp_path_factory.mktemp("state")
+    before = os.environ.get("TILEFARM_STATE_DIR")
+    os.environ["TILEFARM_STATE_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("TILEFARM_STATE_DIR", None)
+    else:
+        os.environ["TILEFARM_STATE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny-models")

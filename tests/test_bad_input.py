@@ -1,6 +1,7 @@
 """Bad input: a clear message naming the input, exit code 2, no traceback, and no output file."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +215,8 @@ CASES = [
     ("lora-tag-comfyui", {"--prompt": "a <lora:x:1> cat"}, ["prompt: '<lora:x:1>'", "--lora FILE"]),
     ("lora-tag-a1111", {"--prompt-style": "a1111", "--negative": "<lora:x:1>"}, ["negative: '<lora:x:1>'", "--lora"]),
     ("unbalanced-comfyui", {"--prompt": "a (fox"}, ["prompt: '(' at character 3", "never closed"]),
+    ("seed-2-to-the-64", {"--seed": "18446744073709551616"}, ["seed 18446744073709551616", "[0, 2^64 - 1]"]),
+    ("seed-negative", {"--seed": "-5"}, ["seed -5", "-1 for a random seed"]),
 ]
 
 
@@ -237,6 +240,7 @@ def test_bad_input_is_refused_cleanly(files, case, flags, expect, capsys):
     before = sorted(p.name for p in out.parent.iterdir())
     assert main(args) == 2
     err = capsys.readouterr().err
+    err = re.sub(r"\Aseed: \d+\n", "", err)  # a refusal while loading models comes after the render's seed
     assert err.startswith("farm: error: ") and "Traceback" not in err
     for text in expect:
         assert text.format(**files) in err, err
@@ -287,3 +291,15 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_resume_of_an_unknown_run_or_of_last_with_none_interrupted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TILEFARM_STATE_DIR", str(tmp_path / "state"))
+    assert main(["render", "--resume", "20991231-nosuchrun"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("farm: error: --resume 20991231-nosuchrun: no run with that id") and "farm runs" in err
+    assert main(["render", "--resume", "last"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume last: no interrupted run in" in err and str(tmp_path / "state") in err
+    assert main(["ledger", "nosuchrun"]) == 2
+    assert "farm ledger nosuchrun: no run with that id" in capsys.readouterr().err

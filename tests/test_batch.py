@@ -1,5 +1,7 @@
 """`farm batch`: a table of prompts or a folder of images, one output and one ledger row per item."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,6 +11,7 @@ from PIL import Image
 from farm.batch import read_items
 from farm.cli import main
 from pipeline.errors import UserError
+from pipeline.spec import DRAWN_SEEDS
 
 # a two-pass render from a 128 px base to 256 px: the cheapest whole render
 TINY_TWO_PASS = ["--workflow", "two-pass", "--base-size", "128x128", "--size", "256x256", "--pixel-upscale", "1"]
@@ -21,7 +24,7 @@ def _ledger(folder):
 
 def test_five_prompts_from_a_csv_give_five_outputs_and_five_ledger_rows(tiny_sdxl, tmp_path):
     table = tmp_path / "prompts.csv"
-    rows = ["prompt,seed,denoise"] + [f"a castle number {i},{i},{0.3 + i / 10}" for i in range(5)]
+    rows = ["prompt,seed,denoise"] + [f"a castle number {i},{i or ''},{0.3 + i / 10}" for i in range(5)]
     table.write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     out.mkdir()
@@ -32,12 +35,14 @@ def test_five_prompts_from_a_csv_give_five_outputs_and_five_ledger_rows(tiny_sdx
     assert [r["outcome"] for r in ledger] == ["ok"] * 5
     assert sorted(r["output"] for r in ledger) == [str(p) for p in outputs]
     assert all(r["seconds"] > 0 and r["error"] == "" for r in ledger)
-    seeds = set()
+    seeds = {}
     for path in outputs:
         with Image.open(path) as image:
             assert image.size == (256, 256)
-            seeds.add(image.info["tilefarm"].split('"seed": ')[1].split(",")[0])
-    assert seeds == {"0", "1", "2", "3", "4"}
+            seeds[str(path)] = json.loads(image.info["tilefarm"])["spec"]["seed"]
+    drawn = seeds.pop(ledger[0]["output"])  # the row without a seed gets a drawn one, recorded in PNG and ledger
+    assert sorted(seeds.values()) == [1, 2, 3, 4] and 0 <= drawn < DRAWN_SEEDS
+    assert [r["seed"] for r in ledger] == [drawn, 1, 2, 3, 4]
 
 
 def test_a_corrupt_image_in_a_folder_is_reported_and_skipped(tiny_flux, tmp_path, capsys):

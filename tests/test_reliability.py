@@ -16,6 +16,7 @@ from PIL import Image
 from farm.cli import main
 from farm.executor import prepare, run_local
 from farm.rundir import RunDir
+from farm.runs import recent_runs
 from pipeline.errors import RenderError
 
 FARM = str(Path(sys.executable).with_name("farm"))
@@ -62,6 +63,12 @@ def _kill_when(args: list[str], marker, timeout: float = 240) -> None:
     proc.wait()
 
 
+def _run_of(out: Path) -> RunDir:
+    """The run folder (in the state folder) of the render that wrote `out`."""
+    (folder,) = [run.path for run in recent_runs() if run.info["out"] == str(out)]
+    return RunDir.open(folder)[0]
+
+
 @pytest.fixture(scope="module")
 def reference(small_spec, tmp_path_factory):
     """The uninterrupted render (PNG) and its run folder."""
@@ -70,24 +77,27 @@ def reference(small_spec, tmp_path_factory):
     return out
 
 
-def test_a_render_killed_in_the_odd_pass_resumes_to_the_same_image(small_spec, reference, tmp_path):
+def test_a_render_killed_in_the_odd_pass_resumes_to_the_same_image(small_spec, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv("TILEFARM_STATE_DIR", str(tmp_path / "state"))  # the killed render is the only run
     out = tmp_path / "killed.png"
     plan = prepare(small_spec)
     first_odd = len(plan.grid.even)  # batches of 1: task ids of the odd pass start after the even ones
-    state = tmp_path / "killed.run" / "state"
-    _kill_when([*_flags(small_spec), "--out", str(out)], lambda: (state / f"chess.1.{first_odd}.safetensors").exists())
-    assert not out.exists()
-    kept = {p.name for p in state.iterdir()}
+    runs = tmp_path / "state" / "runs"
+    _kill_when([*_flags(small_spec), "--out", str(out)], lambda: any(runs.glob(f"*/state/chess.1.{first_odd}.*")))
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["state"]  # nothing beside the output
+    (folder,) = runs.iterdir()
+    kept = {p.name for p in (folder / "state").iterdir()}
     assert f"chess.1.{first_odd}.safetensors" in kept
     # the encode's tiles and GroupNorm statistics are kept; the decode's statistics are recomputed
     assert {"encode.1.0.safetensors", "encode stats.1.0.safetensors"} <= kept
     assert len([k for k in kept if k.startswith("chess.")]) < len(plan.grid.tiles)  # stopped mid-pass
-    assert main(["render", "--resume", str(tmp_path / "killed.run"), "--quiet"]) == 0
+    assert RunDir.open(folder)[0].status == "interrupted"
+    assert main(["render", "--resume", "last", "--quiet"]) == 0
     assert np.array_equal(_pixels(out), _pixels(reference))
-    run, _, _ = RunDir.open(tmp_path / "killed.run")
+    run, _, _ = RunDir.open(folder)
     chess = [r for r in run.rows if r["kind"] == "task" and r["stage"] == "chess"]
     assert {r["task"] for r in chess} == set(range(len(plan.grid.tiles)))  # every batch ran once, across both runs
-    assert not (tmp_path / "killed.run" / "state").exists()  # the finished render drops its stored units
+    assert not (folder / "state").exists() and run.status == "finished"  # the stored units are dropped
 
 
 def test_a_blended_render_killed_mid_step_resumes_to_the_same_image(small_spec, tmp_path):
@@ -96,7 +106,8 @@ def test_a_blended_render_killed_mid_step_resumes_to_the_same_image(small_spec, 
     assert main(["render", *_flags(spec), "--out", str(ref), "--quiet"]) == 0
     out = tmp_path / "killed.png"
     state = tmp_path / "killed.run" / "state"
-    _kill_when([*_flags(spec), "--out", str(out)], lambda: (state / "blend.2.3.safetensors").exists())
+    flags = [*_flags(spec), "--out", str(out), "--run-dir", str(tmp_path / "killed.run")]
+    _kill_when(flags, lambda: (state / "blend.2.3.safetensors").exists())
     kept = {p.name for p in state.iterdir()}
     tiles = len(prepare(spec).grid.tiles)  # batches of 1: one task per tile and step
     assert {f"blend.1.{i}.safetensors" for i in range(tiles)} <= kept  # step 1 finished, step 2 had begun
@@ -113,8 +124,9 @@ def test_a_render_killed_in_the_detailer_resumes_to_the_same_image(small_spec, t
     ref = tmp_path / "ref.png"
     assert main(["render", *_flags(small_spec), *concept, "--out", str(ref), "--quiet"]) == 0
     out = tmp_path / "killed.png"
-    state = tmp_path / "killed.run" / "state"
-    _kill_when([*_flags(small_spec), *concept, "--out", str(out)], lambda: (state / "detail.1.1.safetensors").exists())
+    state = tmp_path / "killed.run" / "state"  # an explicit --run-dir, resumed by its path
+    flags = [*_flags(small_spec), *concept, "--out", str(out), "--run-dir", str(tmp_path / "killed.run")]
+    _kill_when(flags, lambda: (state / "detail.1.1.safetensors").exists())
     assert not out.exists() and not (state / "encode.1.0.safetensors").exists()
     assert main(["render", "--resume", str(tmp_path / "killed.run"), "--quiet"]) == 0
     assert np.array_equal(_pixels(out), _pixels(ref))
@@ -123,7 +135,7 @@ def test_a_render_killed_in_the_detailer_resumes_to_the_same_image(small_spec, t
 def test_the_ledger_has_every_batch_and_adds_up_to_the_wall_time(small_spec, reference, capsys):
     from farm.ledger import summary
 
-    run, _, _ = RunDir.open(reference.with_suffix(".run"))
+    run = _run_of(reference)
     plan = prepare(small_spec)
     rows = run.rows
     by_stage = {}
@@ -139,7 +151,7 @@ def test_the_ledger_has_every_batch_and_adds_up_to_the_wall_time(small_spec, ref
     wall = sum(r["end"] - r["start"] for r in rows if r["kind"] == "render")
     stages = sum(r["end"] - r["start"] for r in rows if r["kind"] == "stage")
     assert 0.95 * wall <= stages <= wall
-    assert main(["ledger", str(reference.with_suffix(".run"))]) == 0
+    assert main(["ledger", run.run_id]) == 0
     text = capsys.readouterr().out
     assert "time per stage" in text and "| chess |" in text and "retried or failed tasks: 0" in text
     assert summary(run) in text
@@ -166,9 +178,10 @@ def test_a_tile_that_stays_nan_stops_the_render_naming_it(small_spec):
 
 
 def test_resume_refuses_spec_changes_and_finished_renders(reference, tmp_path, capsys):
-    assert main(["render", "--resume", str(reference.with_suffix(".run")), "--steps", "9"]) == 2
+    run = _run_of(reference)
+    assert main(["render", "--resume", run.run_id, "--steps", "9"]) == 2
     assert "--steps" in capsys.readouterr().err
-    assert main(["render", "--resume", str(reference.with_suffix(".run"))]) == 2
+    assert main(["render", "--resume", str(run.path)]) == 2
     assert "is finished" in capsys.readouterr().err
     assert main(["render", "--resume", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
