@@ -42,6 +42,7 @@ from seams import grid_boundaries, seam_ratio  # noqa: E402
 from stage_clock import StageClock  # noqa: E402
 from usdu_baseline import usdu_boundaries, usdu_refine, usdu_tiles  # noqa: E402
 
+import pipeline.render as render_module  # noqa: E402
 from farm.executor import LocalExecutor, prepare  # noqa: E402
 from pipeline.chess_pass import RefineSettings  # noqa: E402
 from pipeline.render import render  # noqa: E402
@@ -139,19 +140,19 @@ def measure_render(worker: TileWorker, spec: RenderSpec, repeats: int) -> dict:
     worker.clock, worker.model.denoiser.clock = clock, clock.model
     log = CallLog(stage=lambda: clock.current)
     captured = {}
-    encode = worker.encode
+    encode_canvas = render_module.encode_canvas
 
-    def keep_pixels(pixels):
+    def keep_pixels(plan, ex, pixels, *args):
         captured["pixels"] = pixels  # the upscaled image: the baseline refines the same one
-        return encode(pixels)
+        return encode_canvas(plan, ex, pixels, *args)
 
     undo = record_worker(worker, log)
-    worker.encode = keep_pixels
+    render_module.encode_canvas = keep_pixels
     try:
         result = render(plan, LocalExecutor(worker), clock)
     finally:
         undo()
-        del worker.encode
+        render_module.encode_canvas = encode_canvas
         worker.clock = worker.model.denoiser.clock = None
     isolated = {key: time_call(kind, repeats) for key, kind in log.kinds.items()}
     flops = {key: count_flops(kind) for key, kind in log.kinds.items() if kind.model == "unet"}

@@ -83,7 +83,12 @@ def test_scaffold_goes_to_the_object_store_once(local_ray, cluster_plan):
     # by value each task carries its batch's latent crops and nothing else: its noise comes from the ref
     tile_bytes = 4 * cluster_plan.grid.tile_h * cluster_plan.grid.tile_w * cluster_plan.model.latent_channels
     sizes = [len(b) for b in (*cluster_plan.even_batches, *cluster_plan.odd_batches)]
-    assert sorted((d.task, d.bytes_by_value) for d in refines) == [(i, n * tile_bytes) for i, n in enumerate(sizes)]
+    # odd tasks also carry their pin masks (one float per latent pixel of each tile)
+    pin_bytes = [0] * len(cluster_plan.even_batches) + [4 * cluster_plan.grid.tile_h * cluster_plan.grid.tile_w] * len(
+        cluster_plan.odd_batches
+    )
+    expected = [(i, n * (tile_bytes + pin)) for i, (n, pin) in enumerate(zip(sizes, pin_bytes, strict=True))]
+    assert sorted((d.task, d.bytes_by_value) for d in refines) == expected
 
 
 def test_no_worker_left_is_a_clear_error_and_keeps_what_is_done(local_ray, cluster_plan, tmp_path):
@@ -206,7 +211,7 @@ def test_flux_top_down_with_a_lora_is_the_same_on_2_actors(local_ray, tiny_flux,
     local = run_local(plan).result.image
     run = run_cluster(plan, workers=2)
     assert torch.equal(run.result.image, local)
-    assert {d.actor for d in run.executor.scheduler.log if d.stage == "chess"} == {0, 1}
+    assert {d.actor for d in run.executor.scheduler.log if d.stage == "blend"} == {0, 1}
 
 
 def test_a_batch_on_the_cluster_starts_its_actors_once(local_ray, tiny_sdxl, tmp_path, monkeypatch):

@@ -278,7 +278,7 @@ def test_the_ledger_records_each_tasks_peak_memory_and_survives_an_injected_oom(
 
     caplog.set_level(logging.WARNING, logger="pipeline.worker")
     spec = replace(small_spec, width=256, height=256, steps=1, base_steps=1, cfg=1.0, upscaler="")
-    run_dir = RunDir.create(tmp_path / "run", spec, tmp_path / "out.png")
+    run_dir = RunDir.create(tmp_path / "run", "oom-run", spec, tmp_path / "out.png")
     plan = prepare(spec, "cpu")
     run = run_local(plan, "cpu", faults=[("chess", 0, "oom")], record=run_dir.add)
     rows = RunDir.open(tmp_path / "run")[0].rows  # through the Parquet file

@@ -96,7 +96,7 @@ def test_ray_job_submit_renders_end_to_end(ray_head, tiny_sdxl, tiny_upscaler, t
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-3000:]
     assert "succeeded" in logs
-    assert "chess even" in logs and "12/12" in logs  # per-pass progress reaches the job log
+    assert "refine blend" in logs and "50/50" in logs  # the blended steps' progress reaches the job log
     with Image.open(out) as image:
         assert image.size == (512, 512)
         seed = json.loads(image.info["tilefarm"])["spec"]["seed"]  # the spec has none: the job drew one

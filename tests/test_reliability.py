@@ -153,7 +153,7 @@ def test_the_ledger_has_every_batch_and_adds_up_to_the_wall_time(small_spec, ref
     assert 0.95 * wall <= stages <= wall
     assert main(["ledger", run.run_id]) == 0
     text = capsys.readouterr().out
-    assert "time per stage" in text and "| chess |" in text and "retried or failed tasks: 0" in text
+    assert "time per stage" in text and "| refine |" in text and "retried or failed tasks: 0" in text
     assert summary(run) in text
 
 
