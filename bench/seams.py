@@ -42,7 +42,7 @@ from seam_metrics import (  # noqa: E402  (grid_boundaries and seam_ratio are re
     error_map,
     error_profile,
     even_odd_ratio,
-    grid_boundaries,  # noqa: F401
+    grid_boundaries,
     grid_masks,
     ratio,
     region_step_mean,
@@ -303,7 +303,13 @@ def bench_geometry(g: Geometry, args, worker: TileWorker, ex: LocalExecutor) -> 
     png = Path(args.out_dir) / f"seams_{g.name}.png"
     side = min(2 * plan.grid.tile_h, 2 * plan.grid.tile_w, box[2], box[3], 1024 // f)
     crop = centred(cy - box[0], cx - box[1], side, (0, 0, box[2], box[3]))
-    write_strip(png, [o for o in outcomes if o.pixels is not None], crop, f, title)
+    rows_px, cols_px = grid_boundaries(plan.grid, f)
+    y0, x0 = (box[0] + crop[0]) * f, (box[1] + crop[1]) * f
+    edges = (
+        [r - y0 for r in rows_px if 0 <= r - y0 < crop[2] * f],
+        [c - x0 for c in cols_px if 0 <= c - x0 < crop[3] * f],
+    )
+    write_strip(png, [o for o in outcomes if o.pixels is not None], crop, f, title, edges)
     return {"rows": rows, "decode": rows_decode, "png": png, "plan": plan}
 
 

@@ -87,23 +87,32 @@ def to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def write_strip(path: Path, outcomes: list, crop: tuple[int, int, int, int], f: int, title: str) -> Path:
+def write_strip(
+    path: Path, outcomes: list, crop: tuple[int, int, int, int], f: int, title: str, edges=((), ())
+) -> Path:
     """The same crop (latent box inside the window) from each outcome, labelled; top row decoded untiled,
-    bottom row with the project's tiled decode (blank where there is no latent)."""
+    bottom row with the project's tiled decode (blank where there is no latent). Red ticks beside each
+    panel mark the refine grid's tile edges (`edges`: rows and columns in px of the crop)."""
     y, x, h, w = (v * f for v in crop)
     cols = len(outcomes)
-    sheet = Image.new("RGB", (cols * (w + GAP) - GAP, LABEL_H + 2 * (h + LABEL_H) + GAP), "white")
+    sheet = Image.new("RGB", (cols * (w + GAP) + GAP, LABEL_H + 2 * (h + LABEL_H + GAP)), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((2, 1), f"{title}. Top: decoded untiled; bottom: the project's tiled decode", fill="black")
+    note = "Top: decoded untiled; bottom: the project's tiled decode; red ticks: tile edges"
+    draw.text((2, 1), f"{title}. {note}", fill="black")
     for i, o in enumerate(outcomes):
-        left = i * (w + GAP)
+        left = GAP + i * (w + GAP)
         for j, pixels in enumerate((o.pixels, o.tiled_pixels)):
             top = LABEL_H + j * (h + LABEL_H + GAP)
             label = o.name if pixels is not None else f"{o.name}: no latent"
             label = label if j == 0 or pixels is None else f"{label} (tiled decode)"
             draw.text((left + 2, top + 1), label, fill="black")
-            if pixels is not None:
-                sheet.paste(to_image(pixels[..., y : y + h, x : x + w]), (left, top + LABEL_H))
+            if pixels is None:
+                continue
+            sheet.paste(to_image(pixels[..., y : y + h, x : x + w]), (left, top + LABEL_H))
+            for r in edges[0]:
+                draw.line((left - GAP, top + LABEL_H + r, left - 1, top + LABEL_H + r), fill="red")
+            for c in edges[1]:
+                draw.line((left + c, top + LABEL_H - 4, left + c, top + LABEL_H - 1), fill="red")
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
