@@ -57,7 +57,8 @@ def print_tables(title: str, rows: list[Row], decode: list[Row], show_canvas: bo
     print(table(header, lines))
     ref = next((r for r in rows if r.name == "reference"), None)
     if ref is not None:
-        print("\nthe same measures over the reference's (1.00 = as untiled, whatever the content):\n")
+        print("\nthe same measures over the reference's (1.00 = as untiled; raw values above also depend on the "
+              "content under the bands and cores, these do not):\n")  # fmt: skip
         keys = ("cv_px", "cv_lat", "band_core_lat", "band_core_px", "even_odd_lat", "even_odd_px")
         lines = [[r.name] + [fmt(ratio(getattr(r, k), getattr(ref, k)), 2) for k in keys] + [""]
                  for r in rows if r is not ref and not math.isnan(r.cv_px)]  # fmt: skip
