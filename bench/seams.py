@@ -1,8 +1,9 @@
 """Seam bench: every tiling mode refines the same start canvas, measured against an untiled reference.
 
-For each geometry, tiny random-weight models on the CPU (fp32) refine ONE start canvas (a synthetic
-latent of flat patches, ramps and texture, or --start render: the real top-down render up to the
-encode) with the same scaffold in every tiling mode of pipeline.spec.TILINGS (through the real
+For each geometry, tiny random-weight models on the CPU (fp32) refine ONE start canvas (the real
+top-down render up to the encode, or --start synthetic: a latent of flat patches, ramps and texture,
+where seams are easiest to see but the raw band and parity figures also depend on which patches
+fall where) with the same scaffold in every tiling mode of pipeline.spec.TILINGS (through the real
 chess_stage and the local executor; a mode that is not built yet prints "not available"), with
 the per-tile Ultimate SD Upscale baseline (bench/usdu_baseline.py), and with one tile covering
 the whole canvas: the untiled reference. Metrics are in bench/seam_metrics.py (protocol:
@@ -320,7 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--denoise", type=float, default=0.4)
     p.add_argument("--seed", type=int, default=0, help="scaffold and synthetic canvas seed")
     p.add_argument("--quick", action="store_true", help="the demo geometry only, 2 steps")
-    p.add_argument("--start", default="synthetic", choices=("synthetic", "render"), help="how the start canvas is made")
+    p.add_argument("--start", default="render", choices=("render", "synthetic"), help="how the start canvas is made")
     p.add_argument("--window", type=int, default=1024, help="px side of the measured window (default 1024)")
     p.add_argument("--ref-window", type=int, default=2048, help="px side of the untiled reference (default 2048)")
     p.add_argument("--no-usdu", action="store_true", help="skip the Ultimate SD Upscale baseline")
