@@ -16,10 +16,16 @@ a --ref-window around a 4-tile corner (the same scaffold slice) and the comparis
 --window at its centre, away from the reference's own borders. Where the canvas fits both windows
 (the demo geometry), they are the whole canvas.
 
-    python bench/seams.py                                   # demo, 4096, 3840x2160
+    python bench/seams.py                                   # demo, 4096, 3840x2160 (see below)
     python bench/seams.py --quick                           # the demo geometry, 2 steps
+    python bench/seams.py --start synthetic                 # flat patches: seams easiest to see
     python bench/seams.py --geometries 4096 --steps 3 --denoise 0.35
     python bench/seams.py --geometries 512x512/128          # any WIDTHxHEIGHT/TILE in px
+
+Time on a 2-core VM shared with other jobs (load 6-14), chess-original the only mode built: demo
+about 5 min, 4096 18 min (the USDU baseline 8 min of it, chess-original 4 min, the 4096 tiled
+encode of the start and the USDU input's pixels most of the rest), 3840x2160 4.5 min. The cost
+is the tiny UNet's tile steps and per-tile VAE calls; --no-usdu and --geometries demo cut it most.
 """
 
 from __future__ import annotations
