@@ -23,8 +23,8 @@ a --ref-window around a 4-tile corner (the same scaffold slice) and the comparis
     python bench/seams.py --geometries 512x512/128          # any WIDTHxHEIGHT/TILE in px
 
 Time on a 2-core VM shared with other jobs (load 6-14), chess-original the only mode built: demo
-about 5 min, 4096 18 min (the USDU baseline 8 min of it, chess-original 4 min, the 4096 tiled
-encode of the start and the USDU input's pixels most of the rest), 3840x2160 4.5 min. The cost
+about 3-5 min, 4096 18 min (the USDU baseline 8 min of it, chess-original 4 min, the 4096 tiled
+encode of the start, the 2048 px reference and the decodes the rest), 3840x2160 4.5 min. The cost
 is the tiny UNet's tile steps and per-tile VAE calls; --no-usdu and --geometries demo cut it most.
 """
 
