@@ -12,10 +12,23 @@ BENCH = Path(__file__).parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 from full_models import KNOWN_PARAMS, build_full_sdxl, component_class, meta_param_counts, read_config  # noqa: E402
-from seams import seam_ratio  # noqa: E402
+from seam_metrics import (  # noqa: E402
+    abutting_masks,
+    band_core_error,
+    band_core_ratio,
+    edge_distance,
+    error_map,
+    error_profile,
+    even_odd_ratio,
+    grid_masks,
+    texture_cv,
+)
+from seams import grid_boundaries, seam_ratio  # noqa: E402
 from usdu_baseline import processing_size, tile_mask, usdu_refine, usdu_tiles  # noqa: E402
 
+from pipeline.chess import chess_grid  # noqa: E402
 from pipeline.chess_pass import RefineSettings  # noqa: E402
+from pipeline.spec import TILINGS  # noqa: E402
 
 
 def test_full_size_configs_build_the_published_architectures():
@@ -68,6 +81,93 @@ def test_seam_ratio_sees_a_step_and_not_a_ramp():
     step = ramp.clone()
     step[..., 32:] += 0.5
     assert seam_ratio(step, [], [32]) > 10
+
+
+def smooth_noise(channels: int, size: int, seed: int = 0) -> torch.Tensor:
+    """[1, C, size, size] white noise blurred by a 3x3 box: statistically the same everywhere."""
+    noise = torch.randn(1, channels, size + 2, size + 2, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.avg_pool2d(noise, 3, stride=1)
+
+
+def test_seam_masks_split_a_chess_grid_into_bands_and_cores():
+    grid = chess_grid(96, 96, 24)  # 5 x 5 tiles, stride 18, overlap 6
+    masks = grid_masks(grid)
+    assert torch.equal(masks.band | masks.core, torch.ones(96, 96, dtype=torch.bool))
+    assert not (masks.band & masks.core).any()
+    assert torch.equal(masks.even | masks.odd, masks.core) and not (masks.even & masks.odd).any()
+    assert masks.band[:, 18:24].all() and not masks.band[30:36, 30:36].any()  # a column overlap; a core
+    assert masks.even[0, 0] and masks.odd[0, 30] and masks.even[30, 30]
+    assert edge_distance(8, [3]).tolist() == [2, 1, 0, 0, 1, 2, 3, 4]
+    assert masks.distance[0, 17] == 0 and masks.distance[0, 18] == 0 and masks.distance[0, 8] == 9
+    usdu = abutting_masks(64, 64, 32, 4)
+    assert usdu.band[:, 28:36].all() and usdu.core[:28, :28].all() and usdu.even[0, 0] and usdu.odd[0, 40]
+
+
+def test_band_core_ratio_sees_a_step_at_a_tile_edge_and_not_smooth_noise():
+    grid = chess_grid(96, 96, 24)
+    masks = grid_masks(grid)
+    noise = smooth_noise(4, 96)
+    assert band_core_ratio(noise, masks) == pytest.approx(1.0, abs=0.05)
+    stepped = noise.clone()
+    rows, cols = grid_boundaries(grid, 1)
+    for row, col in zip(rows, cols, strict=True):  # a brightness step at every tile edge, as pasted tiles make
+        stepped[..., row:, :] += 2 * noise.std()
+        stepped[..., :, col:] += 2 * noise.std()
+    assert band_core_ratio(stepped, masks) > 1.2
+    one = noise.clone()
+    one[..., :, 45:] += 2 * noise.std()  # the same step in a core (x 45 is 9 px from any edge) is no seam
+    assert band_core_ratio(one, masks) < 1
+    pixels = masks.upsample(8)
+    assert pixels.band.shape == (768, 768) and pixels.distance[0, 18 * 8] == 0
+
+
+def test_even_odd_ratio_sees_texture_that_differs_by_tile_parity():
+    masks = grid_masks(chess_grid(96, 96, 24))
+    noise = smooth_noise(4, 96, seed=1)
+    assert even_odd_ratio(noise, masks) == pytest.approx(1.0, abs=0.05)
+    louder = noise * (1 + 0.5 * masks.even)  # even tiles' cores refined "harder"
+    assert even_odd_ratio(louder, masks) > 1.3
+
+
+def test_texture_cv_sees_uneven_texture():
+    noise = smooth_noise(3, 256)
+    even = texture_cv(noise, 64)
+    assert even < 0.05
+    uneven = noise.clone()
+    uneven[..., :128] *= 2  # half the image twice as textured
+    assert texture_cv(uneven, 64) > 0.3 > 6 * even
+
+
+def test_error_profile_bins_error_by_distance_to_a_tile_edge():
+    masks = grid_masks(chess_grid(96, 96, 24))
+    reference = smooth_noise(4, 96)
+    tiled = reference + (masks.distance < 2) * 0.5  # wrong next to the edges only
+    error = error_map(tiled, reference)
+    assert error.shape == (96, 96)
+    profile = error_profile(error, masks.distance, bins=(0, 2, 4))
+    assert profile == pytest.approx([1.0, 0.0, 0.0])  # 0.5 on each of 4 channels: L2 = 1
+    assert band_core_error(error, masks) > 1.2
+
+
+def test_seams_bench_smoke_prints_every_mode_and_writes_the_strip(tiny_sdxl, tiny_upscaler, tmp_path, capsys):
+    import seams
+
+    results = seams.main(
+        ["--geometries", "128x128/64", "--steps", "1", "--model", str(tiny_sdxl), "--upscaler", str(tiny_upscaler),
+         "--out-dir", str(tmp_path)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    result = results["128x128-t64"]
+    names = [row.name for row in result["rows"]]
+    assert names == ["start", "reference", *TILINGS, "usdu"]
+    for name in names:
+        assert f"| {name} |" in out
+    assert "| untiled decode |" in out and "| tiled decode (decode_canvas) |" in out
+    ran = [row for row in result["rows"] if row.name in TILINGS and row.note != "not available"]
+    assert ran and all(row.band_core_lat > 0 and row.work > 1 for row in ran)
+    reference = result["rows"][1]
+    assert reference.work == 1.0 and reference.band_core_px > 0
+    assert result["png"].exists() and result["png"].stat().st_size > 1000
 
 
 def test_gpu_render_smoke_prints_every_table(tiny_sdxl, tiny_upscaler, capsys):
