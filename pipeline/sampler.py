@@ -24,6 +24,13 @@ if TYPE_CHECKING:
     from pipeline.flux import FluxDenoiser
 
 
+def repeat_tokens(embeds: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, T, D] repeated along the tokens to `length` (a multiple of T): cross-attention over k copies of
+    every key gives exactly the same output, so this equals running it unrepeated (ComfyUI comfy/conds.py
+    CONDCrossAttn.concat batches conds of different lengths this way)."""
+    return embeds if embeds.shape[1] == length else embeds.repeat(1, length // embeds.shape[1], 1)
+
+
 @dataclass
 class PromptEmbeds:
     """Text conditioning for one render, computed once: token and pooled embeddings (SDXL: CLIPs; Flux: T5, CLIP)."""
@@ -52,9 +59,7 @@ class PromptEmbeds:
     def stack(items: list[PromptEmbeds]) -> PromptEmbeds:
         """One batch of per-item conditionings (e.g. a different prompt per crop), in order. Token sequences
         of different lengths are repeated to a common multiple, which leaves each item's result unchanged
-        (pipeline.text_encode.repeat_tokens)."""
-        from pipeline.text_encode import repeat_tokens
-
+        (repeat_tokens)."""
         length = math.lcm(*(t.shape[1] for e in items for t in (e.embeds, e.negative_embeds) if t is not None))
         items = [e.map(lambda t: repeat_tokens(t, length) if t.ndim == 3 else t) for e in items]
         first = items[0]

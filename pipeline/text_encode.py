@@ -14,7 +14,7 @@ import math
 import torch
 
 from pipeline.prompt import WINDOW, Chunk, Parsed, Specials, chunk_prompt, describe_chunks, empty_chunk, parse_prompt
-from pipeline.sampler import PromptEmbeds
+from pipeline.sampler import PromptEmbeds, repeat_tokens  # noqa: F401 (re-exported)
 
 
 def comfy_weighting(z: torch.Tensor, z_empty: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -82,13 +82,6 @@ def encode_sdxl_prompt(pipe, text: str, style: str, device, what: str = "prompt"
     pooled = outputs[-1][1]
     notes = [describe_chunks(what, outputs[0][2], style), *parsed.warnings]
     return PromptEmbeds(embeds, pooled, None, None), notes
-
-
-def repeat_tokens(embeds: torch.Tensor, length: int) -> torch.Tensor:
-    """[B, T, D] repeated along the tokens to `length` (a multiple of T): cross-attention over k copies of
-    every key gives exactly the same output, so this equals running it unrepeated (ComfyUI comfy/conds.py
-    CONDCrossAttn.concat batches conds of different lengths this way)."""
-    return embeds if embeds.shape[1] == length else embeds.repeat(1, length // embeds.shape[1], 1)
 
 
 def encode_sdxl(pipe, prompt: str, negative: str, cfg: float, style: str, device) -> PromptEmbeds:
