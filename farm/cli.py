@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ledger = sub.add_parser("ledger", help="summarise a render's run ledger: time per stage and worker, retries")
     ledger.add_argument("run", help="a run id from `farm runs`, a run folder, or last (the last started run)")
+    ledger.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw the timeline to this .png: one lane per worker, each task a bar coloured by stage",
+    )
 
     runs = sub.add_parser("runs", help="list recent runs: id, status (finished, interrupted, running), output")
     runs.add_argument("-n", "--limit", type=int, default=20, help="show the last N runs (default 20; 0 = all)")
@@ -281,8 +286,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "ledger":
         from farm.ledger import summary
+        from farm.timeline import check_plot_path, plot_timeline
 
-        print(summary(RunDir.open(find_run(args.run, "farm ledger"))[0]))
+        plot = check_plot_path(args.plot) if args.plot else None
+        ledger_run = RunDir.open(find_run(args.run, "farm ledger"))[0]
+        print(summary(ledger_run))
+        if plot:
+            lanes = plot_timeline(ledger_run.rows, plot, title=f"run {ledger_run.run_id}")
+            print(f"\ntimeline: {plot} ({len(lanes)} lane(s): {', '.join(lanes)})")
         return 0
     if args.command == "runs":
         print(runs_table(args.limit))
