@@ -118,7 +118,7 @@ def count_table() -> dict:
     text = 0
     for name in ("text_encoder", "text_encoder_2"):
         encoder = build(f"sdxl-base-1.0/{name}", "meta")
-        text += _count(lambda: encoder(_meta(1, TEXT_TOKENS, dtype=torch.long), output_hidden_states=True))
+        text += _count(lambda e=encoder: e(_meta(1, TEXT_TOKENS, dtype=torch.long), output_hidden_states=True))
     unet_ns, vae_ns = [s * s for s in UNET_SIDES], [px * px for px in VAE_SIDES]
     per_px = up / UPSCALER_SIDE**2
     return {
@@ -134,8 +134,12 @@ def count_table() -> dict:
             "sizes": [UPSCALER_SIDE**2],
             "flops": [up],
             "coeffs": [0.0, per_px, 0.0],
-            "check": {"n": UPSCALER_CHECK**2, "counted": up_check, "fitted": per_px * UPSCALER_CHECK**2,
-                      "error": per_px * UPSCALER_CHECK**2 / up_check - 1},
+            "check": {
+                "n": UPSCALER_CHECK**2,
+                "counted": up_check,
+                "fitted": per_px * UPSCALER_CHECK**2,
+                "error": per_px * UPSCALER_CHECK**2 / up_check - 1,
+            },
         },  # fmt: skip
         "text_encoders": text,  # CLIP-L + OpenCLIP-bigG, one 77-token prompt
     }
