@@ -56,7 +56,8 @@ def evaluate(coeffs: list[float], n: float) -> float:
     return coeffs[0] + coeffs[1] * n + coeffs[2] * n * n
 
 
-def _count(fn) -> int:
+def counted(fn) -> int:
+    """FLOPs of calling fn(), counted by FlopCounterMode without autograd."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -64,22 +65,23 @@ def _count(fn) -> int:
     return counter.get_total_flops()
 
 
-def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A shape-only tensor: no memory, no values."""
     return torch.empty(*shape, device="meta", dtype=dtype)
 
 
 def unet_flops(unet, side: int, batch: int = 2) -> int:
     """One SDXL UNet forward on [batch, 4, side, side] latents with 77 tokens (batch 2: a CFG pair)."""
-    added = {"text_embeds": _meta(batch, 1280), "time_ids": _meta(batch, 6)}
-    t = _meta(batch)
-    return _count(lambda: unet(_meta(batch, 4, side, side), t, encoder_hidden_states=_meta(batch, 77, 2048),
+    added = {"text_embeds": meta(batch, 1280), "time_ids": meta(batch, 6)}
+    t = meta(batch)
+    return counted(lambda: unet(meta(batch, 4, side, side), t, encoder_hidden_states=meta(batch, 77, 2048),
                                added_cond_kwargs=added))  # fmt: skip
 
 
 def vae_flops(vae, px: int) -> tuple[int, int]:
     """(encoder, decoder) FLOPs for one px x px image (the decoder from its px / 8 latent)."""
-    encode = _count(lambda: vae.encode(_meta(1, 3, px, px)))
-    decode = _count(lambda: vae.decode(_meta(1, 4, px // 8, px // 8)))
+    encode = counted(lambda: vae.encode(meta(1, 3, px, px)))
+    decode = counted(lambda: vae.decode(meta(1, 4, px // 8, px // 8)))
     return encode, decode
 
 
@@ -113,12 +115,12 @@ def count_table() -> dict:
     enc, dec = zip(*(vae_flops(vae, px) for px in (*VAE_SIDES, VAE_CHECK)), strict=True)
     del vae
     net = build_upscaler()
-    up = _count(lambda: net(_meta(1, 3, UPSCALER_SIDE, UPSCALER_SIDE)))
-    up_check = _count(lambda: net(_meta(1, 3, UPSCALER_CHECK, UPSCALER_CHECK)))
+    up = counted(lambda: net(meta(1, 3, UPSCALER_SIDE, UPSCALER_SIDE)))
+    up_check = counted(lambda: net(meta(1, 3, UPSCALER_CHECK, UPSCALER_CHECK)))
     text = 0
     for name in ("text_encoder", "text_encoder_2"):
         encoder = build(f"sdxl-base-1.0/{name}", "meta")
-        text += _count(lambda e=encoder: e(_meta(1, TEXT_TOKENS, dtype=torch.long), output_hidden_states=True))
+        text += counted(lambda e=encoder: e(meta(1, TEXT_TOKENS, dtype=torch.long), output_hidden_states=True))
     unet_ns, vae_ns = [s * s for s in UNET_SIDES], [px * px for px in VAE_SIDES]
     per_px = up / UPSCALER_SIDE**2
     return {
