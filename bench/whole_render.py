@@ -131,28 +131,25 @@ def start_actors(n: int, tflops: float, table: dict, runtime_env: dict | None = 
         cls = cls.options(runtime_env=runtime_env)
     actors = [cls.remote(tflops, table) for _ in range(n)]
     ray.get([a.run.remote("upscale_tile", *to_wire((torch.zeros(1, 3, 16, 16),))) for a in actors])
-    ray.get([a.take_busy.remote() for a in actors])
     return actors
 
 
-def measure(plan: RenderPlan, n: int, tflops: float, table: dict, runtime_env: dict | None = None) -> Measured:
-    """Render the plan once on N fresh simulated actors; the ledger rows, timings and driver peak memory."""
-    actors = start_actors(n, tflops, table, runtime_env)
-    try:
-        ex = TimedExecutor(actors)
-        rows: list[dict] = []
-        ex.record = rows.append
-        clock = Clock(on_stage=lambda name, s, e: rows.append(stage_row(name, s, e)))
-        reset_peak_rss()
-        t0 = time.time()
-        start = time.perf_counter()
-        render(plan, ex, clock)
-        wall = time.perf_counter() - start
-        peak = peak_rss()
-        device = sum(ray.get([a.take_busy.remote() for a in actors]))
-    finally:
-        for a in actors:
-            ray.kill(a)
+def measure(plan: RenderPlan, actors: list, tflops: float) -> Measured:
+    """Render the plan once on these warm simulated actors at `tflops`; ledger rows, timings, driver peak memory."""
+    ray.get([a.set_throughput.remote(tflops) for a in actors])
+    ray.get([a.take_busy.remote() for a in actors])
+    ex = TimedExecutor(actors)
+    rows: list[dict] = []
+    ex.record = rows.append
+    clock = Clock(on_stage=lambda name, s, e: rows.append(stage_row(name, s, e)))
+    reset_peak_rss()
+    t0 = time.time()
+    start = time.perf_counter()
+    render(plan, ex, clock)
+    wall = time.perf_counter() - start
+    peak = peak_rss()
+    device = sum(ray.get([a.take_busy.remote() for a in actors]))
+    n = len(actors)
     m = Measured(n, wall, rows, ex.graph_seconds, dict(clock.stages), peak, device)
     m.below_share = busy_below(m.tasks, n, t0, t0 + wall) / wall
     busy: dict[str, float] = defaultdict(float)
@@ -233,16 +230,20 @@ def run_whole_render(
             num_cpus=max(actor_counts), include_dashboard=False, log_to_driver=False, configure_logging=False,
             runtime_env=RUNTIME_ENV,
         )  # fmt: skip
-    env = None if started else RUNTIME_ENV
     figures: dict = {"flops": table, "sizes": {}}
+    actors: list = []
     try:
+        # one set of actors, warm, as in a running farm; a render on N uses the first N
+        clock = time.perf_counter()
+        actors = start_actors(max(actor_counts), tflops, table, None if started else RUNTIME_ENV)
+        print(f"{len(actors)} simulated actors started in {time.perf_counter() - clock:.1f} s\n", flush=True)
         for size in sizes:
             plan = make_plan(whole_spec(size, steps, base_steps, tile_batch, tiling), SDXL)
             print(f"## {size} px: {tflops:g} TFLOP/s per actor\n\n{plan.describe()}\n", flush=True)
-            zero = measure(plan, 1, float("inf"), table, env)
+            zero = measure(plan, actors[:1], float("inf"))
             results = []
             for n in actor_counts:
-                results.append(measure(plan, n, tflops, table, env))
+                results.append(measure(plan, actors[:n], tflops))
                 print(f"  {n} actor(s): {results[-1].wall:.2f} s", flush=True)
             print("\n" + tables(size, results, zero) + "\n")
             if out_dir is not None:
@@ -251,6 +252,8 @@ def run_whole_render(
             figures["sizes"][size] = {"results": results, "zero": zero, "plan": plan}
         print("\n" + DEFINITIONS)
     finally:
+        for a in actors:
+            ray.kill(a)
         if started:
             ray.shutdown()
     return figures
