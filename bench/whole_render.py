@@ -39,8 +39,10 @@ from the measured speedup (Karp & Flatt 1990). "< N busy" = share of the wall du
 N actors run a task (ledger rows, first dispatch to result accepted). "driver s" = wall outside the
 executor's task graphs (composites, resizes, sampler steps between graphs): serial by construction.
 Busy s per stage = sum of the stage's task durations in the ledger (dispatch to result accepted).
+Amdahl fit: the one s with wall(N) = wall(1) (s + (1 - s) / N) closest over all N (least squares).
 Driver peak = high-water mark of the driver process's resident set (VmHWM, reset through
-/proc/self/clear_refs before each render; tracemalloc would miss torch's tensor memory)."""
+/proc/self/clear_refs before each render; tracemalloc would miss torch's tensor memory); in brackets
+its resident set as the render started (imports, Ray, the previous render's leftovers)."""
 
 
 class TimedExecutor(ClusterExecutor):
@@ -112,6 +114,7 @@ class Measured:
     stage_wall: dict[str, float]
     peak_rss: int
     device_seconds: float  # simulated cost slept by all actors
+    start_rss: int = 0  # the driver's resident set as the render started
     below_share: float = 0.0
     busy: dict[str, float] = field(default_factory=dict)
 
@@ -143,6 +146,7 @@ def measure(plan: RenderPlan, actors: list, tflops: float) -> Measured:
     ex.record = rows.append
     clock = Clock(on_stage=lambda name, s, e: rows.append(stage_row(name, s, e)))
     reset_peak_rss()
+    start_rss = peak_rss()  # right after a reset the high-water mark is the current resident set
     t0 = time.time()
     start = time.perf_counter()
     render(plan, ex, clock)
@@ -150,7 +154,7 @@ def measure(plan: RenderPlan, actors: list, tflops: float) -> Measured:
     peak = peak_rss()
     device = sum(ray.get([a.take_busy.remote() for a in actors]))
     n = len(actors)
-    m = Measured(n, wall, rows, ex.graph_seconds, dict(clock.stages), peak, device)
+    m = Measured(n, wall, rows, ex.graph_seconds, dict(clock.stages), peak, device, start_rss)
     m.below_share = busy_below(m.tasks, n, t0, t0 + wall) / wall
     busy: dict[str, float] = defaultdict(float)
     for r in m.tasks:
@@ -162,6 +166,15 @@ def measure(plan: RenderPlan, actors: list, tflops: float) -> Measured:
 def karp_flatt(speedup: float, n: int) -> float | None:
     """(1/S - 1/N) / (1 - 1/N): the experimentally determined serial fraction (Karp & Flatt 1990)."""
     return None if n == 1 else (1 / speedup - 1 / n) / (1 - 1 / n)
+
+
+def amdahl_fit(walls: dict[int, float]) -> float | None:
+    """Least-squares s in wall(N) / wall(1) - 1/N = s (1 - 1/N) (Amdahl's law), over every N > 1."""
+    xs = {n: 1 - 1 / n for n in walls if n > 1}
+    if 1 not in walls or not xs:
+        return None
+    ys = {n: walls[n] / walls[1] - 1 / n for n in xs}
+    return sum(xs[n] * ys[n] for n in xs) / sum(x * x for x in xs.values())
 
 
 def plot(m: Measured, size: int, out_dir: Path) -> str:
@@ -180,7 +193,8 @@ def tables(size: int, results: list[Measured], zero: Measured) -> str:
     """The scaling table and the per-stage busy/wall table, as markdown."""
     base = results[0].wall if results[0].actors == 1 else None
     lines = [
-        "| actors | wall s | speedup | speedup / N | Karp-Flatt e | < N busy | driver s | device s | driver peak GiB |",
+        "| actors | wall s | speedup | speedup / N | Karp-Flatt e | < N busy | driver s | device s "
+        "| driver peak GiB (at start) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in results:
@@ -189,8 +203,11 @@ def tables(size: int, results: list[Measured], zero: Measured) -> str:
         lines.append(
             f"| {m.actors} | {m.wall:.2f} | {s:.2f} | {s / m.actors:.2f} | {'-' if e is None else f'{e:.3f}'} | "
             f"{100 * m.below_share:.1f}% | {m.wall - m.graph_seconds:.2f} | {m.device_seconds:.2f} | "
-            f"{m.peak_rss / 2**30:.2f} |"
+            f"{m.peak_rss / 2**30:.2f} ({m.start_rss / 2**30:.2f}) |"
         )
+    fit = amdahl_fit({m.actors: m.wall for m in results})
+    if fit is not None:
+        lines += ["", f"Amdahl fit over all actor counts: serial fraction s = {fit:.3f}"]
     stages = list(dict.fromkeys(r["stage"] for m in results for r in m.tasks))
     lines += ["", "busy s per ledger stage (sum of its task durations):", ""]
     lines += ["| actors | " + " | ".join(stages) + " |", "|---:|" + "---:|" * len(stages)]

@@ -255,3 +255,16 @@ def test_whole_render_scaling_reports_every_actor_count(tmp_path, capsys):
         assert m.device_seconds > 0 and m.peak_rss > 0
     plan = figures["sizes"][2048]["plan"]
     assert sum(r["stage"] == "blend" for r in results[0].tasks) == len(plan.grid.tiles)  # 1 step, batches of 1
+
+
+def test_serial_fraction_measures():
+    """Karp-Flatt, the Amdahl fit and the partly-idle sweep on walls and ledger rows with known answers."""
+    from whole_render import amdahl_fit, busy_below, karp_flatt
+
+    walls = {n: 100 * (0.1 + 0.9 / n) for n in (1, 2, 4, 8, 16)}  # Amdahl's law with s = 0.1
+    assert amdahl_fit(walls) == pytest.approx(0.1)
+    assert karp_flatt(walls[1] / walls[8], 8) == pytest.approx(0.1)
+    assert karp_flatt(1.0, 1) is None and karp_flatt(2.0, 2) == pytest.approx(0)
+    rows = [{"start": 0.0, "end": 2.0}, {"start": 1.0, "end": 3.0}]
+    assert busy_below(rows, 2, 0.0, 4.0) == pytest.approx(3.0)  # both busy only in [1, 2]
+    assert busy_below(rows, 1, 0.0, 4.0) == pytest.approx(1.0)  # none busy in [3, 4]
