@@ -17,7 +17,7 @@ actors whose model calls cost their FLOPs at --tflops (bench/whole_render.py, be
 
     python bench/scaling.py --whole-render                      # 8192 px; 1, 2, 4, 8, 16 actors
     python bench/scaling.py --whole-render --sizes 8192,16384
-    python bench/scaling.py --whole-render --quick              # 4096 px; 1, 2, 4 actors
+    python bench/scaling.py --whole-render --quick              # 4096 px; 1, 2, 4 actors; 8 steps
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--cost", type=float, default=0.2, help="simulated seconds per tile")
     parser.add_argument("--tile-batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=8192, help="square canvas in px")
-    parser.add_argument("--steps", type=int, default=20, help="blended sampler: steps the tile work is split into")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="blended sampler: steps the tile work is split into (20; --quick: 8)"
+    )
     parser.add_argument("--only-tiling", action="store_true", help="only the chess vs blend table")
     whole = parser.add_argument_group("whole render (--whole-render)")
     whole.add_argument("--whole-render", action="store_true", help="the whole render on simulated actors")
@@ -92,10 +94,11 @@ def main(argv: list[str] | None = None):
     whole.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="effective TFLOP/s of each actor")
     whole.add_argument("--base-steps", type=int, default=30)
     whole.add_argument("--tiling", default="blend", choices=TILINGS)
-    whole.add_argument("--quick", action="store_true", help="4096 px on 1, 2 and 4 actors (about a minute)")
+    whole.add_argument("--quick", action="store_true", help="4096 px on 1, 2 and 4 actors, 8 steps")
     whole.add_argument("--timeline-dir", type=Path, default=Path("bench/out/whole-render"))
     whole.add_argument("--recount-flops", action="store_true", help="count the FLOP table again (bench/flops.py)")
     args = parser.parse_args(argv)
+    args.steps = args.steps or (8 if args.quick else 20)
     if args.whole_render:
         if args.quick:
             args.sizes, args.actors = [4096], [1, 2, 4]

@@ -189,7 +189,7 @@ def plot(m: Measured, size: int, out_dir: Path) -> str:
     return f"timeline: {path}"
 
 
-def tables(size: int, results: list[Measured], zero: Measured) -> str:
+def tables(results: list[Measured], zero: Measured) -> str:
     """The scaling table and the per-stage busy/wall table, as markdown."""
     base = results[0].wall if results[0].actors == 1 else None
     lines = [
@@ -262,7 +262,7 @@ def run_whole_render(
             for n in actor_counts:
                 results.append(measure(plan, actors[:n], tflops))
                 print(f"  {n} actor(s): {results[-1].wall:.2f} s", flush=True)
-            print("\n" + tables(size, results, zero) + "\n")
+            print("\n" + tables(results, zero) + "\n")
             if out_dir is not None:
                 for m in results:
                     print(plot(m, size, out_dir))
