@@ -10,6 +10,14 @@ steps (a tile-step costs cost / steps), one task graph and one canvas step on th
     python bench/scaling.py                    # 0.2 s per tile, batches of 1
     python bench/scaling.py --tile-batch 4 --cost 0.1
     python bench/scaling.py --tile-batch 4 --steps 20 --only-tiling
+
+With --whole-render: a whole top-down SDXL render (plan, base, upscale, encode, refine, decode; the
+real render, executor, scheduler and transport) at each of --sizes on each of --actors simulated
+actors whose model calls cost their FLOPs at --tflops (bench/whole_render.py, bench/flops.py).
+
+    python bench/scaling.py --whole-render                      # 8192 px; 1, 2, 4, 8, 16 actors
+    python bench/scaling.py --whole-render --sizes 8192,16384
+    python bench/scaling.py --whole-render --quick              # 4096 px; 1, 2, 4 actors; 8 steps
 """
 
 from __future__ import annotations
@@ -28,9 +36,12 @@ from cluster.wire import to_wire
 from pipeline.blend import blend_refine
 from pipeline.chess import batches, chess_grid
 from pipeline.chess_pass import RefineSettings, chess_refine
+from pipeline.spec import TILINGS
 
 sys.path.insert(0, str(Path(__file__).parent))
+from flops import DEFAULT_TFLOPS  # noqa: E402
 from sim_worker import SimWorker  # noqa: E402
+from whole_render import run_whole_render  # noqa: E402
 
 
 def measure(actors: list, grid, even, odd, canvas, scaffold) -> tuple[float, float, list]:
@@ -63,14 +74,38 @@ def measure_blend(actors: list, grid, tile_batches, canvas, steps: int) -> float
     return time.perf_counter() - start
 
 
-def main() -> None:
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cost", type=float, default=0.2, help="simulated seconds per tile")
     parser.add_argument("--tile-batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=8192, help="square canvas in px")
-    parser.add_argument("--steps", type=int, default=20, help="blended sampler: steps the tile work is split into")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="blended sampler: steps the tile work is split into (20; --quick: 8)"
+    )
     parser.add_argument("--only-tiling", action="store_true", help="only the chess vs blend table")
-    args = parser.parse_args()
+    whole = parser.add_argument_group("whole render (--whole-render)")
+    whole.add_argument("--whole-render", action="store_true", help="the whole render on simulated actors")
+    whole.add_argument("--sizes", type=_ints, default=[8192], help="square target sizes in px, comma-separated")
+    whole.add_argument("--actors", type=_ints, default=[1, 2, 4, 8, 16], help="actor counts, comma-separated")
+    whole.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="effective TFLOP/s of each actor")
+    whole.add_argument("--base-steps", type=int, default=30)
+    whole.add_argument("--tiling", default="blend", choices=TILINGS)
+    whole.add_argument("--quick", action="store_true", help="4096 px on 1, 2 and 4 actors, 8 steps")
+    whole.add_argument("--timeline-dir", type=Path, default=Path("bench/out/whole-render"))
+    whole.add_argument("--recount-flops", action="store_true", help="count the FLOP table again (bench/flops.py)")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (8 if args.quick else 20)
+    if args.whole_render:
+        if args.quick:
+            args.sizes, args.actors = [4096], [1, 2, 4]
+        return run_whole_render(
+            args.sizes, args.actors, args.tflops, args.steps, args.base_steps, args.tile_batch, args.tiling,
+            args.timeline_dir, args.recount_flops,
+        )  # fmt: skip
 
     # workers import the simulated actor by module (a class pickled from __main__ was measured slower)
     paths = {"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}"}

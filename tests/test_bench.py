@@ -205,3 +205,66 @@ def test_tile_overhead_reports_batch_1_and_4(tiny_sdxl, capsys):
     assert [r["batch"] for r in rows] == [1, 4]
     assert [r["batches"] for r in rows] == [25, 7]
     assert "dispatch + slicing + compositing ms/tile" in capsys.readouterr().out
+
+
+def test_flop_table_prices_every_worker_method():
+    """The cached FLOP table (bench/configs/flops.json) gives every method the render calls a positive cost."""
+    import flops
+
+    table = flops.load_table()
+    assert flops.fit_quadratic([1, 2, 3], [6, 11, 18]) == pytest.approx([3, 2, 1])  # 3 + 2n + n^2
+    for key in ("unet", "vae_encoder", "vae_decoder", "upscaler_4x"):
+        assert all(f > 0 for f in table[key]["flops"]) and abs(table[key]["check"]["error"]) < 1e-3, key
+    assert table["unet_tile_128_cfg"] == pytest.approx(2 * flops.evaluate(table["unet"]["coeffs"], 128 * 128))
+    # the cache is the architecture's count: ESRGAN is all convolutions, so FLOPs per input pixel are exact
+    net = flops.build_upscaler()
+    per_pixel = table["upscaler_4x"]["coeffs"][1]
+    assert flops.counted(lambda: net(flops.meta(1, 3, 16, 16))) == pytest.approx(per_pixel * 256)
+    latents, pixels = (1, 4, 128, 128), (1, 3, 1024, 1024)
+    shapes = {"encode_prompt": (), "base": latents, "base_latents": latents, "refine": latents, "predict": latents,
+              "upscale_tile": (1, 3, 512, 512), "encode": pixels, "encode_stats": pixels, "encode_tile": pixels,
+              "detail": pixels, "decode_stats": latents, "decode_tile": latents}  # fmt: skip
+    for method, shape in shapes.items():
+        assert flops.task_flops(method, shape, table, steps=2) > 0, method
+    tile = flops.task_seconds("refine", (2, 4, 128, 128), 400, table, steps=20)
+    assert tile == pytest.approx(2 * 20 * table["unet_tile_128_cfg"] / 400e12)
+    assert flops.task_seconds("refine", latents, float("inf"), table) == 0
+    with pytest.raises(ValueError, match="no FLOP model"):
+        flops.task_flops("unknown", latents, table)
+
+
+def test_whole_render_scaling_reports_every_actor_count(tmp_path, capsys):
+    """The real render, executor and transport over simulated actors: a table row per actor count."""
+    import scaling
+
+    figures = scaling.main(
+        ["--whole-render", "--sizes", "2048", "--actors", "1,2", "--steps", "1", "--base-steps", "1", "--tflops",
+         "1e5", "--timeline-dir", str(tmp_path)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| actors | wall s | speedup | speedup / N | Karp-Flatt e |" in out
+    assert "| UNet per tile-step: 128x128 latents (1024 px), batch 2 (CFG pair) |" in out
+    assert "dispatch overhead (1 actor, zero cost" in out and "Definitions:" in out
+    results = figures["sizes"][2048]["results"]
+    assert [m.actors for m in results] == [1, 2]
+    for m in results:
+        assert f"\n| {m.actors} | {m.wall:.2f} |" in out
+        stages = {r["stage"] for r in m.tasks}
+        assert {"base", "upscale", "encode", "blend", "decode"} <= stages
+        assert {r["worker"] for r in m.tasks} == {f"actor {i}" for i in range(m.actors)}
+        assert m.device_seconds > 0 and m.peak_rss > 0
+    plan = figures["sizes"][2048]["plan"]
+    assert sum(r["stage"] == "blend" for r in results[0].tasks) == len(plan.grid.tiles)  # 1 step, batches of 1
+
+
+def test_serial_fraction_measures():
+    """Karp-Flatt, the Amdahl fit and the partly-idle sweep on walls and ledger rows with known answers."""
+    from whole_render import amdahl_fit, busy_below, karp_flatt
+
+    walls = {n: 100 * (0.1 + 0.9 / n) for n in (1, 2, 4, 8, 16)}  # Amdahl's law with s = 0.1
+    assert amdahl_fit(walls) == pytest.approx(0.1)
+    assert karp_flatt(walls[1] / walls[8], 8) == pytest.approx(0.1)
+    assert karp_flatt(1.0, 1) is None and karp_flatt(2.0, 2) == pytest.approx(0)
+    rows = [{"start": 0.0, "end": 2.0}, {"start": 1.0, "end": 3.0}]
+    assert busy_below(rows, 2, 0.0, 4.0) == pytest.approx(3.0)  # both busy only in [1, 2]
+    assert busy_below(rows, 1, 0.0, 4.0) == pytest.approx(1.0)  # none busy in [3, 4]

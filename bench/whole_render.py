@@ -1,0 +1,276 @@
+"""Whole-render scaling on a simulated farm (bench/scaling.py --whole-render).
+
+A real top-down render (pipeline.plan.make_plan, pipeline.render.render, the ClusterExecutor, its
+PullScheduler and the wire transport) over Ray actors whose model calls are sleeps of their FLOP-
+derived cost (bench/sim_render.py, bench/flops.py). All the driver's own work is real: tile crops,
+composites, resizes, GroupNorm pooling, the blended sampler's scheduler steps. Every task is
+recorded through the executor's ledger rows (pipeline.health.task_row).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from flops import DEFAULT_TFLOPS, describe, load_table  # noqa: E402
+from sim_render import SDXL, SimActor  # noqa: E402
+
+from cluster.executor import ClusterExecutor  # noqa: E402
+from cluster.wire import to_wire  # noqa: E402
+from pipeline.clock import Clock  # noqa: E402
+from pipeline.health import stage_row  # noqa: E402
+from pipeline.plan import RenderPlan, make_plan  # noqa: E402
+from pipeline.render import render  # noqa: E402
+from pipeline.spec import RenderSpec  # noqa: E402
+
+DEFINITIONS = """\
+Definitions: wall = render() from start to image, driver included. speedup = wall(1) / wall(N).
+Karp-Flatt serial fraction e = (1/speedup - 1/N) / (1 - 1/N): the serial share Amdahl's law implies
+from the measured speedup (Karp & Flatt 1990). "< N busy" = share of the wall during which fewer than
+N actors run a task (ledger rows, first dispatch to result accepted). "driver s" = wall outside the
+executor's task graphs (composites, resizes, sampler steps between graphs): serial by construction.
+Busy s per stage = sum of the stage's task durations in the ledger (dispatch to result accepted).
+Amdahl fit: the one s with wall(N) = wall(1) (s + (1 - s) / N) closest over all N (least squares).
+Driver peak = high-water mark of the driver process's resident set (VmHWM, reset through
+/proc/self/clear_refs before each render; tracemalloc would miss torch's tensor memory); in brackets
+its resident set as the render started (imports, Ray, the previous render's leftovers)."""
+
+
+class TimedExecutor(ClusterExecutor):
+    """The ClusterExecutor, counting the seconds the driver spends inside task graphs."""
+
+    def __init__(self, actors: list, **kwargs):
+        super().__init__(actors, **kwargs)
+        self.graph_seconds = 0.0
+        self.graphs = 0
+
+    def run(self, stage: str, tasks: list, on_result=None) -> dict:
+        start = time.perf_counter()
+        try:
+            return super().run(stage, tasks, on_result)
+        finally:
+            self.graph_seconds += time.perf_counter() - start
+            self.graphs += 1
+
+
+def whole_spec(size: int, steps: int, base_steps: int, tile_batch: int, tiling: str) -> RenderSpec:
+    """A square top-down SDXL render with a 4x upscaler, 1024 px tiles and CFG 7 (no detailer)."""
+    return RenderSpec(
+        model=SDXL.path.name, upscaler="simulated-esrgan-4x", prompt="a lighthouse at dawn", negative="blurry",
+        width=size, height=size, seed=1, steps=steps, base_steps=base_steps, cfg=7.0, denoise=0.35, tile=1024,
+        tile_batch=tile_batch, tiling=tiling,
+    ).validate()  # fmt: skip
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's VmHWM (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """Bytes: VmHWM from /proc/self/status, else getrusage's lifetime peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def busy_below(rows: list[dict], actors: int, start: float, end: float) -> float:
+    """Seconds in [start, end] during which fewer than `actors` task rows are open (a sweep over their edges)."""
+    edges = sorted([(r["start"], 1) for r in rows] + [(r["end"], -1) for r in rows])
+    below, running, last = 0.0, 0, start
+    for t, step in edges:
+        t = min(max(t, start), end)
+        if running < actors:
+            below += t - last
+        running, last = running + step, t
+    return below + (end - last if running < actors else 0.0)
+
+
+@dataclass
+class Measured:
+    """One render on N simulated actors."""
+
+    actors: int
+    wall: float
+    rows: list[dict]
+    graph_seconds: float
+    stage_wall: dict[str, float]
+    peak_rss: int
+    device_seconds: float  # simulated cost slept by all actors
+    start_rss: int = 0  # the driver's resident set as the render started
+    below_share: float = 0.0
+    busy: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[dict]:
+        return [r for r in self.rows if r["kind"] == "task"]
+
+
+# actors import the simulated worker by module path (a class pickled from __main__ was measured slower)
+RUNTIME_ENV = {"env_vars": {"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}"}}
+
+
+def start_actors(n: int, tflops: float, table: dict, runtime_env: dict | None = None) -> list:
+    """N simulated actors, each warmed with one small call through the transport."""
+    cls = ray.remote(num_cpus=1)(SimActor)
+    if runtime_env:  # joining a Ray started without our paths
+        cls = cls.options(runtime_env=runtime_env)
+    actors = [cls.remote(tflops, table) for _ in range(n)]
+    ray.get([a.run.remote("upscale_tile", *to_wire((torch.zeros(1, 3, 16, 16),))) for a in actors])
+    return actors
+
+
+def measure(plan: RenderPlan, actors: list, tflops: float) -> Measured:
+    """Render the plan once on these warm simulated actors at `tflops`; ledger rows, timings, driver peak memory."""
+    ray.get([a.set_throughput.remote(tflops) for a in actors])
+    ray.get([a.take_busy.remote() for a in actors])
+    ex = TimedExecutor(actors)
+    rows: list[dict] = []
+    ex.record = rows.append
+    clock = Clock(on_stage=lambda name, s, e: rows.append(stage_row(name, s, e)))
+    reset_peak_rss()
+    start_rss = peak_rss()  # right after a reset the high-water mark is the current resident set
+    t0 = time.time()
+    start = time.perf_counter()
+    render(plan, ex, clock)
+    wall = time.perf_counter() - start
+    peak = peak_rss()
+    device = sum(ray.get([a.take_busy.remote() for a in actors]))
+    n = len(actors)
+    m = Measured(n, wall, rows, ex.graph_seconds, dict(clock.stages), peak, device, start_rss)
+    m.below_share = busy_below(m.tasks, n, t0, t0 + wall) / wall
+    busy: dict[str, float] = defaultdict(float)
+    for r in m.tasks:
+        busy[r["stage"]] += r["end"] - r["start"]
+    m.busy = dict(busy)
+    return m
+
+
+def karp_flatt(speedup: float, n: int) -> float | None:
+    """(1/S - 1/N) / (1 - 1/N): the experimentally determined serial fraction (Karp & Flatt 1990)."""
+    return None if n == 1 else (1 / speedup - 1 / n) / (1 - 1 / n)
+
+
+def amdahl_fit(walls: dict[int, float]) -> float | None:
+    """Least-squares s in wall(N) / wall(1) - 1/N = s (1 - 1/N) (Amdahl's law), over every N > 1."""
+    xs = {n: 1 - 1 / n for n in walls if n > 1}
+    if 1 not in walls or not xs:
+        return None
+    ys = {n: walls[n] / walls[1] - 1 / n for n in xs}
+    return sum(xs[n] * ys[n] for n in xs) / sum(x * x for x in xs.values())
+
+
+def plot(m: Measured, size: int, out_dir: Path) -> str:
+    """A timeline PNG of the render's ledger rows, where farm.timeline exists."""
+    try:
+        from farm.timeline import plot_timeline
+    except ImportError:
+        return "timeline: skipped (farm.timeline.plot_timeline is not in this checkout)"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"whole-render-{size}px-{m.actors}-actors.png"
+    plot_timeline(m.rows, path, title=f"{size} px whole render, {m.actors} simulated actors")
+    return f"timeline: {path}"
+
+
+def tables(results: list[Measured], zero: Measured) -> str:
+    """The scaling table and the per-stage busy/wall table, as markdown."""
+    base = results[0].wall if results[0].actors == 1 else None
+    lines = [
+        "| actors | wall s | speedup | speedup / N | Karp-Flatt e | < N busy | driver s | device s "
+        "| driver peak GiB (at start) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in results:
+        s = base / m.wall if base else float("nan")
+        e = karp_flatt(s, m.actors)
+        lines.append(
+            f"| {m.actors} | {m.wall:.2f} | {s:.2f} | {s / m.actors:.2f} | {'-' if e is None else f'{e:.3f}'} | "
+            f"{100 * m.below_share:.1f}% | {m.wall - m.graph_seconds:.2f} | {m.device_seconds:.2f} | "
+            f"{m.peak_rss / 2**30:.2f} ({m.start_rss / 2**30:.2f}) |"
+        )
+    fit = amdahl_fit({m.actors: m.wall for m in results})
+    if fit is not None:
+        lines += ["", f"Amdahl fit over all actor counts: serial fraction s = {fit:.3f}"]
+    stages = list(dict.fromkeys(r["stage"] for m in results for r in m.tasks))
+    lines += ["", "busy s per ledger stage (sum of its task durations):", ""]
+    lines += ["| actors | " + " | ".join(stages) + " |", "|---:|" + "---:|" * len(stages)]
+    lines += [f"| {m.actors} | " + " | ".join(f"{m.busy.get(st, 0):.2f}" for st in stages) + " |" for m in results]
+    walls = list(dict.fromkeys(st for m in results for st in m.stage_wall))
+    lines += ["", "wall s per render stage (pipeline.clock, driver's view):", ""]
+    lines += ["| actors | " + " | ".join(walls) + " |", "|---:|" + "---:|" * len(walls)]
+    lines += [f"| {m.actors} | " + " | ".join(f"{m.stage_wall.get(st, 0):.2f}" for st in walls) + " |" for m in results]
+    n_tasks = len(zero.tasks)
+    lines += [
+        "",
+        f"dispatch overhead (1 actor, zero cost, {n_tasks} tasks): {1000 * zero.graph_seconds / n_tasks:.2f} ms per "
+        f"task inside the task graphs (argument building, transport, scheduling); zero-cost render wall "
+        f"{zero.wall:.2f} s, of which {zero.wall - zero.graph_seconds:.2f} s on the driver outside the graphs",
+    ]
+    return "\n".join(lines)
+
+
+def run_whole_render(
+    sizes: list[int],
+    actor_counts: list[int],
+    tflops: float = DEFAULT_TFLOPS,
+    steps: int = 20,
+    base_steps: int = 30,
+    tile_batch: int = 1,
+    tiling: str = "blend",
+    out_dir: Path | None = None,
+    recount: bool = False,
+) -> dict:
+    """Measure each size on each actor count; print the FLOP table and the scaling tables."""
+    table = load_table(recount)
+    print(describe(table, tflops, base_steps), "\n")
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(
+            num_cpus=max(actor_counts), include_dashboard=False, log_to_driver=False, configure_logging=False,
+            runtime_env=RUNTIME_ENV,
+        )  # fmt: skip
+    figures: dict = {"flops": table, "sizes": {}}
+    actors: list = []
+    try:
+        # one set of actors, warm, as in a running farm; a render on N uses the first N
+        clock = time.perf_counter()
+        actors = start_actors(max(actor_counts), tflops, table, None if started else RUNTIME_ENV)
+        print(f"{len(actors)} simulated actors started in {time.perf_counter() - clock:.1f} s\n", flush=True)
+        for size in sizes:
+            plan = make_plan(whole_spec(size, steps, base_steps, tile_batch, tiling), SDXL)
+            print(f"## {size} px: {tflops:g} TFLOP/s per actor\n\n{plan.describe()}\n", flush=True)
+            zero = measure(plan, actors[:1], float("inf"))
+            results = []
+            for n in actor_counts:
+                results.append(measure(plan, actors[:n], tflops))
+                print(f"  {n} actor(s): {results[-1].wall:.2f} s", flush=True)
+            print("\n" + tables(results, zero) + "\n")
+            if out_dir is not None:
+                for m in results:
+                    print(plot(m, size, out_dir))
+            figures["sizes"][size] = {"results": results, "zero": zero, "plan": plan}
+        print("\n" + DEFINITIONS)
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if started:
+            ray.shutdown()
+    return figures
