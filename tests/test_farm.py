@@ -1,0 +1,155 @@
+"""The warm farm on a real local Ray with fake GPUs: warm workers across renders, the image of a local render,
+cancel, down and up again. Tests run in file order over one farm (module scope)."""
+
+import time
+from dataclasses import fields, replace
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from cluster import farm_client  # noqa: E402
+from cluster.queue import RenderQueue  # noqa: E402
+from farm.cli import main  # noqa: E402
+from farm.executor import prepare  # noqa: E402
+from pipeline.spec import RenderSpec  # noqa: E402
+
+WAIT_S = 240.0  # a bound for a render on a busy 2-core machine; a render here takes seconds
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    try:
+        farm_client.down("auto")  # a failed test leaves no detached actors behind
+    finally:
+        ray.shutdown()
+
+
+def write_toml(spec: RenderSpec, path):
+    """The spec's fields that differ from the defaults, as a TOML spec file."""
+    default = RenderSpec()
+    lines = []
+    for f in fields(RenderSpec):
+        value = getattr(spec, f.name)
+        if value == getattr(default, f.name):
+            continue
+        if isinstance(value, bool):
+            value = str(value).lower()
+        lines.append(f'{f.name} = "{value}"' if isinstance(value, str) else f"{f.name} = {value}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def spec(small_spec):
+    """A 128 px render from a 64 px base: 2 + 1 chess tiles, a few seconds."""
+    return replace(small_spec, width=128, height=128, native=64, tile=64, steps=1, base_steps=2, cfg=1.0)
+
+
+@pytest.fixture(scope="module")
+def farm(local_ray, tmp_path_factory):
+    state = tmp_path_factory.mktemp("farm-state")
+    assert main(["up", "--state-dir", str(state), "--max-running", "1"]) == 0
+    return state
+
+
+def controller():
+    return farm_client.controller("auto")
+
+
+def wait_for(render_id: int, states=("done", "failed", "canceled")) -> dict:
+    end = time.monotonic() + WAIT_S
+    while time.monotonic() < end:
+        record = farm_client.call(controller().status, render_id)
+        if record["state"] in states:
+            return record
+        time.sleep(0.1)
+    raise AssertionError(f"render {render_id} still {record['state']} after {WAIT_S} s")
+
+
+def submit(spec: RenderSpec, priority: int = 0) -> int:
+    import torch
+
+    plan = prepare(spec, "cpu", cluster=True)
+    options = {"cpu_threads": torch.get_num_threads(), "metadata": True}
+    return farm_client.call(controller().submit, plan.spec.to_dict(), options, priority)
+
+
+@pytest.fixture(scope="module")
+def local_png(spec, tmp_path_factory):
+    """The same spec rendered locally by `farm render`: the bytes a farm render must match."""
+    folder = tmp_path_factory.mktemp("local")
+    out = folder / "local.png"
+    assert main(["render", str(write_toml(spec, folder / "spec.toml")), "--out", str(out), "--quiet"]) == 0
+    return out.read_bytes()
+
+
+def test_two_renders_back_to_back_share_warm_workers_and_match_a_local_render(farm, spec, local_png, tmp_path):
+    first = submit(spec)  # runs while the client below submits the second (the farm runs one at a time)
+    out = tmp_path / "farm.png"
+    assert main(["render", str(write_toml(spec, tmp_path / "spec.toml")), "--farm", "auto", "--out", str(out)]) == 0
+    second = farm_client.call(controller().list, 1)[0]["id"]
+    assert second > first
+    a, b = wait_for(first), wait_for(second)
+    assert a["state"] == b["state"] == "done"
+    infos = farm_client.call(controller().worker_infos)
+    assert len(infos) == 2 and len({i["pid"] for i in infos}) == 2
+    assert set(a["stats"]["workers"]) == set(b["stats"]["workers"]) == {0, 1}  # both renders on both workers
+    assert [len(i["loads"]) for i in infos] == [1, 1]  # each worker loaded the models once ...
+    assert all(e["render"] == first for i in infos for e in i["loads"])  # ... for the first render
+    assert a["stats"]["loads"] == 2 and a["stats"]["load_seconds"] > 0
+    assert b["stats"]["loads"] == 0 and b["stats"]["load_seconds"] == 0  # the second spent no time loading
+    assert out.read_bytes() == local_png  # pixels and metadata, bit for bit
+    assert farm_client.call(controller().image, first) == local_png
+
+
+def test_bad_input_is_refused_before_anything_is_sent(farm, spec, tmp_path, capsys):
+    before = len(farm_client.call(controller().list, 1000))
+    toml = write_toml(replace(spec, width=100, height=100), tmp_path / "bad.toml")
+    assert main(["render", str(toml), "--farm", "auto", "--out", str(tmp_path / "x.png"), "--quiet"]) == 2
+    assert main(["status", "999"]) == 2
+    err = capsys.readouterr().err
+    assert "multiple of 8" in err and "no render 999" in err and "Traceback" not in err
+    assert len(farm_client.call(controller().list, 1000)) == before
+
+
+def test_cancel_stops_a_render_at_a_task_boundary_and_leaves_the_workers_idle(farm, spec, capsys):
+    long = replace(spec, width=512, height=512, native=128, tile=128)  # 5 x 5 chess tiles
+    running, queued = submit(long), submit(long)
+    assert main(["cancel", str(queued)]) == 0  # still queued: canceled at once
+    assert wait_for(running, ("running",))["state"] == "running"
+    end = time.monotonic() + WAIT_S
+    while not farm_client.call(controller().status, running)["progress"] and time.monotonic() < end:
+        time.sleep(0.05)
+    assert main(["cancel", str(running)]) == 0
+    canceled = wait_for(running)
+    assert canceled["state"] == "canceled" and wait_for(queued)["state"] == "canceled"
+    reached = canceled["stats"]["progress"]
+    assert reached and "refine chess odd" not in reached  # stopped long before its last pass
+    assert "canceled (it was running" in capsys.readouterr().out
+    assert farm_client.call(controller().idle_workers) == 2
+    infos = farm_client.call(controller().worker_infos)  # the workers answer: nothing is queued on them
+    assert [len(i["loads"]) for i in infos] == [1, 1]  # still the models of the first render
+
+
+def test_down_leaves_no_actors_and_up_resumes_what_was_queued_by_priority(farm, spec, local_png, capsys):
+    pids = {i["pid"] for i in farm_client.call(controller().worker_infos)}
+    cut = submit(spec)
+    wait_for(cut, ("running",))
+    low, high = submit(replace(spec, seed=8), priority=-1), submit(replace(spec, seed=9), priority=5)
+    assert main(["down"]) == 0
+    assert farm_client.farm_actors() == []
+    records = {r["id"]: r for r in RenderQueue(farm / "queue.sqlite").list()}
+    assert [records[i]["state"] for i in (cut, low, high)] == ["queued"] * 3  # the queue persists
+    assert main(["up", "--state-dir", str(farm), "--max-running", "1"]) == 0
+    assert f"renders {cut}, {low}, {high} are queued" in capsys.readouterr().out
+    done = [wait_for(i) for i in (cut, low, high)]
+    assert [r["state"] for r in done] == ["done"] * 3
+    assert done[2]["started"] < done[0]["started"] < done[1]["started"]  # priority, then submit time
+    assert farm_client.call(controller().image, cut) == local_png  # the same image after the restart
+    assert pids.isdisjoint(i["pid"] for i in farm_client.call(controller().worker_infos))  # new workers
+    assert main(["ls"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [high, "done", "5"] in [[int(r[0]), r[1], r[2]] for r in rows]
