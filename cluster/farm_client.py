@@ -25,10 +25,11 @@ def join(address: str) -> None:
         _reachable(address)
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
-    except ConnectionError:
+    except ConnectionError as err:
         raise UserError(
-            f"--farm {address}: no Ray cluster is running here; start one with `ray start --head`, "
-            "then `farm up`, or give the head's HOST:PORT"
+            f"Ray cluster {address}: could not join it ({str(err).splitlines()[0]}); start one with "
+            "`ray start --head`, give the head's HOST:PORT, and with Ray's token auth on (the default) run with "
+            "RAY_AUTH_MODE=token"
         ) from None
 
 

@@ -141,9 +141,10 @@ def describe(record: dict) -> str:
         f"render {record['id']}: {record['state']}, priority {record['priority']}",
         f"  {spec['width']}x{spec['height']}, seed {spec['seed']}, model {spec['model']}",
     ]
-    if record.get("progress"):
-        lines.append(f"  progress: {_progress_text(record['progress'])}")
-    if stats:
+    progress = record.get("progress") or stats.get("progress")  # live, or how far a canceled one got
+    if progress:
+        lines.append(f"  progress: {_progress_text(progress)}")
+    if stats.get("stages"):
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in stats.get("stages", {}).items())
         lines.append(f"  stages: {stages}")
         lines.append(f"  model loads: {stats.get('loads', 0)} ({stats.get('load_seconds', 0.0):.2f} s)")
