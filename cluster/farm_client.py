@@ -97,10 +97,16 @@ def down(address: str, timeout: float = 60.0) -> list[int]:
     Returns the ids of the renders put back in the queue."""
     join(address)
     requeued: list[int] = []
-    try:
+    try:  # first: while it drains the controller refuses new renders (the HTTP API answers 503)
         requeued = call(ray.get_actor(CONTROLLER, namespace=NAMESPACE).drain, timeout)
     except ValueError:
         pass  # no controller: workers of a farm whose controller was killed are still ended below
+    try:
+        from cluster.farm_api import stop_api
+    except ImportError:  # no Ray Serve here: no API was started from this environment
+        pass
+    else:
+        stop_api()
     for name in farm_actors():
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
@@ -113,3 +119,12 @@ def down(address: str, timeout: float = 60.0) -> list[int]:
     if left:
         raise UserError(f"farm down: Ray still reports {', '.join(left)} alive after {GONE_TIMEOUT_S:g} s")
     return requeued
+
+
+def start_api(host: str, port: int, api_key: str, roots: list[str]) -> str:
+    """The HTTP API (Ray Serve) in front of the running farm; returns its URL."""
+    try:
+        from cluster.farm_api import start_api as start
+    except ImportError as err:
+        raise UserError(f"the HTTP API needs Ray Serve ({err}); install it with `pip install 'ray[serve]'`") from None
+    return start(host, port, api_key, roots)

@@ -35,6 +35,16 @@ def add_commands(sub) -> None:
         default=2,
         help="model sets a worker keeps loaded, least recently used dropped first (default 2)",
     )
+    up.add_argument("--http-port", type=int, help="also serve the HTTP API on this port (Ray Serve)")
+    up.add_argument("--http-host", default="127.0.0.1", help="the HTTP API's address (default 127.0.0.1)")
+    up.add_argument("--api-key-file", help="a file holding the key HTTP clients must send (needed off 127.0.0.1)")
+    up.add_argument(
+        "--model-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="HTTP clients' specs may name model files under DIR only (repeatable; default: none)",
+    )
     down = sub.add_parser("down", help="drain the farm (running renders go back to the queue) and end its actors")
     _address(down)
     ls = sub.add_parser("ls", help="the farm's renders, newest first: id, state, priority, size, progress")
@@ -73,6 +83,7 @@ def run_farm_command(args: argparse.Namespace) -> int:
         if args.workers is not None and args.workers < 1:
             raise UserError(f"--workers {args.workers}: must be at least 1")
         state = Path(args.state_dir or _default_state_dir()).expanduser().resolve()
+        key = _read_key(args.api_key_file) if args.api_key_file else ""
         ready = farm_client.up(
             args.address, str(state), args.workers, args.gpus_per_worker, args.max_running, args.models_per_worker
         )
@@ -82,6 +93,9 @@ def run_farm_command(args: argparse.Namespace) -> int:
             f"{ready['max_running']} render(s) at once, queue in {ready['state_dir']}"
             + (f"; renders {', '.join(map(str, ready['resumed']))} are queued" if ready["resumed"] else "")
         )
+        if args.http_port:
+            url = farm_client.start_api(args.http_host, args.http_port, key, args.model_root)
+            print(f"HTTP API at {url}" + (" (API key required)" if key else ""))
         return 0
     if args.command == "down":
         requeued = farm_client.down(args.address)
@@ -106,6 +120,16 @@ def run_farm_command(args: argparse.Namespace) -> int:
     was = _known(farm_client.call(ctl.prio, args.id, args.priority), args.id)
     print(f"render {args.id} ({was}) has priority {args.priority}")
     return 0
+
+
+def _read_key(path: str) -> str:
+    try:
+        key = Path(path).expanduser().read_text().strip()
+    except OSError as err:
+        raise UserError(f"--api-key-file {path}: cannot read it ({err.strerror})") from None
+    if len(key) < 16:
+        raise UserError(f"--api-key-file {path}: the key must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+    return key
 
 
 def _known(value, render_id: int):

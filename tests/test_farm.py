@@ -134,22 +134,89 @@ def test_cancel_stops_a_render_at_a_task_boundary_and_leaves_the_workers_idle(fa
     assert [len(i["loads"]) for i in infos] == [1, 1]  # still the models of the first render
 
 
+def test_remote_specs_name_only_files_under_the_model_roots(small_spec, tiny_dir, tmp_path):
+    from cluster.remote_spec import Forbidden, check_remote_spec
+    from pipeline.errors import SpecError
+
+    good = replace(small_spec, width=128, height=128, native=64, tile=64).to_dict()
+    assert check_remote_spec(good, [tiny_dir]).model == good["model"]
+    (tmp_path / "link").symlink_to("/etc")
+    cases = [
+        ({"model": "/etc/passwd"}, [tiny_dir], Forbidden, "outside the farm's model roots"),
+        ({"model": f"{tiny_dir}/../../etc/passwd"}, [tiny_dir], Forbidden, "'..' is not allowed"),
+        ({"upscaler": "compact-4x.safetensors"}, [tiny_dir], Forbidden, "give an absolute path"),
+        ({"model": str(tmp_path / "link" / "passwd")}, [tmp_path], Forbidden, "outside the farm's model roots"),
+        ({}, [], Forbidden, "farm up --model-root"),
+        ({"width": 100000, "height": 100000}, [tiny_dir], SpecError, "at most 16384 px"),
+        ({"out": "/etc/cron.d/x.png"}, [tiny_dir], SpecError, "cannot name an output file"),
+    ]
+    for change, roots, error, message in cases:
+        with pytest.raises(error, match=message):
+            check_remote_spec(good | change, roots)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_api_submit_status_image_with_a_key(farm, spec, local_png, tiny_dir, tmp_path, capsys):
+    import requests
+    import torch
+
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="only with a key"):
+        farm_client.start_api("0.0.0.0", free_port(), "", [str(tiny_dir)])
+    key, port = "k" * 32, free_port()
+    (tmp_path / "key").write_text(key)
+    up = ["up", "--state-dir", str(farm), "--max-running", "1", "--http-port", str(port)]
+    assert main([*up, "--model-root", str(tiny_dir), "--api-key-file", str(tmp_path / "key")]) == 0
+    assert "(API key required)" in capsys.readouterr().out
+    url, auth = f"http://127.0.0.1:{port}/v1/renders", {"Authorization": f"Bearer {key}"}
+    body = {"spec": spec.to_dict(), "cpu_threads": torch.get_num_threads()}
+    assert requests.post(url, json=body, timeout=60).status_code == 401
+    for change, code, message in [
+        ({"model": "/etc/passwd"}, 403, "outside the farm's model roots"),
+        ({"model": f"{tiny_dir}/../x"}, 403, "'..' is not allowed"),
+        ({"width": 100000, "height": 100000}, 400, "at most 16384 px"),
+    ]:
+        refused = requests.post(url, json={"spec": body["spec"] | change}, headers=auth, timeout=60)
+        assert refused.status_code == code and message in refused.json()["error"]
+    created = requests.post(url, json=body, headers=auth, timeout=60)
+    assert created.status_code == 201 and created.json()["seed"] == spec.seed
+    render_id = created.json()["id"]
+    end = time.monotonic() + WAIT_S
+    while (state := requests.get(f"{url}/{render_id}", headers=auth, timeout=60).json()["state"]) != "done":
+        assert state in ("queued", "running") and time.monotonic() < end
+        time.sleep(0.2)
+    image = requests.get(f"{url}/{render_id}/image", headers=auth, timeout=60)
+    assert image.headers["content-type"] == "image/png" and image.content == local_png
+    assert requests.get(f"{url}/9999", headers=auth, timeout=60).status_code == 404
+
+
 def test_down_leaves_no_actors_and_up_resumes_what_was_queued_by_priority(farm, spec, local_png, capsys):
     pids = {i["pid"] for i in farm_client.call(controller().worker_infos)}
-    cut = submit(spec)
-    wait_for(cut, ("running",))
-    low, high = submit(replace(spec, seed=8), priority=-1), submit(replace(spec, seed=9), priority=5)
+    running = submit(replace(spec, width=512, height=512, native=128, tile=128))  # still running at `farm down`
+    wait_for(running, ("running",))
+    cut, low, high = submit(spec), submit(replace(spec, seed=8), priority=-1), submit(replace(spec, seed=9), priority=5)
     assert main(["down"]) == 0
     assert farm_client.farm_actors() == []
+    assert [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"] == []
     records = {r["id"]: r for r in RenderQueue(farm / "queue.sqlite").list()}
-    assert [records[i]["state"] for i in (cut, low, high)] == ["queued"] * 3  # the queue persists
+    assert [records[i]["state"] for i in (running, cut, low, high)] == ["queued"] * 4  # the queue persists
     assert main(["up", "--state-dir", str(farm), "--max-running", "1"]) == 0
-    assert f"renders {cut}, {low}, {high} are queued" in capsys.readouterr().out
+    assert f"renders {running}, {cut}, {low}, {high} are queued" in capsys.readouterr().out
+    assert main(["cancel", str(running)]) == 0  # resumed first (priority 0, oldest); not needed here
     done = [wait_for(i) for i in (cut, low, high)]
     assert [r["state"] for r in done] == ["done"] * 3
     assert done[2]["started"] < done[0]["started"] < done[1]["started"]  # priority, then submit time
     assert farm_client.call(controller().image, cut) == local_png  # the same image after the restart
     assert pids.isdisjoint(i["pid"] for i in farm_client.call(controller().worker_infos))  # new workers
+    capsys.readouterr()
     assert main(["ls"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert [high, "done", "5"] in [[int(r[0]), r[1], r[2]] for r in rows]
