@@ -25,6 +25,7 @@ from pathlib import Path
 import ray
 
 from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue
+from cluster.scheduler import Lease
 from cluster.wire import from_wire, to_wire
 from pipeline.errors import RenderError, UserError
 from pipeline.health import poison
@@ -127,7 +128,8 @@ class _Counter(Bar):
 class Running:
     """A render in flight: its stop flag, why it was stopped, and its progress per stage."""
 
-    def __init__(self):
+    def __init__(self, priority: int = 0):
+        self.priority = priority
         self.stop = threading.Event()
         self.reason = ""
         self.progress: dict[str, list[int]] = {}  # stage -> [done, total]
@@ -137,6 +139,33 @@ class Running:
         cell = self.progress.setdefault(stage, [0, 0])
         cell[1] += total
         yield _Counter(cell)
+
+
+WANT_S = 0.1  # a render that asked for a worker this recently still wants one (its loop asks every 0.02 s)
+
+
+class PriorityLease(Lease):
+    """The workers shared by the running renders, handed out by priority: while a render of higher priority
+    is asking for a worker, a free one goes to it, not to a render of lower priority. A render that asks for
+    none (in a serial stage, its base) leaves the workers to the others, so none stands idle."""
+
+    def __init__(self, count: int, want_s: float = WANT_S):
+        super().__init__(count, shared=True)
+        self.want_s = want_s
+        self.local = threading.local()  # the render this thread runs (its `priority` may change while it runs)
+        self.wanting: dict[int, tuple[int, float]] = {}  # render -> (priority, when it last asked in vain)
+
+    def take(self) -> int | None:
+        owner, now = getattr(self.local, "owner", None), time.monotonic()
+        me, mine = id(owner) if owner is not None else threading.get_ident(), getattr(owner, "priority", 0)
+        with self.lock:
+            self.wanting = {who: (p, t) for who, (p, t) in self.wanting.items() if now - t < self.want_s}
+            outranked = any(p > mine for who, (p, _) in self.wanting.items() if who != me)
+            if self.idle and not outranked:
+                self.wanting.pop(me, None)
+                return self.idle.popleft()
+            self.wanting[me] = (mine, now)
+            return None
 
 
 class Controller:
@@ -151,7 +180,6 @@ class Controller:
         max_models: int = 2,
     ):
         from cluster.executor import gpus_per_worker_for, worker_count
-        from cluster.scheduler import Lease
 
         self.state_dir = Path(state_dir)
         self.results = self.state_dir / "results"
@@ -175,7 +203,7 @@ class Controller:
             ).remote(max_models)
             for i in range(count)
         ]
-        self.lease = Lease(count, shared=True)
+        self.lease = PriorityLease(count)
         self.running: dict[int, Running] = {}
         self.draining = False
         self.wake = threading.Condition()
@@ -237,6 +265,8 @@ class Controller:
         if record is None:
             return None
         self.queue.update(render_id, priority=priority)
+        if render_id in self.running:
+            self.running[render_id].priority = priority  # its next request for a worker counts with it
         with self.wake:
             self.wake.notify_all()
         return record["state"]
@@ -265,13 +295,16 @@ class Controller:
     def _dispatch(self) -> None:
         while True:
             with self.wake:
-                record = None
-                if not self.draining and len(self.running) < self.max_running:
-                    record = self.queue.next_queued()
+                record = None if self.draining else self.queue.next_queued()
+                if record is not None and len(self.running) >= self.max_running:
+                    # full: only a render that outranks every running one starts now (it takes the workers
+                    # first at their next task), so it waits one task, not a whole render
+                    if record["priority"] <= max(r.priority for r in self.running.values()):
+                        record = None
                 if record is None:
                     self.wake.wait(POLL_S)
                     continue
-                self.running[record["id"]] = Running()
+                self.running[record["id"]] = Running(record["priority"])
                 self.queue.update(record["id"], state=RUNNING, started=time.time())
             threading.Thread(target=self._render, args=(record,), name=f"render-{record['id']}", daemon=True).start()
 
@@ -315,6 +348,7 @@ class Controller:
         torch.set_num_threads(threads)
         config = replace(WorkerConfig.from_spec(plan.spec), cpu_threads=threads)
         preflight(config, self.gpus)
+        self.lease.local.owner = live
         actors = [BoundWorker(h, i, config, render_id, self.lease, live.stop) for i, h in enumerate(self.workers)]
         executor = ClusterExecutor(actors, live.sink, lease=self.lease)
         clock = Clock()

@@ -115,7 +115,7 @@ def test_bad_input_is_refused_before_anything_is_sent(farm, spec, tmp_path, caps
     assert len(farm_client.call(controller().list, 1000)) == before
 
 
-def test_cancel_stops_a_render_at_a_task_boundary_and_leaves_the_workers_idle(farm, spec, capsys):
+def test_a_render_of_higher_priority_runs_at_once_then_cancel_stops_the_other(farm, spec, local_png, capsys):
     long = replace(spec, width=512, height=512, native=128, tile=128)  # 5 x 5 chess tiles
     running, queued = submit(long), submit(long)
     assert main(["cancel", str(queued)]) == 0  # still queued: canceled at once
@@ -123,6 +123,10 @@ def test_cancel_stops_a_render_at_a_task_boundary_and_leaves_the_workers_idle(fa
     end = time.monotonic() + WAIT_S
     while not farm_client.call(controller().status, running)["progress"] and time.monotonic() < end:
         time.sleep(0.05)
+    # the farm runs one render at a time, but one that outranks it starts now and takes the workers first
+    urgent = wait_for(submit(spec, priority=5))
+    assert urgent["state"] == "done" and farm_client.call(controller().image, urgent["id"]) == local_png
+    assert farm_client.call(controller().status, running)["state"] == "running"
     assert main(["cancel", str(running)]) == 0
     canceled = wait_for(running)
     assert canceled["state"] == "canceled" and wait_for(queued)["state"] == "canceled"
@@ -153,6 +157,41 @@ def test_remote_specs_name_only_files_under_the_model_roots(small_spec, tiny_dir
     for change, roots, error, message in cases:
         with pytest.raises(error, match=message):
             check_remote_spec(good | change, roots)
+
+
+def test_a_free_worker_goes_to_the_render_of_higher_priority_that_asks_for_one():
+    import threading
+    from types import SimpleNamespace
+
+    from cluster.farm import PriorityLease
+
+    lease = PriorityLease(1, want_s=600.0)  # a busy machine's thread switches never outlast a request
+    low, high = SimpleNamespace(priority=0), SimpleNamespace(priority=5)
+
+    def take_as(owner) -> int | None:  # each render runs in its own thread
+        got = []
+
+        def run():
+            lease.local.owner = owner
+            got.append(lease.take())
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        return got[0]
+
+    assert take_as(low) == 0
+    assert take_as(high) is None  # none free: the high one now waits for a worker
+    lease.give(0)
+    assert take_as(low) is None  # the worker the low render gave back goes to the high one ...
+    assert take_as(high) == 0
+    lease.give(0)
+    assert take_as(low) == 0  # ... which, holding what it asked for, no longer stands in the way
+    lease.give(0)
+    assert take_as(high) == 0 and take_as(low) is None
+    lease.give(0)
+    lease.want_s = 0.0  # a render that stopped asking (it finished, or is in its base) holds nothing up
+    assert take_as(low) == 0
 
 
 def free_port() -> int:
