@@ -6,12 +6,13 @@ import os
 import time
 
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.farm import CONTROLLER, NAMESPACE, Controller
 from pipeline.errors import UserError
 
 GONE_TIMEOUT_S = 30.0  # how long `farm down` waits for Ray to report the killed actors gone
+RESTART_WAIT_S = 120.0  # how long a client waits for a restarting controller
 
 
 def join(address: str) -> None:
@@ -43,13 +44,20 @@ def controller(address: str):
 
 
 def call(method, *args):
-    """A controller call; a UserError raised there is raised here with its own message, no traceback."""
-    try:
-        return ray.get(method.remote(*args))
-    except RayTaskError as err:
-        if isinstance(err.cause, UserError):
-            raise UserError(str(err.cause)) from None
-        raise
+    """A controller call; a UserError raised there is raised here with its own message, no traceback. While
+    Ray restarts the controller (its process died) the call is tried again, for RESTART_WAIT_S at most."""
+    end = time.monotonic() + RESTART_WAIT_S
+    while True:
+        try:
+            return ray.get(method.remote(*args))
+        except RayTaskError as err:
+            if isinstance(err.cause, UserError):
+                raise UserError(str(err.cause)) from None
+            raise
+        except RayActorError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.5)
 
 
 def up(

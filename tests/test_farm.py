@@ -237,6 +237,19 @@ def test_http_api_submit_status_image_with_a_key(farm, spec, local_png, tiny_dir
     assert requests.get(f"{url}/9999", headers=auth, timeout=60).status_code == 404
 
 
+def test_a_killed_controller_restarts_and_the_render_gives_the_same_image(farm, spec, local_png):
+    workers = farm_client.call(controller().worker_infos)
+    before = farm_client.call(controller().ready)["pid"]
+    render_id = submit(spec)
+    first_start = wait_for(render_id, ("running",))["started"]
+    ray.kill(controller(), no_restart=False)  # its process dies mid-render; Ray starts it again
+    record = wait_for(render_id)
+    assert record["state"] == "done" and record["started"] > first_start  # queued again by the new one, run again
+    assert farm_client.call(controller().ready)["pid"] != before
+    assert farm_client.call(controller().image, render_id) == local_png
+    assert farm_client.call(controller().worker_infos) == workers  # the same warm workers: no model loaded
+
+
 def test_down_leaves_no_actors_and_up_resumes_what_was_queued_by_priority(farm, spec, local_png, capsys):
     pids = {i["pid"] for i in farm_client.call(controller().worker_infos)}
     running = submit(replace(spec, width=512, height=512, native=128, tile=128))  # still running at `farm down`
