@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.sampler import PromptEmbeds
+from pipeline.conditioning import PromptEmbeds
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.chess_pass import RefineSettings
+from pipeline.conditioning import PromptEmbeds
 from pipeline.resize import resize
-from pipeline.sampler import PromptEmbeds, refine
+from pipeline.sampler import refine
 from pipeline.vae import decode, to_model_latents
 
 

@@ -8,6 +8,7 @@ image is the same for the local executor and for 1, 2 or N actors.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import threading
@@ -58,17 +59,88 @@ def connect(address: str) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address != "auto":
-        ray.init(address=address, log_to_driver=True)
-        return
     try:
-        ray.init(address="auto", log_to_driver=True)
-    except ConnectionError:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        if address != "auto":
+            ray.init(address=address, log_to_driver=True)
+            return
+        try:
+            ray.init(address="auto", log_to_driver=True)
+        except ConnectionError:
+            ray.init(include_dashboard=False, log_to_driver=True)
+    except RuntimeError as err:
+        # Ray refuses a driver whose Ray or Python version differs from the cluster's (patch level included)
+        versions = re.findall(r"Ray: (\S+)\s+Python: (\S+)", str(err))
+        if not str(err).startswith("Version mismatch") or len(versions) != 2:
+            raise
+        ray.shutdown()
+        (cluster_ray, cluster_python), (our_ray, our_python) = versions
+        raise UserError(
+            f"--cluster {address}: the Ray cluster at {_cluster_address(address)} runs Ray {cluster_ray} on Python "
+            f"{cluster_python}, but tilefarm runs Ray {our_ray} on Python {our_python} ({sys.executable}), and Ray "
+            f"needs both the same. {_FROM_OUR_ENV}"
+        ) from None
 
 
-def _check_node(paths: list[str]) -> dict:
-    return {"host": socket.gethostname(), "missing": [p for p in paths if p and not Path(p).expanduser().exists()]}
+_FROM_OUR_ENV = (
+    "Start the cluster from tilefarm's environment: `ray stop` there, then `.venv/bin/ray start --head` on the "
+    "head and `.venv/bin/ray start --address HEAD:6379` on each node (same venv path everywhere)"
+)
+
+
+def _cluster_address(address: str) -> str:
+    """The GCS address behind `address` ('auto' resolves through RAY_ADDRESS or the local cluster file)."""
+    if address != "auto":
+        return address
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address("auto") or "this machine"
+    except Exception:  # a private Ray helper: only ever makes the message less precise
+        return os.environ.get("RAY_ADDRESS") or "this machine"
+
+
+def _node_check():
+    """The per-node check; nested so that Ray ships it by value and it also runs on a worker that cannot
+    import tilefarm (a cluster started from another Python environment), to say so."""
+
+    def check_node(paths: list[str]) -> dict:
+        import importlib
+        import platform
+        import socket
+        import sys
+        from pathlib import Path
+
+        import ray
+
+        try:
+            importlib.import_module("cluster.actor")  # what the GPU actors will import there
+            import_error = ""
+        except Exception as err:  # any failure here is the finding
+            import_error = f"{type(err).__name__}: {err}"
+        return {
+            "host": socket.gethostname(),
+            "python": sys.executable,
+            "python_version": platform.python_version(),
+            "ray_version": ray.__version__,
+            "import_error": import_error,
+            "missing": [p for p in paths if p and not Path(p).expanduser().exists()],
+        }
+
+    return check_node
+
+
+def _foreign_cluster(node: dict, report: dict) -> UserError:
+    """The error for a cluster whose workers cannot import tilefarm: what runs there, and the fix."""
+    import platform
+
+    import ray
+
+    return UserError(
+        f"the Ray cluster at {ray.get_runtime_context().gcs_address} cannot run tilefarm: on node {report['host']} "
+        f"({node['NodeManagerAddress']}) its workers run {report['python']} (Python {report['python_version']}, "
+        f"Ray {report['ray_version']}), which cannot import tilefarm ({report['import_error']}); this driver runs "
+        f"{sys.executable} (Python {platform.python_version()}, Ray {ray.__version__}). {_FROM_OUR_ENV}"
+    )
 
 
 def gpus_per_worker_for(requested: float | None) -> float:
@@ -84,7 +156,8 @@ def gpus_per_worker_for(requested: float | None) -> float:
 
 
 def preflight(config: WorkerConfig, gpus_per_worker: float) -> None:
-    """Before any work: the cluster has the GPUs asked for, and every GPU node sees the model files."""
+    """Before any work: the cluster has the GPUs asked for, and every GPU node imports tilefarm and sees the
+    model files."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -95,7 +168,7 @@ def preflight(config: WorkerConfig, gpus_per_worker: float) -> None:
             "(`ray start --address HEAD:6379` on a GPU machine) or pass --gpus-per-worker 0 to run on CPUs"
         )
     nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("GPU", 0) > 0 or not gpus_per_worker)]
-    check = ray.remote(num_cpus=0)(_check_node)
+    check = ray.remote(num_cpus=0)(_node_check())
     paths = [config.model, config.upscaler, config.model_config, config.detector, config.lora]
     paths += [config.vae, config.clip_l, config.t5, config.t5_tokenizer, config.comfy_models]
     reports = ray.get(
@@ -105,6 +178,8 @@ def preflight(config: WorkerConfig, gpus_per_worker: float) -> None:
         ]
     )
     for node, report in zip(nodes, reports, strict=True):
+        if report["import_error"]:
+            raise _foreign_cluster(node, report)
         if report["missing"]:
             raise UserError(
                 f"{', '.join(report['missing'])} does not exist on worker node {report['host']} "

@@ -77,6 +77,10 @@ def up(
         return call(existing.ready) | {"already": True}
     except ValueError:
         pass
+    from cluster.executor import preflight
+    from pipeline.worker import WorkerConfig
+
+    preflight(WorkerConfig("", "", "", "auto"), 0)  # every node imports tilefarm: a foreign cluster is refused here
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     handle = (
         ray.remote(Controller)

@@ -1,20 +1,33 @@
 """Entry point for Ray job submission.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- python -m cluster.job spec.toml
+    ray job submit --address http://HEAD:8265 --working-dir . -- "$PWD/.venv/bin/python" -m cluster.job spec.toml
 
-Runs on the head node as the job's driver, joins the cluster, renders the spec over its GPU
-actors and writes the PNG the spec's `out` names, on the machine the driver runs on (use an
-absolute path: the job's working directory is a temporary copy). Progress goes to the job log, with
-the seed (a spec without one gets a drawn seed, stored in the PNG); the run folder is in the driver's
-state folder (`farm runs` on the head node lists it).
+The entrypoint names the project's interpreter because Ray runs it through /bin/sh with the PATH the
+head node was started with: a bare `python` there is whatever that PATH finds (often the system one,
+without torch), not the venv `ray start` came from.
+
+Runs on the head node as the job's driver, joins the cluster, renders the spec over its GPU actors
+and writes the PNG the spec's `out` names, on the machine the driver runs on (use an absolute path:
+the job's working directory is a temporary copy). Progress goes to the job log, with the seed (a
+spec without one gets a drawn seed, stored in the PNG); the run folder is in the driver's state
+folder (`farm runs` on the head node lists it).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
-from farm.cli import main as farm_main
+
+def wrong_python(missing: str) -> str:
+    """The job's message when its interpreter lacks the project's packages (a bare `python` entrypoint)."""
+    return (
+        f"cluster.job: {sys.executable} cannot import {missing}: a Ray job's `python` is the one the "
+        "head node's PATH finds, not the venv `ray start` was run from. Name the project's interpreter in the "
+        "entrypoint: ray job submit --address http://HEAD:8265 --working-dir . -- "
+        '"$PWD/.venv/bin/python" -m cluster.job spec.toml'
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-metadata", action="store_true", help="write the PNG with no text chunks")
     args = parser.parse_args(argv)
+    missing = [name for name in ("torch", "ray") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(wrong_python(" or ".join(missing)), file=sys.stderr)
+        return 2
+    from farm.cli import main as farm_main  # after the check: what it imports may need them
+
     forwarded = ["render", args.spec, "--cluster", "auto"]
     if args.out:
         forwarded += ["--out", args.out]

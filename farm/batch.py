@@ -167,8 +167,8 @@ class Renderer:
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    from farm.cli import command_line_layers
     from farm.executor import prepare
+    from farm.flags import command_line_layers
     from farm.output import check_output_path, output_name, save_png
     from farm.progress import tqdm_progress
     from farm.specfile import build_spec

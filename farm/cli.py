@@ -7,123 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+from farm.flags import EXEC_FLAGS, SPEC_FLAGS, add_exec_flags, add_spec_flags, command_line_layers, flag_layer
 from pipeline.errors import RenderError, UserError
 
 DEMO_PROMPT = "a lighthouse on a cliff above a stormy sea, golden hour, highly detailed"
-
-# flag -> (spec key, type, help)
-SPEC_FLAGS = {
-    "--model": ("model", str, "diffusers SDXL or Flux folder, or an SDXL/Flux .safetensors checkpoint"),
-    "--upscaler": ("upscaler", str, "spandrel upscaler (.safetensors, or .pth loaded safely); default: bicubic"),
-    "--prompt": ("prompt", str, "what to render"),
-    "--negative": ("negative", str, "negative prompt"),
-    "--prompt-style": (
-        "prompt_style",
-        str,
-        "how prompts are read: comfyui (default; (word:1.2) sets a weight) or a1111 ([word], BREAK); "
-        "long prompts run in 77-token chunks",
-    ),
-    "--seed": ("seed", int, "seed of the noise scaffold, 0 to 2^64-1 (default -1: a random one, printed and stored)"),
-    "--steps": ("steps", int, "refine steps that run per tile (default 20)"),
-    "--base-steps": ("base_steps", int, "steps of the native-size base (default 30)"),
-    "--cfg": ("cfg", float, "SDXL: classifier-free guidance scale, 1 = off (default 7); Flux: its guidance"),
-    "--denoise": ("denoise", float, "refine strength in (0, 1]: the last steps of a round(steps/denoise) schedule"),
-    "--tile": ("tile", int, "chess tile size in px (default 1024)"),
-    "--sampler": ("sampler", str, "auto (default), SDXL: dpmpp_2m_karras or euler, Flux: flow_euler"),
-    "--native": ("native", int, "the model's native size in px (default: from the model)"),
-    "--upscale-tile": ("upscale_tile", int, "upscaler input tile in px (default 512)"),
-    "--model-config": ("model_config", str, "diffusers folder with configs for a single-file checkpoint"),
-    "--vae": ("vae", str, "Flux from parts: its VAE file (ae.safetensors)"),
-    "--clip-l": ("clip_l", str, "Flux from parts: its CLIP-L file (clip_l.safetensors)"),
-    "--t5": ("t5", str, "Flux from parts: its T5 file (t5xxl_fp16.safetensors; fp8 and scaled fp8 too)"),
-    "--t5-tokenizer": ("t5_tokenizer", str, "Flux from parts: T5's tokenizer.json (default: ComfyUI's copy)"),
-    "--comfy-models": (
-        "comfy_models",
-        str,
-        "a ComfyUI models/ folder: --model, --vae, --clip-l, --t5 may be names in it, or are found by kind",
-    ),
-    "--detector": ("detector", str, "SAM3 model folder for the semantic detailer (with --concept)"),
-    "--detail-padding": ("detail_padding", float, "context around a detection per side, x its size (default 0.25)"),
-    "--detail-chess-denoise": (
-        "detail_chess_denoise",
-        float,
-        "chess denoise inside detailed areas, below --denoise (default 0: the same everywhere)",
-    ),
-    "--lora": ("lora", str, "LoRA .safetensors fused into the model (diffusers, PEFT or kohya keys)"),
-    "--lora-strength": ("lora_strength", float, "LoRA strength on the UNet / Flux transformer (default 1)"),
-    "--lora-text-strength": ("lora_text_strength", float, "LoRA strength on the text encoder(s) (default 1)"),
-    "--tiling": (
-        "tiling",
-        str,
-        "blend (one sampler, tile predictions blended every step), chess (odd tiles pinned to the even "
-        "result) or chess-original (seed 002: odd tiles refined again, feathered)",
-    ),
-    "--grid": ("grid", str, "chess (seed 002, default) or fit (fewer tiles, sized to the canvas)"),
-    "--fit-overlap": ("fit_overlap", int, "with --grid fit: minimum overlap between tiles in px (default 128)"),
-    "--workflow": ("workflow", str, "top-down (default), two-pass or enhance; presets set it"),
-    "--input": ("input", str, "enhance workflow: the input image (PNG, JPEG, ...)"),
-    "--base-cfg": ("base_cfg", float, "guidance of the base pass (default 0: the same as --cfg)"),
-    "--pixel-upscale": (
-        "pixel_upscale",
-        int,
-        "two-pass: upscale the decoded image this many times (1 = off); enhance: the output is this x the input",
-    ),
-}
-EXEC_FLAGS = {
-    "--tile-batch": ("tile_batch", int, "tiles per sampler batch (default 4; 0 = the largest that fits the GPU)"),
-    "--precision": ("precision", str, "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16"),
-}
-
-
-def _add_exec_flags(parser: argparse.ArgumentParser) -> None:
-    for flag, (dest, kind, text) in EXEC_FLAGS.items():
-        parser.add_argument(flag, dest=dest, type=kind, help=text)
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
-    parser.add_argument("--out", help="output .png path")
-    parser.add_argument("--out-dir", help="write the output into this folder as PREFIX_[INPUT-STEM_]TIMESTAMP.png")
-    parser.add_argument("--prefix", help="output name prefix with --out-dir (default: the preset's, or 'render')")
-    parser.add_argument(
-        "--run-dir",
-        help="run folder for checkpoints and the ledger (default: a new one per render in the state folder, "
-        "$TILEFARM_STATE_DIR or ~/.local/state/tilefarm/runs; see `farm runs`)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    parser.add_argument(
-        "--no-metadata",
-        action="store_true",
-        help="write the PNG with no text chunks (no spec for --from-png, no A1111 parameters)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--cluster",
-        metavar="auto|ADDRESS",
-        help="run on Ray: 'auto' joins a running cluster or starts one here; or HOST:PORT",
-    )
-    parser.add_argument("--workers", type=int, help="with --cluster: at most this many actors (default: one per GPU)")
-    parser.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        help="with --cluster: GPUs per actor, fractions allowed (default 1; 0 = CPU actors)",
-    )
-
-
-def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--preset",
-        metavar="NAME[:VARIANT]",
-        help="start from a preset (`farm presets`), e.g. sdxl-4k:high-detail; the spec file and flags override it",
-    )
-    parser.add_argument("--size", help="target WIDTHxHEIGHT in px, multiples of 8 (e.g. 4096x4096)")
-    parser.add_argument("--base-size", help="two-pass: the base WIDTHxHEIGHT in px (e.g. 960x544)")
-    for flag, (dest, kind, text) in SPEC_FLAGS.items():
-        parser.add_argument(flag, dest=dest, type=kind, help=text)
-    parser.add_argument(
-        "--concept",
-        action="append",
-        metavar="NAME[;KEY=VALUE...]",
-        help="refine what the detector finds for NAME, e.g. 'face;layer=0;denoise=0.45;prompt=a detailed face' "
-        "(keys: prompt, layer 0-5, selection largest|center|first|all, max_objects, threshold, denoise); repeatable",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,17 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a stopped render (same image as unstopped): a run id from `farm runs`, a run folder, "
         "or last (the last interrupted run)",
     )
-    _add_spec_flags(render)
+    add_spec_flags(render)
     render.add_argument(
         "--dry-run", action="store_true", help="print the plan (stages, sizes, tiles, model calls) and stop"
     )
-    _add_exec_flags(render)
+    add_exec_flags(render)
     add_render_flags(render)
 
     batch = sub.add_parser("batch", help="render many prompts or images: a CSV or Parquet table, or a folder")
     batch.add_argument("source", help="CSV/Parquet (columns: prompt, seed, any spec field) or a folder of images")
-    _add_spec_flags(batch)
-    _add_exec_flags(batch)
+    add_spec_flags(batch)
+    add_exec_flags(batch)
     batch.add_argument(
         "--in-flight",
         type=int,
@@ -162,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ledger = sub.add_parser("ledger", help="summarise a render's run ledger: time per stage and worker, retries")
     ledger.add_argument("run", help="a run id from `farm runs`, a run folder, or last (the last started run)")
+    ledger.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw the timeline to this .png: one lane per worker, each task a bar coloured by stage",
+    )
 
     runs = sub.add_parser("runs", help="list recent runs: id, status (finished, interrupted, running), output")
     runs.add_argument("-n", "--limit", type=int, default=20, help="show the last N runs (default 20; 0 = all)")
@@ -171,39 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a small render with tiny random-weight models (abstract image)")
     demo.add_argument("--size", default="1024x1024", help="target size (default 1024x1024)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the noise scaffold (default 0: the same picture)")
-    _add_exec_flags(demo)
+    add_exec_flags(demo)
     return parser
-
-
-def _flag_layer(args: argparse.Namespace, flags: dict) -> dict:
-    return {dest: getattr(args, dest) for dest, _, _ in flags.values() if getattr(args, dest, None) is not None}
-
-
-def command_line_layers(args: argparse.Namespace):
-    """(spec layers in order: preset, spec file, PNG, flags; the preset or None; the spec file's out or None)."""
-    from farm.presets import find_preset
-    from farm.specfile import read_png_spec, read_toml
-    from pipeline.detection import parse_concept
-    from pipeline.spec import parse_size
-
-    layers, out, preset = [], None, None
-    if args.preset:
-        preset, variant = find_preset(args.preset)
-        layers.append((preset.values(variant), f"preset {args.preset}"))
-    if getattr(args, "spec", None):
-        data, out = read_toml(args.spec)
-        layers.append((data, args.spec))
-    if getattr(args, "from_png", None):
-        layers.append((read_png_spec(args.from_png), args.from_png))
-    flags = _flag_layer(args, SPEC_FLAGS) | _flag_layer(args, EXEC_FLAGS)
-    if args.concept:
-        flags["concepts"] = [parse_concept(text) for text in args.concept]
-    if args.size:
-        flags["width"], flags["height"] = parse_size(args.size)
-    if args.base_size:
-        flags["base_width"], flags["base_height"] = parse_size(args.base_size)
-    layers.append((flags, "command line"))
-    return layers, preset, out
 
 
 def _spec_for_render(args: argparse.Namespace):
@@ -256,7 +117,7 @@ def _spec_for_demo(args: argparse.Namespace):
         native=TINY_NATIVE_PX,
         upscale_tile=128,
     )
-    return build_spec([(data, "demo"), (_flag_layer(args, EXEC_FLAGS), "command line")]), args.out
+    return build_spec([(data, "demo"), (flag_layer(args, EXEC_FLAGS), "command line")]), args.out
 
 
 def _resumed(args: argparse.Namespace):
@@ -287,8 +148,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "ledger":
         from farm.ledger import summary
+        from farm.timeline import check_plot_path, plot_timeline
 
-        print(summary(RunDir.open(find_run(args.run, "farm ledger"))[0]))
+        plot = check_plot_path(args.plot) if args.plot else None
+        ledger_run = RunDir.open(find_run(args.run, "farm ledger"))[0]
+        print(summary(ledger_run))
+        if plot:
+            lanes = plot_timeline(ledger_run.rows, plot, title=f"run {ledger_run.run_id}")
+            print(f"\ntimeline: {plot} ({len(lanes)} lane(s): {', '.join(lanes)})")
         return 0
     if args.command == "runs":
         print(runs_table(args.limit))

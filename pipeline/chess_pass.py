@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from pipeline.chess import Tile, TileGrid
+from pipeline.conditioning import Hold, PromptEmbeds
 from pipeline.feather import composite_pass
-from pipeline.sampler import Denoiser, Hold, PromptEmbeds, refine
+from pipeline.sampler import Denoiser, refine
 from pipeline.schedule import held_steps
 from pipeline.taskgraph import Executor, Task
 

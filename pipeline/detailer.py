@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.chess_pass import RefineSettings
+from pipeline.conditioning import PromptEmbeds
 from pipeline.crop import Crop, composite_crop, crop_for, crop_mask, crop_noise, feather_detection
 from pipeline.detection import Concept, Detection
 from pipeline.resize import resize
-from pipeline.sampler import PromptEmbeds
 from pipeline.taskgraph import Executor, Task
 
 

@@ -23,7 +23,7 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from pipeline.sampler import PromptEmbeds, holds
+from pipeline.conditioning import PromptEmbeds, holds
 from pipeline.schedule import make_scheduler, refine_schedule, schedule_length
 
 
@@ -128,7 +128,7 @@ class FluxDenoiser:
 
     def _run(self, scheduler, timesteps, latents: torch.Tensor, c: FluxConditioning, hold=()) -> torch.Tensor:
         """FluxPipeline's loop on packed latents: predict the velocity, Euler step (held pixels as in
-        pipeline.sampler.Hold, with packed mask, input and noise)."""
+        pipeline.conditioning.Hold, with packed mask, input and noise)."""
         for i, t in enumerate(timesteps):
             for h in hold:
                 if i <= h.steps:

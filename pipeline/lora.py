@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import ModelFileError
-from pipeline.models import ModelInfo, _check_safetensors, _require
+from pipeline.model_info import ModelInfo, check_safetensors, require_file
 
 ADAPTER = "tilefarm_lora"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -56,13 +56,13 @@ def _short(err: Exception) -> str:
 
 def apply_lora(pipe, info: ModelInfo, path: str | Path, model_strength: float, text_strength: float) -> None:
     """Fuse the LoRA at `path` into pipe's denoiser (x model_strength) and text encoders (x text_strength)."""
-    path = _require(Path(path).expanduser(), "LoRA")
+    path = require_file(Path(path).expanduser(), "LoRA")
     if path.suffix != ".safetensors":
         raise ModelFileError(
             f"LoRA {path} is not .safetensors; LoRAs are read from safetensors only (a pickle can run code "
             "when loaded): convert it"
         )
-    _check_safetensors(path)
+    check_safetensors(path)
     denoiser = DENOISERS[info.family]
     model = f"{info.family.upper()} model {info.path}"
     fix = f"use a LoRA trained for {info.family.upper()}, or leave lora empty"

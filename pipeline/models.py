@@ -16,47 +16,15 @@ from pathlib import Path
 
 import torch
 
+from pipeline.conditioning import PromptEmbeds
 from pipeline.errors import ModelFileError
 from pipeline.flux import FluxDenoiser
-from pipeline.sampler import Denoiser, PromptEmbeds
+from pipeline.model_info import ModelInfo, check_safetensors, require_file
+from pipeline.sampler import Denoiser
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 FLUX_MAX_TOKENS = 512  # T5 tokens per prompt: FluxPipeline's default for FLUX.1-dev
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a diffusion model is, read from its config files without loading weights."""
-
-    path: Path
-    family: str  # "sdxl" or "flux"
-    latent_channels: int
-    vae_factor: int
-    native_px: int
-    single_file: bool
-    size_multiple: int = 8  # sides in px must be multiples of this: the VAE factor, x2 for Flux's 2x2 patches
-
-
 FAMILY_PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
-
-
-def _require(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise ModelFileError(f"{what} {path} does not exist; check the path (it must be reachable from this machine)")
-    return path
-
-
-def _check_safetensors(file: Path) -> list[str]:
-    """Parse a .safetensors header and return its keys: a truncated or foreign file fails here, named."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            return list(handle.keys())
-    except (SafetensorError, OSError) as err:
-        raise ModelFileError(
-            f"{file} is not a readable .safetensors file ({err}); re-download or re-export it"
-        ) from None
 
 
 def _single_file_info(path: Path) -> ModelInfo:
@@ -93,7 +61,7 @@ def _read_configs(path: Path, class_name: str, *names: str) -> list[dict]:
 
 def inspect_diffusion_model(path: str | Path) -> ModelInfo:
     """Family, latent channels, VAE factor, native size and size multiple of a diffusers folder or single file."""
-    path = _require(Path(path).expanduser(), "model path")
+    path = require_file(Path(path).expanduser(), "model path")
     if path.is_file():
         return _single_file_info(path)
     index = path / "model_index.json"
@@ -232,7 +200,7 @@ def load_diffusion_model(
     _quiet_hf_logs()
     if not info.single_file:
         for weights in sorted(info.path.glob("*/*.safetensors")):
-            _check_safetensors(weights)
+            check_safetensors(weights)
     try:
         pipe = _load_pipeline(info, dtype, config, parts)
     except ModelFileError:
@@ -274,7 +242,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if path.suffix == ".safetensors":
-        _check_safetensors(path)
+        check_safetensors(path)
         return load_file(str(path))
     if path.suffix not in PICKLE_SUFFIXES:
         raise ModelFileError(
@@ -303,7 +271,7 @@ def load_upscaler(path: str | Path, device: torch.device, half: bool = False) ->
     """Load any image-to-image model spandrel detects, in fp16 when asked and the model supports it."""
     import spandrel
 
-    path = _require(Path(path).expanduser(), "upscaler")
+    path = require_file(Path(path).expanduser(), "upscaler")
     if path.is_dir():
         raise ModelFileError(f"upscaler {path} is a folder; pass the model file (.safetensors or .pth)")
     state = read_state_dict(path)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pipeline.chess import Tile, TileGrid, batches, chess_grid, fit_grid
 from pipeline.errors import SpecError
-from pipeline.models import ModelInfo
+from pipeline.model_info import ModelInfo
 from pipeline.resize import describe_fit
 from pipeline.schedule import resolve_sampler
 from pipeline.spec import RenderSpec

@@ -13,8 +13,8 @@ import math
 
 import torch
 
+from pipeline.conditioning import PromptEmbeds, repeat_tokens
 from pipeline.prompt import WINDOW, Chunk, Parsed, Specials, chunk_prompt, describe_chunks, empty_chunk, parse_prompt
-from pipeline.sampler import PromptEmbeds, repeat_tokens  # noqa: F401 (re-exported)
 
 
 def comfy_weighting(z: torch.Tensor, z_empty: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

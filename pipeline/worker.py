@@ -15,12 +15,13 @@ import torch
 from pipeline import vae
 from pipeline.chess import Tile
 from pipeline.chess_pass import RefineSettings, refine_tiles, tile_noise
+from pipeline.conditioning import PromptEmbeds
 from pipeline.detection import Concept, Detection
 from pipeline.errors import UserError
 from pipeline.flux_parts import FluxParts
 from pipeline.groupnorm import Core
 from pipeline.models import inspect_diffusion_model, load_diffusion_model, load_upscaler
-from pipeline.sampler import PromptEmbeds, generate, refine
+from pipeline.sampler import generate, refine
 from pipeline.spec import RenderSpec
 
 DEVICES = ("auto", "cpu", "cuda")

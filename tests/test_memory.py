@@ -27,7 +27,7 @@ from pipeline.memory import (
     plan_stages,
 )
 from pipeline.memory_table import Curve, curve
-from pipeline.models import ModelInfo
+from pipeline.model_info import ModelInfo
 from pipeline.plan import make_plan
 from pipeline.spec import RenderSpec
 

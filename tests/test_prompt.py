@@ -4,13 +4,14 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from pipeline.conditioning import PromptEmbeds, repeat_tokens
 from pipeline.errors import SpecError
 from pipeline.prompt import WINDOW, Parsed, chunk_prompt, parse_prompt
-from pipeline.sampler import PromptEmbeds, generate
+from pipeline.sampler import generate
 from pipeline.scaffold import make_scaffold, pool_noise
 from pipeline.schedule import make_scheduler
 from pipeline.spec import RenderSpec
-from pipeline.text_encode import a1111_emphasis, clip_specials, encode_sdxl_prompt, repeat_tokens
+from pipeline.text_encode import a1111_emphasis, clip_specials, encode_sdxl_prompt
 
 # (prompt, runs) per ComfyUI's comfy/sd1_clip.py token_weights: (x) x1.1 per level, (x:w) sets w
 COMFY = [

@@ -1,11 +1,19 @@
-"""A real `ray start --head` on 127.0.0.1 and `ray job submit -- python -m cluster.job spec.toml`."""
+"""Real Ray heads on 127.0.0.1: the README's job recipe followed literally, and a cluster tilefarm cannot run on.
+
+The recipe's head is started as the README says (`.venv/bin/ray start --head`) from a shell whose PATH
+lacks the venv, which is what a user who did not activate it has; a job's bare `python` then is not the
+venv's. The foreign head is run by the system Python with the venv's packages on PYTHONPATH but without
+tilefarm installed: a cluster from another Python environment, as far as a driver can tell.
+"""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -13,8 +21,12 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")  # a Ray dependency
 
 REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent  # the project's `.venv/bin` (sys.executable is not resolved in a venv)
+PLAIN_PATH = "/usr/bin:/bin"  # a shell where the venv is not activated
+SYSTEM_PYTHON = shutil.which("python3", path=PLAIN_PATH)
 
 
 def _free_port() -> int:
@@ -23,45 +35,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head():
-    bin_dir = Path(sys.executable).parent
-    ray = shutil.which("ray", path=str(bin_dir)) or "ray"
-    # Ray 2.60 turns token auth on; a loopback test head runs without it
-    env = os.environ | {
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    gcs, dashboard = _free_port(), _free_port()
-    temp = tempfile.mkdtemp(prefix="tf-ray-")  # short: Ray's socket paths must fit in 107 bytes
-    start = [
-        ray,
-        "start",
-        "--head",
+def _plain_env(**extra: str) -> dict[str, str]:
+    """The user's shell: no venv on PATH, no PYTHONPATH; Ray's token auth off (loopback only)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "RAY_ADDRESS")}
+    return env | {"PATH": PLAIN_PATH, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"} | extra
+
+
+def _start_head(command: list[str], env: dict[str, str], temp: str) -> int:
+    """`command ... start --head` on loopback with its own ports and temp dir; returns the GCS port."""
+    gcs = _free_port()
+    flags = [
         "--node-ip-address=127.0.0.1",
         f"--port={gcs}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
         f"--ray-client-server-port={_free_port()}",
         f"--dashboard-agent-listen-port={_free_port()}",
         "--num-cpus=2",
         "--num-gpus=1",
         "--disable-usage-stats",
-        f"--temp-dir={temp}",
+        f"--temp-dir={temp}",  # short: Ray's socket paths must fit in 107 bytes
     ]
-    proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    try:
-        yield ray, f"http://127.0.0.1:{dashboard}", env
-    finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+    proc = subprocess.run([*command, *flags], env=env, capture_output=True, text=True, timeout=180, cwd=temp)
+    if proc.returncode:
+        _stop_head(temp)
+        pytest.fail(f"ray start failed: {proc.stderr[-2000:]}")
+    return gcs
 
 
-def test_ray_job_submit_renders_end_to_end(ray_head, tiny_sdxl, tiny_upscaler, tmp_path):
-    ray, address, env = ray_head
-    out = tmp_path / "job.png"
+def _stop_head(temp: str) -> None:
+    """Stop this head's processes only (`ray stop` would stop every Ray on the machine)."""
+    mine = [p for p in psutil.process_iter(["cmdline"]) if any(temp in arg for arg in p.info["cmdline"] or [])]
+    procs = set(mine)
+    for p in mine:
+        try:
+            procs.update(p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    for p in psutil.wait_procs(procs, timeout=5)[1]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _write_spec(folder: Path, tiny_sdxl: Path, tiny_upscaler: Path, out: Path) -> Path:
     spec = {
         "model": str(tiny_sdxl),
         "upscaler": str(tiny_upscaler),
@@ -76,23 +98,35 @@ def test_ray_job_submit_renders_end_to_end(ray_head, tiny_sdxl, tiny_upscaler, t
         "upscale_tile": 64,
         "out": str(out),
     }
-    spec_file = tmp_path / "spec.toml"
-    spec_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in spec.items()))
-    submit = [
-        ray,
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--working-dir",
-        str(REPO),
-        "--",
-        "python",
-        "-m",
-        "cluster.job",
-        str(spec_file),
-    ]
-    proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    path = folder / "spec.toml"
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in spec.items()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipe_head():
+    """The README's head: `.venv/bin/ray start --head --port=... --dashboard-host=...`, venv not on PATH."""
+    temp = tempfile.mkdtemp(prefix="tf-ray-")
+    dashboard = _free_port()
+    command = [str(VENV_BIN / "ray"), "start", "--head", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
+    _start_head(command, _plain_env(), temp)
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        _stop_head(temp)
+
+
+def _submit(address: str, entrypoint: list[str]) -> subprocess.CompletedProcess:
+    """The README's submit, from the project folder in the same plain shell."""
+    submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--", *entrypoint]
+    return subprocess.run(submit, env=_plain_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_readme_recipe_renders_end_to_end(recipe_head, tiny_sdxl, tiny_upscaler, tmp_path):
+    out = tmp_path / "job.png"
+    spec = _write_spec(tmp_path, tiny_sdxl, tiny_upscaler, out)
+    # the README's entrypoint, `"$PWD/.venv/bin/python" -m cluster.job spec.toml`, with $PWD expanded
+    proc = _submit(recipe_head, [str(VENV_BIN / "python"), "-m", "cluster.job", str(spec)])
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-3000:]
     assert "succeeded" in logs
@@ -101,3 +135,73 @@ def test_ray_job_submit_renders_end_to_end(ray_head, tiny_sdxl, tiny_upscaler, t
         assert image.size == (512, 512)
         seed = json.loads(image.info["tilefarm"])["spec"]["seed"]  # the spec has none: the job drew one
     assert 0 <= seed < 2**32 and f"seed: {seed}" in logs
+
+
+@pytest.mark.skipif(SYSTEM_PYTHON is None, reason="no python3 on /usr/bin:/bin")
+def test_bare_python_entrypoint_names_the_fix(recipe_head, tmp_path):
+    # the head's PATH finds the system python3, which has no torch: the job says so instead of a traceback
+    proc = _submit(recipe_head, ["python3", "-m", "cluster.job", str(tmp_path / "spec.toml")])
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "failed" in logs
+    assert f"cluster.job: {SYSTEM_PYTHON} cannot import" in logs, logs[-3000:]
+    assert '"$PWD/.venv/bin/python" -m cluster.job spec.toml' in logs
+    assert "Traceback" not in logs
+
+
+def _same_minor(python: str) -> bool:
+    probe = [python, "-c", "import sys; print(*sys.version_info[:2])"]
+    found = subprocess.run(probe, capture_output=True, text=True, timeout=60).stdout.split()
+    return found == [str(v) for v in sys.version_info[:2]]
+
+
+@pytest.fixture(scope="module")
+def foreign_head():
+    """A head whose workers run the system Python, with Ray (the venv's packages) but no tilefarm."""
+    if SYSTEM_PYTHON is None or not _same_minor(SYSTEM_PYTHON):
+        pytest.skip("needs a system python3 of this Python's minor version (Ray's compiled core must load)")
+    temp = tempfile.mkdtemp(prefix="tf-ray-")
+    env = _plain_env(PYTHONPATH=sysconfig.get_paths()["purelib"])  # packages, but no .pth: no editable tilefarm
+    command = [SYSTEM_PYTHON, "-m", "ray.scripts.scripts", "start", "--head", "--include-dashboard=false"]
+    gcs = _start_head(command, env, temp)
+    try:
+        yield f"127.0.0.1:{gcs}"
+    finally:
+        _stop_head(temp)
+
+
+def _farm_render(spec: Path, cluster: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """The real console script, run from a folder that holds no project code (workers get the driver's cwd)."""
+    command = [str(VENV_BIN / "farm"), "render", str(spec), "--cluster", cluster]
+    env = os.environ | {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"} | env
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_cluster_whose_workers_cannot_import_tilefarm(foreign_head, tiny_sdxl, tiny_upscaler, tmp_path):
+    spec = _write_spec(tmp_path, tiny_sdxl, tiny_upscaler, tmp_path / "never.png")
+    # the driver accepts the cluster's Python patch version, so the pre-flight is what finds the problem
+    proc = _farm_render(spec, foreign_head, tmp_path, RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL="minor")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "Traceback" not in err and "RayTaskError" not in err
+    port = foreign_head.rsplit(":", 1)[1]
+    assert re.search(rf"the Ray cluster at [\d.]+:{port} cannot run tilefarm", err), err[-3000:]
+    assert f"its workers run {SYSTEM_PYTHON}" in err and "No module named 'cluster'" in err
+    assert "`.venv/bin/ray start --head`" in err and "`ray stop`" in err
+    assert not (tmp_path / "never.png").exists()
+
+
+def test_cluster_auto_on_another_python(foreign_head, tiny_sdxl, tiny_upscaler, tmp_path):
+    theirs = subprocess.run([SYSTEM_PYTHON, "-V"], capture_output=True, text=True).stdout.split()[-1]
+    ours = ".".join(map(str, sys.version_info[:3]))
+    if theirs == ours:
+        pytest.skip("the system Python is this Python's version: Ray accepts the driver")
+    spec = _write_spec(tmp_path, tiny_sdxl, tiny_upscaler, tmp_path / "never.png")
+    proc = _farm_render(spec, "auto", tmp_path, RAY_ADDRESS=foreign_head)  # `auto` joins the cluster RAY_ADDRESS names
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "Traceback" not in err
+    port = foreign_head.rsplit(":", 1)[1]
+    assert re.search(rf"--cluster auto: the Ray cluster at [\d.]+:{port} runs Ray", err), err[-3000:]
+    assert f"on Python {theirs}, but tilefarm runs" in err and f"on Python {ours} ({VENV_BIN}/python" in err
+    assert "`.venv/bin/ray start --head`" in err
+    assert not (tmp_path / "never.png").exists()

@@ -128,7 +128,7 @@ def test_batched_tiles_match_tiles_refined_alone(tiny_model):
 
 
 def test_a_held_mask_is_a_lower_denoise_there_and_nothing_elsewhere(tiny_model):
-    from pipeline.sampler import Hold
+    from pipeline.conditioning import Hold
     from pipeline.schedule import held_steps
 
     g = torch.Generator().manual_seed(4)

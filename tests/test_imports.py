@@ -1,0 +1,114 @@
+"""The project's modules import one another one way only, and pipeline/ and farm/ load without Ray.
+
+Every import counts: at module level, inside functions (lazy) and under TYPE_CHECKING, since each
+says that one module knows the other, and a cycle among them is a tangle to pull apart later.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "farm", "cluster")
+
+
+def project_modules() -> dict[str, Path]:
+    """'pipeline.sampler' -> its file, for every module of the project's packages."""
+    modules = {}
+    for package in PACKAGES:
+        for file in sorted((ROOT / package).rglob("*.py")):
+            parts = file.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = file
+    return modules
+
+
+def imported_names(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> list[str]:
+    """The dotted names an import statement loads (a from-import: the module and each name as a submodule)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    base = node.module or ""
+    if node.level:  # relative: resolved against the importing module's package
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        package = package[: len(package) - node.level + 1]
+        base = ".".join([*package, base] if base else package)
+    return [base, *(f"{base}.{alias.name}" for alias in node.names)]
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its file."""
+    graph: dict[str, set[str]] = {}
+    for module, file in modules.items():
+        tree = ast.parse(file.read_text(), str(file))
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = imported_names(node, module, file.name == "__init__.py")
+                targets |= {name for name in names if name in modules and name != module}
+        graph[module] = targets
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as [a, b, ..., a], or [] when the graph has none (depth-first search, three colours)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return []
+
+
+def module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports that run when the module loads: outside every function body (if/try/TYPE_CHECKING blocks included)."""
+    found, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found.append(node)
+        elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_relative_imports_resolve_to_project_modules():
+    node = ast.parse("from .health import task_row").body[0]
+    assert imported_names(node, "pipeline.worker", False) == ["pipeline.health", "pipeline.health.task_row"]
+    node = ast.parse("from . import errors").body[0]
+    assert imported_names(node, "pipeline", True) == ["pipeline", "pipeline.errors"]
+
+
+def test_the_project_has_no_import_cycle():
+    modules = project_modules()
+    graph = import_graph(modules)
+    assert "pipeline.sampler" in graph and sum(map(len, graph.values())) > 50  # the graph was really built
+    cycle = find_cycle(graph)
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_pipeline_and_farm_do_not_import_ray_when_they_load():
+    offenders = []
+    for module, file in project_modules().items():
+        if module.split(".")[0] not in ("pipeline", "farm"):
+            continue
+        for node in module_level_imports(ast.parse(file.read_text(), str(file))):
+            names = imported_names(node, module, file.name == "__init__.py")
+            if any(name == "ray" or name.startswith("ray.") or name.startswith("cluster") for name in names):
+                offenders.append(f"{file.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, "imports Ray (directly or through cluster/) at module level: " + ", ".join(offenders)
