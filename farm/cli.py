@@ -14,6 +14,8 @@ DEMO_PROMPT = "a lighthouse on a cliff above a stormy sea, golden hour, highly d
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from farm.farm_cli import add_commands, add_render_flags
+
     parser = argparse.ArgumentParser(prog="farm", description="tilefarm: top-down tiled diffusion renders")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the plan (stages, sizes, tiles, model calls) and stop"
     )
     add_exec_flags(render)
+    add_render_flags(render)
 
     batch = sub.add_parser("batch", help="render many prompts or images: a CSV or Parquet table, or a folder")
     batch.add_argument("source", help="CSV/Parquet (columns: prompt, seed, any spec field) or a folder of images")
@@ -54,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list recent runs: id, status (finished, interrupted, running), output")
     runs.add_argument("-n", "--limit", type=int, default=20, help="show the last N runs (default 20; 0 = all)")
+
+    add_commands(sub)
 
     demo = sub.add_parser("demo", help="a small render with tiny random-weight models (abstract image)")
     demo.add_argument("--size", default="1024x1024", help="target size (default 1024x1024)")
@@ -134,6 +139,7 @@ def _resumed(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from farm.executor import memory_report, prepare, run_local
+    from farm.farm_cli import FARM_COMMANDS, render_on_farm, run_farm_command
     from farm.output import check_output_path, save_png
     from farm.progress import tqdm_progress
     from farm.rundir import RunDir
@@ -159,11 +165,15 @@ def run(args: argparse.Namespace) -> int:
 
         print(presets_table())
         return 0
+    if args.command in FARM_COMMANDS:
+        return run_farm_command(args)
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
     if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
         raise UserError(f"--gpus-per-worker {args.gpus_per_worker}: must be 0 or more")
+    if getattr(args, "farm", None) and (args.cluster or args.resume or args.run_dir or args.dry_run):
+        raise UserError("--farm renders on the farm: drop --cluster, --resume and --run-dir (`farm status ID`)")
     if (args.workers or args.gpus_per_worker is not None) and not args.cluster:
         raise UserError("--workers and --gpus-per-worker apply to cluster renders: add --cluster auto|ADDRESS")
     if args.command == "batch":
@@ -171,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
 
         return run_batch(args)
     run_dir = None
-    device = "cpu" if args.cluster else args.device  # where a tile batch of 0 is sized for
+    farm = getattr(args, "farm", None)
+    device = "cpu" if args.cluster or farm else args.device  # where a tile batch of 0 is sized for
     metadata = not args.no_metadata
     if args.command == "render" and args.resume:
         run_dir, spec, out = _resumed(args)
@@ -179,13 +190,16 @@ def run(args: argparse.Namespace) -> int:
         plan = prepare(spec, device, cluster=bool(args.cluster))
     elif args.command == "render":
         spec, preset, out = _spec_for_render(args)
-        plan = prepare(spec, device, cluster=bool(args.cluster))  # no weights read; draws a seed if none
+        on_cluster = bool(args.cluster or farm)
+        plan = prepare(spec, device, cluster=on_cluster)  # no weights read; draws a seed if none
         if args.dry_run:
             print(f"seed: {plan.spec.seed}", file=sys.stderr)
             print(plan.describe())
-            print(memory_report(plan, device, cluster=bool(args.cluster)))
+            print(memory_report(plan, device, cluster=on_cluster))
             return 0
         out = output_for(args, plan.spec, preset, out)
+        if farm:
+            return render_on_farm(args, plan, out, metadata)
     else:
         spec, out = _spec_for_demo(args)
         out = check_output_path(out, args.overwrite)

@@ -1,0 +1,368 @@
+"""The warm farm: a long-lived controller and worker actors that keep models loaded across renders.
+
+One farm per Ray cluster, in the namespace `tilefarm`: a detached, named, restartable controller
+owns the queue (SQLite on its node, cluster/queue.py) and runs up to `max_running` renders at once,
+each with the same render() and ClusterExecutor a `--cluster` render uses, over one shared set of
+detached worker actors (one per GPU) and one shared Lease, so each worker runs one task at a time
+whichever render it belongs to. A worker keeps the models of the last few model sets resident
+(LRU), so only a render with new models loads anything. The PNG is written on the controller's node
+with the same save_png a local render uses; clients fetch its bytes (cluster/farm_client.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import ray
+
+from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue
+from cluster.scheduler import Lease
+from cluster.wire import from_wire, to_wire
+from pipeline.errors import RenderError, UserError
+from pipeline.health import poison
+from pipeline.progress import Bar
+from pipeline.worker import TileWorker, WorkerConfig
+
+NAMESPACE = "tilefarm"
+CONTROLLER = "controller"
+WORKER_PREFIX = "worker-"
+POLL_S = 0.2  # how often the dispatcher looks for queued renders when nothing woke it
+
+
+class FarmWorker:
+    """A worker actor holding the models of up to `max_models` model sets (least recently used goes first).
+
+    Every call names its model set, so renders with different models can share the worker task by task."""
+
+    def __init__(self, max_models: int = 2):
+        self.max_models = max(1, max_models)
+        self.resident: OrderedDict[WorkerConfig, TileWorker] = OrderedDict()
+        self.loads: list[dict] = []  # one entry per model load: model, seconds, the render that caused it
+
+    def _models(self, config: WorkerConfig, render_id: int) -> TileWorker:
+        worker = self.resident.get(config)
+        if worker is not None:
+            self.resident.move_to_end(config)
+            return worker
+        while len(self.resident) >= self.max_models:
+            _, dropped = self.resident.popitem(last=False)
+            device = dropped.device
+            del dropped
+            gc.collect()  # the models' memory is free before the next set loads
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+        from pipeline.preflight import check_worker
+
+        check_worker(config)  # its own GPU, before loading: a clear error instead of an out-of-memory mid-load
+        start = time.perf_counter()
+        worker = TileWorker(config)
+        self.loads.append({"model": config.model, "seconds": time.perf_counter() - start, "render": render_id})
+        self.resident[config] = worker
+        return worker
+
+    def run(self, config: WorkerConfig, render_id: int, method: str, *args, crash: str = ""):
+        """One unit of work on `config`'s models (loaded first if not resident); `crash` as in GpuWorker.run."""
+        if crash == "exit":
+            os._exit(1)
+        value = getattr(self._models(config, render_id), method)(*from_wire(args))
+        return to_wire(poison(value) if crash == "nan" else value)
+
+    def info(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {
+            "node": ctx.get_node_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(next(iter(self.resident.values())).device) if self.resident else "",
+            "resident": [c.model for c in self.resident],
+            "loads": list(self.loads),
+        }
+
+
+class Canceled(Exception):
+    """A render was stopped at a task boundary (cancel, or a farm going down)."""
+
+
+class _Run:
+    """`handle.run` as one render sees it: its calls carry the render's model set; a stopped render dispatches
+    nothing more (the actor the scheduler just took goes back to the lease first)."""
+
+    def __init__(self, handle, index: int, config: WorkerConfig, render_id: int, lease, stop: threading.Event):
+        self.handle, self.index, self.config, self.render_id = handle, index, config, render_id
+        self.lease, self.stop = lease, stop
+
+    def remote(self, method: str, *args, crash: str = ""):
+        if self.stop.is_set():
+            self.lease.give(self.index)
+            raise Canceled
+        return self.handle.run.remote(self.config, self.render_id, method, *args, crash=crash)
+
+
+class BoundWorker:
+    """A farm worker bound to one render: what PullScheduler calls (`run.remote`, `info.options(...)`)."""
+
+    def __init__(self, handle, index: int, config: WorkerConfig, render_id: int, lease, stop: threading.Event):
+        self.run = _Run(handle, index, config, render_id, lease, stop)
+        self.info = handle.info
+
+
+class _Counter(Bar):
+    def __init__(self, cell: list):
+        self.cell = cell
+
+    def update(self, n: int = 1) -> None:
+        self.cell[0] += n
+
+
+class Running:
+    """A render in flight: its stop flag, why it was stopped, and its progress per stage."""
+
+    def __init__(self, priority: int = 0):
+        self.priority = priority
+        self.stop = threading.Event()
+        self.reason = ""
+        self.progress: dict[str, list[int]] = {}  # stage -> [done, total]
+
+    @contextmanager
+    def sink(self, stage: str, total: int, unit: str):
+        cell = self.progress.setdefault(stage, [0, 0])
+        cell[1] += total
+        yield _Counter(cell)
+
+
+WANT_S = 0.1  # a render that asked for a worker this recently still wants one (its loop asks every 0.02 s)
+
+
+class PriorityLease(Lease):
+    """The workers shared by the running renders, handed out by priority: while a render of higher priority
+    is asking for a worker, a free one goes to it, not to a render of lower priority. A render that asks for
+    none (in a serial stage, its base) leaves the workers to the others, so none stands idle."""
+
+    def __init__(self, count: int, want_s: float = WANT_S):
+        super().__init__(count, shared=True)
+        self.want_s = want_s
+        self.local = threading.local()  # the render this thread runs (its `priority` may change while it runs)
+        self.wanting: dict[int, tuple[int, float]] = {}  # render -> (priority, when it last asked in vain)
+
+    def take(self) -> int | None:
+        owner, now = getattr(self.local, "owner", None), time.monotonic()
+        me, mine = id(owner) if owner is not None else threading.get_ident(), getattr(owner, "priority", 0)
+        with self.lock:
+            self.wanting = {who: (p, t) for who, (p, t) in self.wanting.items() if now - t < self.want_s}
+            outranked = any(p > mine for who, (p, _) in self.wanting.items() if who != me)
+            if self.idle and not outranked:
+                self.wanting.pop(me, None)
+                return self.idle.popleft()
+            self.wanting[me] = (mine, now)
+            return None
+
+
+class Controller:
+    """The farm's controller actor: queue, dispatcher, render threads, worker actors."""
+
+    def __init__(
+        self,
+        state_dir: str,
+        workers: int | None,
+        gpus_per_worker: float | None,
+        max_running: int = 2,
+        max_models: int = 2,
+    ):
+        from cluster.executor import gpus_per_worker_for, worker_count
+
+        self.state_dir = Path(state_dir)
+        self.results = self.state_dir / "results"
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.queue = RenderQueue(self.state_dir / "queue.sqlite")
+        self.queue.requeue_running()  # cut short by a controller restart: they run again from their start
+        self.resumed = self.queue.queued()
+        self.gpus = gpus_per_worker_for(gpus_per_worker)
+        self.max_running = max(1, max_running)
+        count = worker_count(workers, self.gpus)
+        cls = ray.remote(FarmWorker)
+        self.workers = [
+            cls.options(
+                name=f"{WORKER_PREFIX}{i}",
+                namespace=NAMESPACE,
+                lifetime="detached",  # a restarted controller finds its workers, models still loaded
+                get_if_exists=True,
+                max_restarts=-1,
+                num_gpus=self.gpus,
+                num_cpus=0 if self.gpus else 1,
+            ).remote(max_models)
+            for i in range(count)
+        ]
+        self.lease = PriorityLease(count)
+        self.running: dict[int, Running] = {}
+        self.draining = False
+        self.wake = threading.Condition()
+        threading.Thread(target=self._dispatch, name="farm-dispatch", daemon=True).start()
+
+    def ready(self) -> dict:
+        return {
+            "workers": len(self.workers),
+            "gpus_per_worker": self.gpus,
+            "state_dir": str(self.state_dir),
+            "max_running": self.max_running,
+            "resumed": self.resumed,
+            "pid": os.getpid(),
+        }
+
+    def worker_infos(self) -> list[dict]:
+        return ray.get([w.info.remote() for w in self.workers])
+
+    def idle_workers(self) -> int:
+        """Workers no render holds (all of them when nothing runs)."""
+        with self.lease.lock:
+            return len(self.lease.idle)
+
+    # --- the clients' calls -------------------------------------------------------------------------------
+
+    def submit(self, spec: dict, options: dict, priority: int = 0) -> int:
+        if self.draining:
+            raise UserError("the farm is going down and takes no new renders; run `farm up` again")
+        render_id = self.queue.add(spec, options, priority)
+        with self.wake:
+            self.wake.notify_all()
+        return render_id
+
+    def status(self, render_id: int) -> dict | None:
+        record = self.queue.get(render_id)
+        if record is not None:
+            live = self.running.get(render_id)
+            record["progress"] = {k: list(v) for k, v in live.progress.items()} if live else {}
+        return record
+
+    def list(self, limit: int = 50) -> list[dict]:
+        return self.queue.list(limit)
+
+    def cancel(self, render_id: int) -> str | None:
+        """Queued: canceled now; running: stopped at its next task boundary. Returns the state it was in."""
+        record = self.queue.get(render_id)
+        if record is None:
+            return None
+        if record["state"] == QUEUED:
+            self.queue.update(render_id, state=CANCELED, finished=time.time())
+        live = self.running.get(render_id)
+        if live is not None:
+            live.reason = CANCELED
+            live.stop.set()
+        return record["state"]
+
+    def prio(self, render_id: int, priority: int) -> str | None:
+        record = self.queue.get(render_id)
+        if record is None:
+            return None
+        self.queue.update(render_id, priority=priority)
+        if render_id in self.running:
+            self.running[render_id].priority = priority  # its next request for a worker counts with it
+        with self.wake:
+            self.wake.notify_all()
+        return record["state"]
+
+    def image(self, render_id: int) -> bytes | None:
+        record = self.queue.get(render_id)
+        if record is None or record["state"] != DONE:
+            return None
+        return Path(record["result"]).read_bytes()
+
+    def drain(self, timeout: float = 60.0) -> list[int]:
+        """No new work; running renders stop at their next task boundary and are queued again. Returns them."""
+        self.draining = True
+        stopped = list(self.running)
+        for live in list(self.running.values()):
+            live.reason = QUEUED
+            live.stop.set()
+        end = time.monotonic() + timeout
+        with self.wake:
+            while self.running and time.monotonic() < end:
+                self.wake.wait(0.1)
+        return stopped
+
+    # --- the controller's own threads ---------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while True:
+            with self.wake:
+                record = None if self.draining else self.queue.next_queued()
+                if record is not None and len(self.running) >= self.max_running:
+                    # full: only a render that outranks every running one starts now (it takes the workers
+                    # first at their next task), so it waits one task, not a whole render
+                    if record["priority"] <= max(r.priority for r in self.running.values()):
+                        record = None
+                if record is None:
+                    self.wake.wait(POLL_S)
+                    continue
+                self.running[record["id"]] = Running(record["priority"])
+                self.queue.update(record["id"], state=RUNNING, started=time.time())
+            threading.Thread(target=self._render, args=(record,), name=f"render-{record['id']}", daemon=True).start()
+
+    def _render(self, record: dict) -> None:
+        render_id, live = record["id"], self.running[record["id"]]
+        try:
+            stats = self._run(record, live)
+            self.queue.update(render_id, state=DONE, finished=time.time(), result=stats.pop("result"), stats=stats)
+        except Canceled:
+            state = live.reason or CANCELED
+            if state == QUEUED:  # the farm went down: it runs again, from its start, when the farm is up
+                self.queue.update(render_id, state=QUEUED, started=None)
+            else:  # how far it got, for `farm status`
+                progress = {k: list(v) for k, v in live.progress.items()}
+                self.queue.update(render_id, state=state, finished=time.time(), stats={"progress": progress})
+        except (UserError, RenderError) as err:
+            self.queue.update(render_id, state=FAILED, finished=time.time(), error=str(err))
+        except Exception as err:  # a bug: the render fails, the farm keeps serving
+            detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+            self.queue.update(render_id, state=FAILED, finished=time.time(), error=f"internal error: {detail}")
+            traceback.print_exc()
+        finally:
+            with self.wake:
+                self.running.pop(render_id, None)
+                self.wake.notify_all()
+
+    def _run(self, record: dict, live: Running) -> dict:
+        import torch
+
+        from cluster.executor import ClusterExecutor, preflight
+        from farm.executor import prepare
+        from farm.output import save_png
+        from pipeline.clock import Clock
+        from pipeline.render import render
+        from pipeline.spec import RenderSpec
+
+        render_id, options = record["id"], record["options"]
+        plan = prepare(RenderSpec.from_dict(record["spec"], f"render {render_id}"), "cpu", cluster=True)
+        # the client's thread count: CPU kernels sum in an order that depends on it (see WorkerConfig.from_spec)
+        threads = int(options.get("cpu_threads") or torch.get_num_threads())
+        torch.set_num_threads(threads)
+        config = replace(WorkerConfig.from_spec(plan.spec), cpu_threads=threads)
+        preflight(config, self.gpus)
+        self.lease.local.owner = live
+        actors = [BoundWorker(h, i, config, render_id, self.lease, live.stop) for i, h in enumerate(self.workers)]
+        executor = ClusterExecutor(actors, live.sink, lease=self.lease)
+        clock = Clock()
+        result = render(plan, executor, clock=clock)
+        if live.stop.is_set():
+            raise Canceled  # stopped after its last dispatch: what finished is not this render's image
+        path = self.results / f"{render_id}.png"
+        save_png(result.image, plan, path, bool(options.get("metadata", True)))
+        loads = [e for info in self.worker_infos() for e in info["loads"] if e["render"] == render_id]
+        used = sorted({d.actor for d in executor.scheduler.log})
+        return {
+            "result": str(path),
+            "stages": dict(clock.stages),
+            "load_seconds": sum(e["seconds"] for e in loads),
+            "loads": len(loads),
+            "workers": used,
+        }

@@ -1,0 +1,105 @@
+"""The farm's render queue: every render's spec, priority and state in one SQLite file on the head.
+
+The file outlives the controller: a restarted controller, or `farm up` after `farm down`, reads it
+back and resumes what was queued (renders cut short at a task boundary are queued again; a render
+is deterministic, so running it again gives the same image). Order: priority (higher first), then
+submit time. No Ray here: the queue is plain data and is tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+QUEUED, RUNNING, DONE, FAILED, CANCELED = "queued", "running", "done", "failed", "canceled"
+FINAL = (DONE, FAILED, CANCELED)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS renders (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    spec TEXT NOT NULL,          -- the validated spec with its seed drawn, as JSON
+    options TEXT NOT NULL,       -- how to run it (the client's CPU thread count, PNG metadata on/off)
+    priority INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    submitted REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT NOT NULL DEFAULT '',
+    result TEXT NOT NULL DEFAULT '',   -- the PNG's path on the head
+    stats TEXT NOT NULL DEFAULT '{}'   -- seconds per stage, model load seconds, workers used
+)
+"""
+
+
+class RenderQueue:
+    """Renders by id in SQLite; one connection, one lock (the controller calls it from several threads)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        with self.lock:
+            self.db.execute("PRAGMA journal_mode=WAL")  # a reader (farm ls) never waits for a writer
+            self.db.executescript(SCHEMA)
+
+    def add(self, spec: dict, options: dict, priority: int = 0) -> int:
+        with self.lock:
+            cur = self.db.execute(
+                "INSERT INTO renders (spec, options, priority, state, submitted) VALUES (?, ?, ?, ?, ?)",
+                (json.dumps(spec), json.dumps(options), priority, QUEUED, time.time()),
+            )
+            return int(cur.lastrowid)
+
+    def get(self, render_id: int) -> dict | None:
+        with self.lock:
+            row = self.db.execute("SELECT * FROM renders WHERE id = ?", (render_id,)).fetchone()
+        return _record(row) if row else None
+
+    def list(self, limit: int = 50) -> list[dict]:
+        """The newest renders first."""
+        with self.lock:
+            rows = self.db.execute("SELECT * FROM renders ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_record(r) for r in rows]
+
+    def next_queued(self) -> dict | None:
+        """The render to start next: highest priority, then earliest submitted."""
+        with self.lock:
+            row = self.db.execute(
+                "SELECT * FROM renders WHERE state = ? ORDER BY priority DESC, submitted, id LIMIT 1", (QUEUED,)
+            ).fetchone()
+        return _record(row) if row else None
+
+    def queued(self) -> list[int]:
+        with self.lock:
+            return [r[0] for r in self.db.execute("SELECT id FROM renders WHERE state = ? ORDER BY id", (QUEUED,))]
+
+    def update(self, render_id: int, **values) -> None:
+        for key in ("stats",):
+            if key in values:
+                values[key] = json.dumps(values[key])
+        columns = ", ".join(f"{k} = ?" for k in values)
+        with self.lock:
+            self.db.execute(f"UPDATE renders SET {columns} WHERE id = ?", (*values.values(), render_id))
+
+    def requeue_running(self) -> list[int]:
+        """Renders left 'running' by a controller that stopped: queued again (they restart from their start)."""
+        with self.lock:
+            ids = [r[0] for r in self.db.execute("SELECT id FROM renders WHERE state = ?", (RUNNING,))]
+            self.db.execute("UPDATE renders SET state = ?, started = NULL WHERE state = ?", (QUEUED, RUNNING))
+        return ids
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
+def _record(row: sqlite3.Row) -> dict:
+    record = dict(row)
+    for key in ("spec", "options", "stats"):
+        record[key] = json.loads(record[key])
+    return record
