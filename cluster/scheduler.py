@@ -222,7 +222,7 @@ class PullScheduler:
                         raise bad_result_error(stage, by_id[tid], bad[tid])
                     heapq.heappush(ready, tid)  # once more, on the next free actor
                     continue
-                results[tid] = value
+                results[tid] = value if by_id[tid].keep else None
                 args.pop(tid, None)
                 self._record(
                     stage, by_id[tid], actor, started[tid], tries[tid], "retried" if errors[tid] else "ok", errors[tid]

@@ -125,9 +125,12 @@ class LocalExecutor:
                 if self.prefetch and following and following.deps <= results.keys():
                     # its inputs depend only on finished results: the same values now as later
                     ahead = (following.id, pool.submit(following.args, dict(results)))
-                results[task.id] = self._run_task(stage, task, args)
+                value = self._run_task(stage, task, args)
+                results[task.id] = value if task.keep else None
+                if ahead:
+                    ahead[1].exception()  # on_result may change what the next task's inputs are read from
                 if on_result:
-                    on_result(task, results[task.id])
+                    on_result(task, value)
                 done(task)
         return results
 

@@ -8,18 +8,22 @@ of Diffusers' tapered weights and one global sampler (Barbero Jimenez 2023): eve
 trajectory, so no overlap band is refined twice, and multistep samplers (DPM++ 2M) keep their exact
 history because the scheduler, not a tile, owns it.
 
-The driver holds the canvas and the scheduler; workers only predict. Batches are fixed by the plan
-and predictions are summed in tile-id order, so the image is the same for any executor and any
-number of workers. Each step is one task graph, so a stopped render resumes from its stored steps:
-replaying their predictions through the scheduler rebuilds its state exactly.
+The driver holds the canvas and the scheduler state; workers only predict. Batches are fixed by the
+plan and predictions are summed in tile-id order, so the image is the same for any executor and any
+number of workers. All steps form one task graph in which a batch's next step waits only for the
+batches overlapping it, and the canvas is stepped cell by cell as their predictions arrive
+(pipeline.cells): no barrier per step, and the driver's work overlaps the workers'. A stopped render
+resumes from its stored predictions: replaying them through the cells rebuilds the state exactly.
 """
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import torch
 
+from pipeline.cells import batch_neighbours, grid_cells
 from pipeline.chess import Tile, TileGrid
 from pipeline.chess_pass import Batches, RefineSettings, crops
 from pipeline.feather import coverage, feather_mask
@@ -37,17 +41,6 @@ def blend_weights(grid: TileGrid) -> dict[int, torch.Tensor]:
         tile.id: feather_mask(grid, tile) / total[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w]
         for tile in grid.tiles
     }
-
-
-def blend_predictions(
-    grid: TileGrid, shares: dict[int, torch.Tensor], predictions: dict[int, torch.Tensor], like: torch.Tensor
-) -> torch.Tensor:
-    """sum_i share_i * pred_i over the canvas (MultiDiffusion eq. 5), summed in tile-id order."""
-    out = torch.zeros_like(like)
-    for tile in grid.tiles:  # grid order = tile id order: a fixed summation order keeps results bit-stable
-        box = out[..., tile.y : tile.y + tile.h, tile.x : tile.x + tile.w]
-        box.addcmul_(predictions[tile.id].to(out.dtype), shares[tile.id])
-    return out
 
 
 def start_scheduler(family: str, sampler: str, scheduler_config: dict, grid: TileGrid, settings: RefineSettings):
@@ -70,22 +63,106 @@ def noised(family: str, scheduler, clean: torch.Tensor, noise: torch.Tensor, t: 
     return scheduler.add_noise(clean, noise, t.reshape(1))
 
 
-def _predict_args(x_in: torch.Tensor, batch: tuple[Tile, ...], t, cond, cfg: float, done) -> tuple:
-    return (batch, crops(x_in, batch), t, cond, cfg)
+class CellStepper:
+    """The canvas and its sampler state, stepped cell by cell (pipeline.cells) as predictions arrive.
+
+    Each cell owns a copy of the scheduler (its multistep history is the cell's own, as the whole-canvas
+    scheduler's would be: the step is elementwise), its slice of the canvas, and the model input for its
+    next step. A cell takes step k as soon as every tile over it has predicted step k; a tile's input at
+    step k is read from the cells under it. Predictions are dropped once every cell under them has used
+    them, so the driver holds about one step of them, not the whole render's."""
+
+    def __init__(self, grid: TileGrid, family: str, scheduler, timesteps, clean, noise, mask, held: int):
+        self.family, self.timesteps, self.held = family, timesteps, held
+        self.clean, self.noise, self.mask = clean, noise, mask
+        self.shares = blend_weights(grid)
+        self.tiles = {tile.id: tile for tile in grid.tiles}
+        self.cells = grid_cells(grid)
+        self.under = {tile.id: [] for tile in grid.tiles}  # tile id -> indices of the cells it covers
+        for i, cell in enumerate(self.cells):
+            for tile_id in cell.tiles:
+                self.under[tile_id].append(i)
+        self.latents = noised(family, scheduler, clean, noise, timesteps[0])
+        self.x_in = torch.empty_like(self.latents)  # every cell's model input for its next step
+        self.schedulers = [copy.deepcopy(scheduler) for _ in self.cells]
+        self.steps_done = [0] * len(self.cells)
+        self.predictions: dict[tuple[int, int], torch.Tensor] = {}  # (step, tile id) -> prediction
+        self.unused: dict[tuple[int, int], int] = {}  # (step, tile id) -> cells still to use it
+        for i in range(len(self.cells)):
+            self._prepare(i)
+
+    def _prepare(self, i: int) -> None:
+        """Cell i's model input for its next step (with the detailer's hold, as pipeline.sampler.Hold)."""
+        cell, scheduler, k = self.cells[i], self.schedulers[i], self.steps_done[i]
+        if k == len(self.timesteps):
+            return
+        t, box = self.timesteps[k], cell.box
+        latents = self.latents[box]
+        if k <= self.held:
+            target = noised(self.family, scheduler, self.clean[box], self.noise[box], t)
+            latents = torch.lerp(latents, target, self.mask[box])
+            self.latents[box] = latents
+        self.x_in[box] = latents if self.family == "flux" else scheduler.scale_model_input(latents, t)
+
+    def inputs(self, batch: tuple[Tile, ...]) -> torch.Tensor:
+        """The batch's model inputs [B, C, h, w] at the step its cells are at."""
+        return crops(self.x_in, batch)
+
+    def add(self, step: int, predictions: dict[int, torch.Tensor]) -> None:
+        """Take one task's predictions at `step` and step every cell they complete."""
+        for tile_id, prediction in predictions.items():
+            self.predictions[step, tile_id] = prediction
+            self.unused[step, tile_id] = len(self.under[tile_id])
+        for tile_id in predictions:
+            for i in self.under[tile_id]:
+                self._advance(i)
+
+    def _advance(self, i: int) -> None:
+        cell = self.cells[i]
+        while self.steps_done[i] < len(self.timesteps) and all(
+            (self.steps_done[i], t) in self.predictions for t in cell.tiles
+        ):
+            k = self.steps_done[i]
+            blended = torch.zeros(1, *self.latents.shape[1:2], cell.h, cell.w, dtype=self.latents.dtype)
+            for tile_id in cell.tiles:  # tile-id order: a fixed summation order keeps results bit-stable
+                rows, cols = cell.within(self.tiles[tile_id])
+                prediction = self.predictions[k, tile_id][..., rows, cols]
+                blended.addcmul_(prediction.to(blended.dtype), self.shares[tile_id][rows, cols])
+                self.unused[k, tile_id] -= 1
+                if not self.unused[k, tile_id]:
+                    del self.predictions[k, tile_id], self.unused[k, tile_id]
+            box, t = cell.box, self.timesteps[k]
+            self.latents[box] = self.schedulers[i].step(blended, t, self.latents[box], return_dict=False)[0]
+            self.steps_done[i] = k + 1
+            self._prepare(i)
+
+    def finished(self) -> bool:
+        return all(k == len(self.timesteps) for k in self.steps_done)
 
 
-def step_tasks(x_in: torch.Tensor, tile_batches: Batches, t: torch.Tensor, cond, cfg: float) -> list[Task]:
-    """One step's graph: a prediction task per fixed batch of tiles, all reading the same model input."""
+def _predict_args(stepper: CellStepper, batch: tuple[Tile, ...], t, cond, cfg: float, done) -> tuple:
+    return (batch, stepper.inputs(batch), t, cond, cfg)
+
+
+def step_tasks(stepper: CellStepper, tile_batches: Batches, cond, cfg: float) -> list[Task]:
+    """Every step's prediction tasks in one graph: a task per fixed batch and step, waiting only for the
+    previous step's batches whose tiles overlap its own (pipeline.cells), so there is no barrier between
+    steps: a region steps on while another is still predicting."""
+    n = len(tile_batches)
+    neighbours = batch_neighbours(tile_batches)
     return [
         Task(
-            i,
+            k * n + b,
             "predict",
-            partial(_predict_args, x_in, batch, t, cond, cfg),
+            partial(_predict_args, stepper, batch, t, cond, cfg),
+            deps=frozenset((k - 1) * n + j for j in neighbours[b]) if k else frozenset(),
             group="blend",
             units=0,  # progress is counted by the stage's own bar, over all steps
             boxes=tuple((tile.id, tile.y, tile.x, tile.h, tile.w) for tile in batch),
+            keep=False,  # the stepper holds what it still needs
         )
-        for i, batch in enumerate(tile_batches)
+        for k, t in enumerate(stepper.timesteps)
+        for b, batch in enumerate(tile_batches)
     ]
 
 
@@ -107,25 +184,20 @@ def blend_refine(
     a lower denoise there (pipeline.sampler.Hold, Differential Diffusion)."""
     s = settings
     scheduler, timesteps = start_scheduler(family, s.sampler, scheduler_config, grid, s)
-    clean = canvas.float()
-    noise = scaffold.float()
-    latents = noised(family, scheduler, clean, noise, timesteps[0])
     held = held_steps(s.steps, s.denoise, s.masked_denoise) if mask is not None and s.masked_denoise else -1
+    stepper = CellStepper(grid, family, scheduler, timesteps, canvas.float(), scaffold.float(), mask, held)
     tiles = sum(len(b) for b in tile_batches)
-    shares = blend_weights(grid)
+    expected = [{tile.id for tile in batch} for batch in tile_batches]
+
+    def take(task: Task, predictions: dict[int, torch.Tensor]) -> None:
+        step, b = divmod(task.id, len(tile_batches))
+        if set(predictions) != expected[b]:
+            raise RuntimeError(f"blend step {step + 1} batch {b} returned tiles {sorted(predictions)}")
+        stepper.add(step, predictions)
+        bar.tick(len(task.boxes))
+
     with stage_bar(ex, "refine blend", len(timesteps) * tiles) as bar:
-        for i, t in enumerate(timesteps):
-            if i <= held:
-                latents = torch.lerp(latents, noised(family, scheduler, clean, noise, t), mask)
-            x_in = scheduler.scale_model_input(latents, t) if family != "flux" else latents
-            tasks = step_tasks(x_in, tile_batches, t, cond, s.cfg)
-            done = ex.run("blend", tasks, on_result=lambda task, _: bar.tick(len(task.boxes)))
-            bar.until((i + 1) * tiles)
-            predictions: dict[int, torch.Tensor] = {}
-            for i_batch in sorted(done):
-                predictions |= done[i_batch]
-            if set(predictions) != {tile.id for b in tile_batches for tile in b}:
-                raise RuntimeError(f"blend step {i + 1} returned tiles {sorted(predictions)}")
-            blended = blend_predictions(grid, shares, predictions, latents)
-            latents = scheduler.step(blended, t, latents, return_dict=False)[0]
-    return latents.float()
+        ex.run("blend", step_tasks(stepper, tile_batches, cond, s.cfg), on_result=take)
+    if not stepper.finished():
+        raise RuntimeError("blend: the canvas did not take every step")
+    return stepper.latents.float()

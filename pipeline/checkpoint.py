@@ -86,6 +86,12 @@ class Checkpointed:
         if stored:
             self.replayed += len(stored)
             self.log(f"{stage}: {len(stored)} of {len(tasks)} task(s) taken from the run folder")
+        for task in sorted(tasks, key=lambda t: t.id):  # the caller sees stored results as if they had run
+            if task.id in stored:
+                if on_result:
+                    on_result(task, stored[task.id])
+                if not task.keep:
+                    stored[task.id] = None
         todo = [
             replace(t, deps=t.deps - stored.keys(), args=lambda done, t=t: _with_stored(stored, t.args, done))
             for t in tasks

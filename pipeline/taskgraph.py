@@ -23,6 +23,9 @@ class Task:
     group: str = ""  # progress is reported per group (e.g. "even", "odd")
     units: int = 1  # progress units (tiles) this task completes
     boxes: tuple[tuple[int, int, int, int, int], ...] = ()  # (tile id, y, x, h, w) of its tiles, for the ledger
+    # False: the result goes to on_result only and run() returns None for it (the caller keeps what it
+    # needs; no task's args may read it): a long graph then does not hold every result until its end
+    keep: bool = True
 
 
 def check_graph(tasks: list[Task]) -> None:
