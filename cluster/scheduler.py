@@ -170,15 +170,14 @@ class PullScheduler:
                     tid = heapq.heappop(ready)
                     if tid not in args:
                         args[tid] = to_wire(by_id[tid].args(results))
-                    crash = (
-                        "exit" if (stage, tid) in self.faults else "nan" if (stage, tid, "nan") in self.faults else ""
-                    )
-                    self.faults.discard((stage, tid))
-                    self.faults.discard((stage, tid, "nan"))
+                    name = by_id[tid].stage or stage  # faults name a stage of a graph of several too
+                    crash = "exit" if (name, tid) in self.faults else "nan" if (name, tid, "nan") in self.faults else ""
+                    self.faults.discard((name, tid))
+                    self.faults.discard((name, tid, "nan"))
                     ref = self.actors[actor].run.remote(by_id[tid].method, *args[tid], crash=crash)
                     tries[tid] += 1
                     started.setdefault(tid, now())
-                    entry = Dispatch(stage, tid, actor, *payload(args[tid]))
+                    entry = Dispatch(name, tid, actor, *payload(args[tid]))
                     self.log.append(entry)
                     in_flight[ref] = (tid, actor, entry, time.perf_counter())
                 if not in_flight and not lease.alive():

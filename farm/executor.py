@@ -137,6 +137,7 @@ class LocalExecutor:
     def _run_task(self, stage: str, task: Task, args: tuple) -> Any:
         """Run one task; a NaN/Inf result is retried once, then stops the render."""
         start, device, errors = now(), str(self.worker.device), []
+        stage = task.stage or stage  # faults name a stage of a graph of several too
         if (stage, task.id, "oom") in self.faults:
             self.faults.remove((stage, task.id, "oom"))
             self.worker.oom_faults += 1

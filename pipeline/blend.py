@@ -30,7 +30,8 @@ from pipeline.feather import coverage, feather_mask
 from pipeline.flux import flow_sigmas, shift_mu
 from pipeline.progress import stage_bar
 from pipeline.schedule import held_steps, make_scheduler, refine_schedule, resolve_sampler, schedule_length
-from pipeline.taskgraph import Executor, Task
+from pipeline.stream import Fixed, Graph, Source
+from pipeline.taskgraph import Executor
 
 
 def blend_weights(grid: TileGrid) -> dict[int, torch.Tensor]:
@@ -68,13 +69,15 @@ class CellStepper:
 
     Each cell owns a copy of the scheduler (its multistep history is the cell's own, as the whole-canvas
     scheduler's would be: the step is elementwise), its slice of the canvas, and the model input for its
-    next step. A cell takes step k as soon as every tile over it has predicted step k; a tile's input at
-    step k is read from the cells under it. Predictions are dropped once every cell under them has used
-    them, so the driver holds about one step of them, not the whole render's."""
+    next step. A cell starts (is noised to the first timestep) once its source latents are final, and takes
+    step k as soon as every tile over it has predicted step k; a tile's input at step k is read from the
+    cells under it. Predictions are dropped once every cell under them has used them, so the driver holds
+    about one step of them, not the whole render's."""
 
-    def __init__(self, grid: TileGrid, family: str, scheduler, timesteps, clean, noise, mask, held: int):
+    def __init__(self, grid: TileGrid, family: str, scheduler, timesteps, source: Source, noise, mask, held: int):
         self.family, self.timesteps, self.held = family, timesteps, held
-        self.clean, self.noise, self.mask = clean, noise, mask
+        self.source, self.noise, self.mask = source, noise, mask
+        self.scheduler = scheduler
         self.shares = blend_weights(grid)
         self.tiles = {tile.id: tile for tile in grid.tiles}
         self.cells = grid_cells(grid)
@@ -82,14 +85,38 @@ class CellStepper:
         for i, cell in enumerate(self.cells):
             for tile_id in cell.tiles:
                 self.under[tile_id].append(i)
-        self.latents = noised(family, scheduler, clean, noise, timesteps[0])
-        self.x_in = torch.empty_like(self.latents)  # every cell's model input for its next step
-        self.schedulers = [copy.deepcopy(scheduler) for _ in self.cells]
+        self.clean = torch.zeros(1, noise.shape[1], grid.canvas_h, grid.canvas_w)
+        self.latents = torch.zeros_like(self.clean)
+        self.x_in = torch.zeros_like(self.clean)  # every cell's model input for its next step
+        self.schedulers: list = [None] * len(self.cells)
         self.steps_done = [0] * len(self.cells)
         self.predictions: dict[tuple[int, int], torch.Tensor] = {}  # (step, tile id) -> prediction
         self.unused: dict[tuple[int, int], int] = {}  # (step, tile id) -> cells still to use it
-        for i in range(len(self.cells)):
-            self._prepare(i)
+        self.task_of: dict[tuple[int, int], int] = {}  # (step, batch) -> task id, for what reads the result
+        self.batch_tiles: list[tuple[Tile, ...]] = []
+        # a source still being made (pipeline.stream.TiledCanvas) starts each cell when its tiles are in
+        self.waiting: dict[int, set[int]] = {}
+        if hasattr(source, "tiles_over"):
+            source.on_tile = self._source_tile
+            self.waiting = {i: source.tiles_over(_cell_box(c)) for i, c in enumerate(self.cells)}
+        else:
+            for i in range(len(self.cells)):
+                self._start(i)
+
+    def _source_tile(self, tile_id: int) -> None:
+        for i, tiles in list(self.waiting.items()):
+            tiles.discard(tile_id)
+            if not tiles:
+                del self.waiting[i]
+                self._start(i)
+
+    def _start(self, i: int) -> None:
+        """Cell i noised to the first timestep from its final source latents."""
+        box, scheduler = self.cells[i].box, copy.deepcopy(self.scheduler)
+        self.clean[box] = self.source.read(_cell_box(self.cells[i]))
+        self.latents[box] = noised(self.family, scheduler, self.clean[box], self.noise[box].float(), self.timesteps[0])
+        self.schedulers[i] = scheduler
+        self._prepare(i)
 
     def _prepare(self, i: int) -> None:
         """Cell i's model input for its next step (with the detailer's hold, as pipeline.sampler.Hold)."""
@@ -99,7 +126,7 @@ class CellStepper:
         t, box = self.timesteps[k], cell.box
         latents = self.latents[box]
         if k <= self.held:
-            target = noised(self.family, scheduler, self.clean[box], self.noise[box], t)
+            target = noised(self.family, scheduler, self.clean[box], self.noise[box].float(), t)
             latents = torch.lerp(latents, target, self.mask[box])
             self.latents[box] = latents
         self.x_in[box] = latents if self.family == "flux" else scheduler.scale_model_input(latents, t)
@@ -123,7 +150,7 @@ class CellStepper:
             (self.steps_done[i], t) in self.predictions for t in cell.tiles
         ):
             k = self.steps_done[i]
-            blended = torch.zeros(1, *self.latents.shape[1:2], cell.h, cell.w, dtype=self.latents.dtype)
+            blended = torch.zeros(1, self.latents.shape[1], cell.h, cell.w, dtype=self.latents.dtype)
             for tile_id in cell.tiles:  # tile-id order: a fixed summation order keeps results bit-stable
                 rows, cols = cell.within(self.tiles[tile_id])
                 prediction = self.predictions[k, tile_id][..., rows, cols]
@@ -139,31 +166,90 @@ class CellStepper:
     def finished(self) -> bool:
         return all(k == len(self.timesteps) for k in self.steps_done)
 
+    # the refined canvas as a source for the next stage (pipeline.stream.Source)
+    def read(self, box) -> torch.Tensor:
+        y, x, h, w = box
+        return self.latents[..., y : y + h, x : x + w].float().contiguous()
+
+    def deps(self, box) -> frozenset[int]:
+        """The last step's tasks whose tiles cover part of `box`: once they are in, the box is final."""
+        last = len(self.timesteps) - 1
+        return frozenset(
+            self.task_of[last, b] for b, batch in enumerate(self.batch_tiles) if any(_overlap(t, box) for t in batch)
+        )
+
+
+def _cell_box(cell) -> tuple[int, int, int, int]:
+    return (cell.y, cell.x, cell.h, cell.w)
+
+
+def _overlap(tile: Tile, box) -> bool:
+    y, x, h, w = box
+    return tile.y < y + h and y < tile.y + tile.h and tile.x < x + w and x < tile.x + tile.w
+
 
 def _predict_args(stepper: CellStepper, batch: tuple[Tile, ...], t, cond, cfg: float, done) -> tuple:
     return (batch, stepper.inputs(batch), t, cond, cfg)
 
 
-def step_tasks(stepper: CellStepper, tile_batches: Batches, cond, cfg: float) -> list[Task]:
-    """Every step's prediction tasks in one graph: a task per fixed batch and step, waiting only for the
-    previous step's batches whose tiles overlap its own (pipeline.cells), so there is no barrier between
-    steps: a region steps on while another is still predicting."""
-    n = len(tile_batches)
+class _Take:
+    """Receives one blend task's predictions: checks the tiles, steps the cells, ticks the bar."""
+
+    def __init__(self, stepper: CellStepper, step: int, batch: tuple[Tile, ...], bar: list):
+        self.stepper, self.step, self.batch, self.bar = stepper, step, batch, bar
+
+    def __call__(self, predictions: dict[int, torch.Tensor]) -> None:
+        if set(predictions) != {tile.id for tile in self.batch}:
+            raise RuntimeError(f"blend step {self.step + 1} returned tiles {sorted(predictions)}")
+        self.stepper.add(self.step, predictions)
+        if self.bar:
+            self.bar[0].tick(len(self.batch))
+
+
+def add_blend(
+    graph: Graph,
+    grid: TileGrid,
+    tile_batches: Batches,
+    source: Source,
+    scaffold: torch.Tensor,
+    cond,
+    settings: RefineSettings,
+    family: str,
+    scheduler_config: dict,
+    mask: torch.Tensor | None = None,
+    bar: list | None = None,
+) -> CellStepper:
+    """The blended refine's tasks, added to `graph`: every step's prediction tasks, a task per fixed batch and
+    step, waiting only for the previous step's batches whose tiles overlap its own (pipeline.cells), and at
+    step 0 for the source tasks under its tiles. No barrier between steps: a region steps on while another
+    is still predicting. Returns the stepper, whose latents are the refined canvas once the graph has run.
+
+    `mask` ([1, 1, H, W], the detailer's) holds masked pixels on their noised input for the first steps,
+    a lower denoise there (pipeline.sampler.Hold, Differential Diffusion). `bar`, a list that will hold a
+    StageBar while the graph runs, is ticked per tile-step."""
+    s = settings
+    scheduler, timesteps = start_scheduler(family, s.sampler, scheduler_config, grid, s)
+    held = held_steps(s.steps, s.denoise, s.masked_denoise) if mask is not None and s.masked_denoise else -1
+    stepper = CellStepper(grid, family, scheduler, timesteps, source, scaffold, mask, held)
+    stepper.batch_tiles = list(tile_batches)
     neighbours = batch_neighbours(tile_batches)
-    return [
-        Task(
-            k * n + b,
-            "predict",
-            partial(_predict_args, stepper, batch, t, cond, cfg),
-            deps=frozenset((k - 1) * n + j for j in neighbours[b]) if k else frozenset(),
-            group="blend",
-            units=0,  # progress is counted by the stage's own bar, over all steps
-            boxes=tuple((tile.id, tile.y, tile.x, tile.h, tile.w) for tile in batch),
-            keep=False,  # the stepper holds what it still needs
-        )
-        for k, t in enumerate(stepper.timesteps)
-        for b, batch in enumerate(tile_batches)
-    ]
+    bar = bar if bar is not None else []
+    for k, t in enumerate(timesteps):
+        for b, batch in enumerate(tile_batches):
+            if k:
+                deps = frozenset(stepper.task_of[k - 1, j] for j in neighbours[b])
+            else:
+                deps = frozenset().union(*(source.deps((t_.y, t_.x, t_.h, t_.w)) for t_ in batch))
+            stepper.task_of[k, b] = graph.add(
+                "blend",
+                "predict",
+                partial(_predict_args, stepper, batch, t, cond, s.cfg),
+                deps=deps,
+                boxes=tuple((tile.id, tile.y, tile.x, tile.h, tile.w) for tile in batch),
+                units=0,  # progress is counted by the stage's own bar, over all steps
+                on_result=_Take(stepper, k, batch, bar),
+            )
+    return stepper
 
 
 def blend_refine(
@@ -179,25 +265,15 @@ def blend_refine(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """img2img over the canvas [1, C, H, W] with blended tile predictions; `scaffold` is the canvas noise.
-
-    `mask` ([1, 1, H, W], the detailer's) holds masked pixels on their noised input for the first steps,
-    a lower denoise there (pipeline.sampler.Hold, Differential Diffusion)."""
-    s = settings
-    scheduler, timesteps = start_scheduler(family, s.sampler, scheduler_config, grid, s)
-    held = held_steps(s.steps, s.denoise, s.masked_denoise) if mask is not None and s.masked_denoise else -1
-    stepper = CellStepper(grid, family, scheduler, timesteps, canvas.float(), scaffold.float(), mask, held)
+    All steps run as one task graph (add_blend)."""
+    graph, bar = Graph(), []
+    stepper = add_blend(
+        graph, grid, tile_batches, Fixed(canvas), scaffold, cond, settings, family, scheduler_config, mask, bar
+    )
     tiles = sum(len(b) for b in tile_batches)
-    expected = [{tile.id for tile in batch} for batch in tile_batches]
-
-    def take(task: Task, predictions: dict[int, torch.Tensor]) -> None:
-        step, b = divmod(task.id, len(tile_batches))
-        if set(predictions) != expected[b]:
-            raise RuntimeError(f"blend step {step + 1} batch {b} returned tiles {sorted(predictions)}")
-        stepper.add(step, predictions)
-        bar.tick(len(task.boxes))
-
-    with stage_bar(ex, "refine blend", len(timesteps) * tiles) as bar:
-        ex.run("blend", step_tasks(stepper, tile_batches, cond, s.cfg), on_result=take)
+    with stage_bar(ex, "refine blend", len(stepper.timesteps) * tiles) as stage:
+        bar.append(stage)
+        graph.run(ex)
     if not stepper.finished():
         raise RuntimeError("blend: the canvas did not take every step")
     return stepper.latents.float()

@@ -26,6 +26,7 @@ class Task:
     # False: the result goes to on_result only and run() returns None for it (the caller keeps what it
     # needs; no task's args may read it): a long graph then does not hold every result until its end
     keep: bool = True
+    stage: str = ""  # in a graph of several stages (pipeline.stream): the task's own, for the ledger and progress
 
 
 def check_graph(tasks: list[Task]) -> None:
@@ -38,6 +39,8 @@ def check_graph(tasks: list[Task]) -> None:
         if any(d >= task.id or d not in known for d in task.deps):
             raise ValueError(f"task {task.id} depends on {sorted(task.deps)}: dependencies must be earlier tasks")
 
+
+GRAPH_STAGE = "render"  # the stage name a graph of several stages runs under (pipeline.stream)
 
 # on_result(task, value): called as each task's result is accepted (checkpoints hook in here)
 OnResult = Callable[[Task, Any], None]
