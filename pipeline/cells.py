@@ -1,8 +1,9 @@
-"""Cells of a tile grid: the canvas cut at every tile edge, so each cell lies under a fixed set of tiles.
+"""Cells and bands of a tile grid: the canvas cut at every tile edge (cells) or every top and bottom
+edge (bands), so each piece lies under a fixed set of tiles.
 
-A cell's value after a blended step depends only on the predictions of the tiles over it (the blend is
-a per-pixel weighted sum and a scheduler step is elementwise), so the canvas can be stepped cell by
-cell, as the tiles over each cell finish, instead of all at once after a barrier.
+A piece's value after a composite or a blended step depends only on the tiles over it (the blend is a
+per-pixel weighted sum and a scheduler step is elementwise), so a canvas can be finished piece by
+piece, as the tiles over each piece arrive, instead of all at once after a barrier.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ class Cell:
     def box(self) -> tuple:
         return (..., slice(self.y, self.y + self.h), slice(self.x, self.x + self.w))
 
+    def shared(self, tile: Tile) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """Where cell and tile overlap: (rows, columns) in the cell's coordinates, then in the tile's."""
+        y0, y1 = max(self.y, tile.y), min(self.y + self.h, tile.y + tile.h)
+        x0, x1 = max(self.x, tile.x), min(self.x + self.w, tile.x + tile.w)
+        return (
+            (slice(y0 - self.y, y1 - self.y), slice(x0 - self.x, x1 - self.x)),
+            (slice(y0 - tile.y, y1 - tile.y), slice(x0 - tile.x, x1 - tile.x)),
+        )
+
     def within(self, tile: Tile) -> tuple[slice, slice]:
         """The cell's rows and columns in a tile's own coordinates."""
         return slice(self.y - tile.y, self.y - tile.y + self.h), slice(self.x - tile.x, self.x - tile.x + self.w)
@@ -48,15 +58,11 @@ def grid_cells(grid: TileGrid) -> list[Cell]:
     return cells
 
 
-def overlaps(a: Tile, b: Tile) -> bool:
-    """Whether two tiles share any pixel."""
-    return a.y < b.y + b.h and b.y < a.y + a.h and a.x < b.x + b.w and b.x < a.x + a.w
-
-
-def batch_neighbours(tile_batches: tuple[tuple[Tile, ...], ...]) -> list[frozenset[int]]:
-    """For each batch, the batches (itself included) holding a tile that overlaps one of its tiles: the
-    batches whose predictions at one step the batch's input at the next step is made from."""
+def grid_bands(grid: TileGrid) -> list[Cell]:
+    """The canvas cut at every tile's top and bottom edge: full-width bands, each with the tiles over part of it.
+    A band is a coarser unit than a cell: fewer, larger pieces of work for the driver, a little less overlap."""
+    ys = _cuts({t.y for t in grid.tiles} | {t.y + t.h for t in grid.tiles})
     return [
-        frozenset(j for j, other in enumerate(tile_batches) if any(overlaps(a, b) for a in batch for b in other))
-        for batch in tile_batches
+        Cell(y0, 0, y1 - y0, grid.canvas_w, tuple(t.id for t in grid.tiles if t.y <= y0 and y1 <= t.y + t.h))
+        for y0, y1 in ys
     ]
