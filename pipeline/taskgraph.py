@@ -42,6 +42,19 @@ def check_graph(tasks: list[Task]) -> None:
 
 GRAPH_STAGE = "render"  # the stage name a graph of several stages runs under (pipeline.stream)
 
+
+def stage_positions(tasks: list[Task], stage: str) -> dict[int, tuple[str, int]]:
+    """Task id -> (its stage, its place among that stage's tasks in id order): how faults injected by tests
+    name a task, the same in a graph of one stage (where the place is the id) and in a graph of several."""
+    seen: dict[str, int] = {}
+    out = {}
+    for task in sorted(tasks, key=lambda t: t.id):
+        name = task.stage or stage
+        out[task.id] = (name, seen.get(name, 0))
+        seen[name] = seen.get(name, 0) + 1
+    return out
+
+
 # on_result(task, value): called as each task's result is accepted (checkpoints hook in here)
 OnResult = Callable[[Task, Any], None]
 
