@@ -255,6 +255,8 @@ class ClusterExecutor:
 
         tensors = {}
         for task, value in results.items():
+            if value is None:  # a result the render kept itself (Task.keep)
+                continue
             items = value.items() if isinstance(value, dict) else [("out", value)]
             for key, tensor in items:
                 tensors[f"{task}/{key}"] = tensor.contiguous()

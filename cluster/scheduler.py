@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError
 
 from cluster.wire import WireTensor, from_wire, to_wire
 from pipeline.health import ATTEMPTS, bad_result_error, nonfinite, now, task_row
-from pipeline.taskgraph import OnResult, Task, check_graph
+from pipeline.taskgraph import OnResult, Task, check_graph, stage_positions
 
 
 class WorkersLost(RuntimeError):
@@ -117,7 +117,8 @@ class PullScheduler:
 
     actors: list
     max_failures: int = 3  # deaths of one actor before it is given up (Ray restarts it in between)
-    # fault injection: (stage, task id) crashes the actor on the task's first run; (stage, task id, "nan")
+    # fault injection: (stage, n) crashes the actor on the first run of the stage's n-th task (pipeline.taskgraph.
+    # stage_positions); (stage, n, "nan")
     # makes its first result NaN
     faults: set[tuple] = field(default_factory=set)
     record: Callable[[dict], None] | None = None  # receives a ledger row per finished task
@@ -149,6 +150,7 @@ class PullScheduler:
         bad: dict[int, list[str]] = defaultdict(list)  # per task: the workers that returned NaN/Inf
         started: dict[int, float] = {}
         by_id = {t.id: t for t in tasks}
+        places = stage_positions(tasks, stage)
         waiting = {t.id: set(t.deps) for t in tasks}
         dependents: dict[int, list[int]] = defaultdict(list)
         for t in tasks:
@@ -170,15 +172,14 @@ class PullScheduler:
                     tid = heapq.heappop(ready)
                     if tid not in args:
                         args[tid] = to_wire(by_id[tid].args(results))
-                    crash = (
-                        "exit" if (stage, tid) in self.faults else "nan" if (stage, tid, "nan") in self.faults else ""
-                    )
-                    self.faults.discard((stage, tid))
-                    self.faults.discard((stage, tid, "nan"))
+                    place = places[tid]  # faults name a task by its stage and place in it
+                    crash = "exit" if place in self.faults else "nan" if (*place, "nan") in self.faults else ""
+                    self.faults.discard(place)
+                    self.faults.discard((*place, "nan"))
                     ref = self.actors[actor].run.remote(by_id[tid].method, *args[tid], crash=crash)
                     tries[tid] += 1
                     started.setdefault(tid, now())
-                    entry = Dispatch(stage, tid, actor, *payload(args[tid]))
+                    entry = Dispatch(place[0], tid, actor, *payload(args[tid]))
                     self.log.append(entry)
                     in_flight[ref] = (tid, actor, entry, time.perf_counter())
                 if not in_flight and not lease.alive():
@@ -222,7 +223,7 @@ class PullScheduler:
                         raise bad_result_error(stage, by_id[tid], bad[tid])
                     heapq.heappush(ready, tid)  # once more, on the next free actor
                     continue
-                results[tid] = value
+                results[tid] = value if by_id[tid].keep else None
                 args.pop(tid, None)
                 self._record(
                     stage, by_id[tid], actor, started[tid], tries[tid], "retried" if errors[tid] else "ok", errors[tid]

@@ -31,7 +31,7 @@ from pipeline.progress import Progress, no_progress, task_progress
 from pipeline.render import RenderResult, render
 from pipeline.sam3 import inspect_detector
 from pipeline.spec import MAX_SIDE, RenderSpec, with_seed
-from pipeline.taskgraph import OnResult, Task, check_graph
+from pipeline.taskgraph import OnResult, Task, check_graph, stage_positions
 from pipeline.worker import TileWorker, WorkerConfig, pick_device
 
 
@@ -92,7 +92,8 @@ AUTO_GPU_BATCH = 8  # tile_batch 0 on a GPU: start here, the pre-flight halves i
 class LocalExecutor:
     """Runs worker calls and task graphs in this process, tasks in id order, with a progress bar per group.
 
-    `faults` injects failures for tests: each (stage, task id) entry spoils one result of that task with
+    `faults` injects failures for tests: each (stage, n) entry (the stage's n-th task, pipeline.taskgraph.
+    stage_positions) spoils one result of that task with
     a NaN (list it twice to spoil the retry too); a (stage, task id, "oom") entry makes the worker run out of
     memory at the start of that task's tile batch."""
 
@@ -115,6 +116,7 @@ class LocalExecutor:
     def run(self, stage: str, tasks: list[Task], on_result: OnResult | None = None) -> dict[int, Any]:
         check_graph(tasks)
         ordered = sorted(tasks, key=lambda t: t.id)
+        places = stage_positions(tasks, stage)
         results: dict[int, Any] = {}
         with task_progress(self.progress, stage, tasks) as done, ThreadPoolExecutor(1) as pool:
             ahead = None  # (task id, future of its arguments)
@@ -125,24 +127,27 @@ class LocalExecutor:
                 if self.prefetch and following and following.deps <= results.keys():
                     # its inputs depend only on finished results: the same values now as later
                     ahead = (following.id, pool.submit(following.args, dict(results)))
-                results[task.id] = self._run_task(stage, task, args)
+                value = self._run_task(stage, task, args, places[task.id])
+                results[task.id] = value if task.keep else None
+                if ahead:
+                    ahead[1].exception()  # on_result may change what the next task's inputs are read from
                 if on_result:
-                    on_result(task, results[task.id])
+                    on_result(task, value)
                 done(task)
         return results
 
-    def _run_task(self, stage: str, task: Task, args: tuple) -> Any:
+    def _run_task(self, stage: str, task: Task, args: tuple, place: tuple[str, int]) -> Any:
         """Run one task; a NaN/Inf result is retried once, then stops the render."""
         start, device, errors = now(), str(self.worker.device), []
-        if (stage, task.id, "oom") in self.faults:
-            self.faults.remove((stage, task.id, "oom"))
+        if (*place, "oom") in self.faults:
+            self.faults.remove((*place, "oom"))
             self.worker.oom_faults += 1
         reset_peak_memory(self.worker.device)
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 value = getattr(self.worker, task.method)(*args)
-                if (stage, task.id) in self.faults:
-                    self.faults.remove((stage, task.id))
+                if place in self.faults:
+                    self.faults.remove(place)
                     value = poison(value)
                 if nonfinite(value):
                     raise FloatingPointError("NaN/Inf in the result")

@@ -80,21 +80,48 @@ class Checkpointed:
             return self.inner.run(stage, tasks, on_result)
         stored = {}
         for task in tasks:
+            if (task.stage or stage) in RECOMPUTED_GRAPHS:
+                continue
             value = self.store.load(f"{key}.{task.id}")
             if value is not None:
                 stored[task.id] = value
         if stored:
             self.replayed += len(stored)
             self.log(f"{stage}: {len(stored)} of {len(tasks)} task(s) taken from the run folder")
+        for task in sorted(tasks, key=lambda t: t.id):  # the caller sees stored results as if they had run
+            if task.id in stored:
+                if on_result:
+                    on_result(task, stored[task.id])
+                if not task.keep:
+                    stored[task.id] = None
+        needed = _still_needed(stage, tasks, stored.keys())
         todo = [
             replace(t, deps=t.deps - stored.keys(), args=lambda done, t=t: _with_stored(stored, t.args, done))
             for t in tasks
-            if t.id not in stored
+            if t.id in needed
         ]
 
         def keep(task: Task, value: Any) -> None:
-            self.store.save(f"{key}.{task.id}", value)
+            if (task.stage or stage) not in RECOMPUTED_GRAPHS:
+                self.store.save(f"{key}.{task.id}", value)
             if on_result:
                 on_result(task, value)
 
         return stored | (self.inner.run(stage, todo, on_result=keep) if todo else {})
+
+
+def _still_needed(stage: str, tasks: list[Task], stored) -> set[int]:
+    """The tasks a resumed graph runs: every unstored task whose result is kept or that nothing reads (the
+    graph's output), and the recomputed tasks (pixel stages, never stored) that one of those reads from."""
+    read = {d for t in tasks for d in t.deps}
+    by_id = {t.id: t for t in tasks}
+    todo = [
+        t.id for t in tasks if t.id not in stored and ((t.stage or stage) not in RECOMPUTED_GRAPHS or t.id not in read)
+    ]
+    needed: set[int] = set()
+    while todo:
+        task_id = todo.pop()
+        if task_id not in needed:
+            needed.add(task_id)
+            todo.extend(d for d in by_id[task_id].deps if d not in stored)
+    return needed

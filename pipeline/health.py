@@ -41,7 +41,7 @@ def poison(value: Any) -> Any:
 def describe_task(stage: str, task: Task) -> str:
     """'chess task 14 (tiles 3, 5)' for messages."""
     what = f" ({task.group}: tiles {', '.join(str(b[0]) for b in task.boxes)})" if task.boxes else ""
-    return f"{stage} task {task.id}{what}"
+    return f"{task.stage or stage} task {task.id}{what}"
 
 
 def bad_result_error(stage: str, task: Task, workers: list[str]) -> RenderError:
@@ -68,7 +68,7 @@ def task_row(
     """One ledger row: a task (tile batch, crop batch, model call) and how it went."""
     return {
         "kind": "task",
-        "stage": stage,
+        "stage": task.stage or stage,
         "pass": task.group,
         "task": task.id,
         "tiles": [b[0] for b in task.boxes],

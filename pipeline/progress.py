@@ -29,14 +29,14 @@ def task_progress(progress: Progress, stage: str, tasks: list[Task]) -> Iterator
 
     Groups whose tasks carry no units get no bar: their stage counts its progress itself (see stage_bar)."""
     totals: dict[str, int] = {}
+    labels: dict[str, str] = {}
     for task in tasks:
-        totals[task.group or stage] = totals.get(task.group or stage, 0) + task.units
+        group = task.group or stage
+        totals[group] = totals.get(group, 0) + task.units
+        # a graph of several stages (task.stage set) names its bars by group alone
+        labels[group] = group if group == stage or task.stage else f"{stage} {group}"
     with ExitStack() as stack:
-        bars = {
-            group: stack.enter_context(progress(f"{stage} {group}" if group != stage else group, n, "tile"))
-            for group, n in totals.items()
-            if n
-        }
+        bars = {group: stack.enter_context(progress(labels[group], n, "tile")) for group, n in totals.items() if n}
 
         def done(task: Task) -> None:
             bar = bars.get(task.group or stage)

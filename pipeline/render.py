@@ -1,11 +1,15 @@
-"""The renders, stage by stage: one function per workflow, each reading top to bottom.
+"""The renders: one function per workflow, each reading top to bottom: the serial stages, then the
+tiled stages as one task graph (pipeline.stream), then the exact size.
 
-top-down (seed 002): scaffold -> pooled native noise -> base -> detections on the base -> model
-upscale (tiles) -> semantic detailer (crops) -> encode (the canvas) -> chess refine (even, odd)
--> decode (tiles) -> exact size.
-two-pass (seeds 000, 003): scaffold -> pooled noise -> base latents -> latent upscale 2x -> chess
-refine -> decode (tiles) -> optional pixel upscale (tiles) -> exact size (crop reported).
-enhance (seed 001): input image -> model upscale (tiles) -> encode -> chess refine -> decode.
+top-down (seed 002): scaffold -> pooled native noise -> base -> [model upscale (tiles) -> encode
+(tiles) -> refine (blended steps) -> decode (tiles)] -> exact size. With concepts, the semantic
+detailer (detections on the base, crops) runs between the upscale and the encode, as a stage.
+two-pass (seeds 000, 003): scaffold -> pooled noise -> base latents -> latent upscale 2x ->
+[refine -> decode (tiles) -> optional pixel upscale (tiles)] -> exact size (crop reported).
+enhance (seed 001): input image -> [model upscale (tiles) -> encode -> refine -> decode].
+
+A bracket is one graph when the refine is blended (the default): each task waits only for the tiles
+it reads. The chess passes (and an upscale followed by a resize) run stage by stage instead.
 
 Every pass takes its noise from the one scaffold (pooled x k for a smaller pass, sliced for tiles),
 so a render is deterministic and independent of the executor.
@@ -21,16 +25,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.blend import blend_refine
+from pipeline.blend import CanvasStepper, add_blend
+from pipeline.chess import cover_grid
 from pipeline.chess_pass import RefineSettings, chess_refine
 from pipeline.clock import Clock
 from pipeline.detailer import detail, plan_jobs
 from pipeline.detection import choose
 from pipeline.inputs import load_input_image
 from pipeline.plan import LATENT_UPSCALE, RenderPlan
-from pipeline.progress import Progress, no_progress, task_progress  # noqa: F401 (re-exported)
+from pipeline.progress import Progress, no_progress, stage_bar, task_progress  # noqa: F401 (re-exported)
 from pipeline.resize import describe_fit, fit_exact, resize
 from pipeline.scaffold import make_scaffold, pool_noise
+from pipeline.stream import Fixed, Graph, Source, TiledCanvas, add_tiled, add_tiled_shared_norm
 from pipeline.taskgraph import Executor
 from pipeline.tiling import run_tiled, run_tiled_shared_norm
 
@@ -96,6 +102,56 @@ def encode_canvas(plan: RenderPlan, ex: Executor, pixels: torch.Tensor, tile_px:
     )
 
 
+def upscale_graph(
+    plan: RenderPlan, graph: Graph, image: Source, size: tuple[int, int], scale: int, height: int, width: int
+) -> TiledCanvas | None:
+    """The upscale model's tiles over `image` (h, w = size) added to the graph, when they make exactly
+    height x width; None otherwise (a resize follows, which reads the whole image: run it as a stage)."""
+    h, w = size
+    if not scale or (h * scale, w * scale) != (height, width):
+        return None
+    grid = cover_grid(h, w, plan.spec.upscale_tile, UPSCALE_OVERLAP)
+    # float16 pixels: the canvas is an image (8 bits would do) that the VAE reads; half the driver's memory
+    return add_tiled(graph, "upscale", "upscale_tile", image, grid, 1, scale, 3, torch.float16)
+
+
+def encode_graph(plan: RenderPlan, graph: Graph, pixels: Source, height: int, width: int, tile_px: int | None):
+    """encode_canvas's tiles and pooled statistics, added to the graph."""
+    tile_px = tile_px or plan.model.native_px
+    if plan.vae_tile:
+        tile_px = min(tile_px, plan.vae_tile)
+    tile = max(tile_px // plan.f, MIN_ENCODE_TILE)
+    grid = cover_grid(height // plan.f, width // plan.f, tile, max(1, tile // 4))
+    channels = plan.model.latent_channels
+    return add_tiled_shared_norm(graph, "encode", "encode_stats", "encode_tile", pixels, grid, plan.f, 1, channels)
+
+
+def decode_graph(plan: RenderPlan, graph: Graph, latents: Source, tile: int) -> TiledCanvas:
+    """decode_canvas's tiles, added to the graph."""
+    if plan.vae_tile:
+        tile = min(tile, max(1, plan.vae_tile // plan.f))
+    grid = cover_grid(plan.latent_h, plan.latent_w, tile, max(1, tile // 4))
+    return add_tiled(graph, "decode", "decode_tile", latents, grid, 1, plan.f, 3)
+
+
+def blend_graph(plan: RenderPlan, graph: Graph, s: Start, latents: Source, mask=None, bar=None) -> CanvasStepper:
+    """The blended refine's steps, added to the graph."""
+    spec = plan.spec
+    settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler, spec.detail_chess_denoise)
+    family, config = s.facts.family, s.facts.scheduler_config
+    return add_blend(
+        graph, plan.grid, plan.blend_batches, latents, s.scaffold, s.cond, settings, family, config, mask, bar
+    )
+
+
+def run_graph(plan: RenderPlan, ex: Executor, graph: Graph, stepper: CanvasStepper, bar: list) -> None:
+    """Run the render's graph, with the blended refine's bar (its tasks report per tile-step)."""
+    tiles = sum(len(b) for b in plan.blend_batches) * len(stepper.timesteps)
+    with stage_bar(ex, "refine blend", tiles) as stage:
+        bar.append(stage)
+        graph.run(ex)
+
+
 def detail_stage(plan: RenderPlan, ex: Executor, base, pixels, scaffold, cond, log) -> tuple:
     """Detect the spec's concepts on the base image and refine each selection's crop on the target pixels."""
     spec = plan.spec
@@ -157,23 +213,10 @@ def start(plan: RenderPlan, ex: Executor, clock: Clock, note=lambda text: None) 
 
 
 def chess_stage(plan: RenderPlan, ex: Executor, s: Start, canvas: torch.Tensor, mask=None) -> torch.Tensor:
-    """The refine over tiles, in the spec's tiling mode (pipeline.blend, or the chess passes)."""
+    """The refine over tiles in seed 002's chess passes (pinned or original); the blended refine is a graph
+    stage (blend_graph)."""
     spec = plan.spec
     settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler, spec.detail_chess_denoise)
-    if spec.tiling == "blend":
-        facts = s.facts
-        return blend_refine(
-            ex,
-            plan.grid,
-            plan.blend_batches,
-            canvas,
-            s.scaffold,
-            s.cond,
-            settings,
-            facts.family,
-            facts.scheduler_config,
-            mask,
-        )
     grid, even, odd = plan.grid, plan.even_batches, plan.odd_batches
     pinned = spec.tiling == "chess"
     return chess_refine(ex, grid, even, odd, canvas, s.shared_scaffold, s.cond, settings, mask, pinned)
@@ -203,20 +246,41 @@ def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
         cfg = spec.base_cfg or spec.cfg
         base = ex.call("base", "base", native_noise, s.cond, cfg, spec.base_steps, spec.sampler, plan.vae_tile)
 
-    with clock.stage("upscale"):
-        pixels = upscale_to_target(plan, ex, base, s.facts.upscale)
-
+    graph = Graph()
+    # the detailer reads the whole upscaled image, and the chess passes wait on their neighbours anyway
+    streamed = spec.tiling == "blend" and not spec.concepts
+    size, scale = base.shape[-2:], s.facts.upscale
+    pixels = upscale_graph(plan, graph, Fixed(base), size, scale, spec.height, spec.width) if streamed else None
     refined_mask = None
-    if spec.concepts:
-        with clock.stage("detail"):
-            pixels, refined_mask = detail_stage(plan, ex, base, pixels, s.scaffold, s.cond_value, note)
+    if pixels is None:
+        with clock.stage("upscale"):
+            pixels = upscale_to_target(plan, ex, base, s.facts.upscale)
+        if spec.concepts:
+            with clock.stage("detail"):
+                pixels, refined_mask = detail_stage(plan, ex, base, pixels, s.scaffold, s.cond_value, note)
+        pixels = Fixed(pixels)
+    mask = refined_mask if spec.detail_chess_denoise and refined_mask is not None else None
+    return refine_and_decode(plan, ex, clock, s, graph, pixels, mask, refined_mask)
+
+
+def refine_and_decode(plan, ex, clock, s: Start, graph: Graph, pixels: Source, mask, refined_mask=None):
+    """Encode, refine and decode: one graph with whatever `graph` already holds (the blended refine), or
+    stage by stage (the chess passes)."""
+    spec = plan.spec
+    if spec.tiling == "blend":
+        latents = encode_graph(plan, graph, pixels, spec.height, spec.width, s.facts.encode_tile)
+        bar: list = []
+        stepper = blend_graph(plan, graph, s, latents, mask, bar)
+        image = decode_graph(plan, graph, stepper, s.facts.decode_tile)
+        with clock.stage("tiles"):
+            run_graph(plan, ex, graph, stepper, bar)
+        return RenderResult(fit_exact(image.canvas, spec.height, spec.width), stepper.latents, refined_mask)
 
     with clock.stage("encode"):
-        canvas = encode_canvas(plan, ex, pixels, s.facts.encode_tile)
+        canvas = encode_canvas(plan, ex, pixels.canvas, s.facts.encode_tile)
     del pixels
 
     with clock.stage("refine"):
-        mask = refined_mask if spec.detail_chess_denoise and refined_mask is not None else None
         canvas = chess_stage(plan, ex, s, canvas, mask)
 
     with clock.stage("decode"):
@@ -237,13 +301,25 @@ def render_two_pass(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
     with clock.stage("latent upscale"):
         canvas = upscale_latents(latents, LATENT_UPSCALE)
 
-    with clock.stage("refine"):  # over tiles; one tile when the canvas fits in one
-        canvas = chess_stage(plan, ex, s, canvas)
+    if spec.tiling == "blend":
+        graph, bar = Graph(), []
+        stepper = blend_graph(plan, graph, s, Fixed(canvas), None, bar)
+        decoded = decode_graph(plan, graph, stepper, s.facts.decode_tile)
+        upscaled = None
+        if spec.pixel_upscale > 1:
+            ph, pw = plan.pixel_upscaled
+            upscaled = upscale_graph(plan, graph, decoded, decoded.canvas.shape[-2:], s.facts.upscale, ph, pw)
+        with clock.stage("tiles"):
+            run_graph(plan, ex, graph, stepper, bar)
+        canvas, image = stepper.latents, (upscaled or decoded).canvas.float()
+    else:
+        with clock.stage("refine"):  # over tiles; one tile when the canvas fits in one
+            canvas = chess_stage(plan, ex, s, canvas)
+        with clock.stage("decode"):
+            image = decode_canvas(plan, ex, canvas, s.facts.decode_tile)
+        upscaled = None
 
-    with clock.stage("decode"):
-        image = decode_canvas(plan, ex, canvas, s.facts.decode_tile)
-
-    if spec.pixel_upscale > 1:
+    if spec.pixel_upscale > 1 and upscaled is None:
         with clock.stage("upscale"):
             ph, pw = plan.pixel_upscaled
             image = upscale_pixels(plan, ex, image, s.facts.upscale, ph, pw)
@@ -256,18 +332,12 @@ def render_enhance(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Render
     """Seed 001: an input image, upscaled by the model in tiles to the target, encoded, refined, decoded."""
     spec = plan.spec
     s = start(plan, ex, clock, note)
-
-    with clock.stage("upscale"):
-        image = load_input_image(spec.input, max(spec.width, spec.height))
-        pixels = upscale_pixels(plan, ex, image, s.facts.upscale, spec.height, spec.width)
-
-    with clock.stage("encode"):
-        canvas = encode_canvas(plan, ex, pixels, s.facts.encode_tile)
-    del pixels
-
-    with clock.stage("refine"):
-        canvas = chess_stage(plan, ex, s, canvas)
-
-    with clock.stage("decode"):
-        image = decode_canvas(plan, ex, canvas, s.facts.decode_tile)
-    return RenderResult(fit_exact(image, spec.height, spec.width), canvas)
+    image = load_input_image(spec.input, max(spec.width, spec.height))
+    graph = Graph()
+    pixels = None
+    if spec.tiling == "blend":
+        pixels = upscale_graph(plan, graph, Fixed(image), image.shape[-2:], s.facts.upscale, spec.height, spec.width)
+    if pixels is None:
+        with clock.stage("upscale"):
+            pixels = Fixed(upscale_pixels(plan, ex, image, s.facts.upscale, spec.height, spec.width))
+    return refine_and_decode(plan, ex, clock, s, graph, pixels, None)

@@ -23,6 +23,10 @@ class Task:
     group: str = ""  # progress is reported per group (e.g. "even", "odd")
     units: int = 1  # progress units (tiles) this task completes
     boxes: tuple[tuple[int, int, int, int, int], ...] = ()  # (tile id, y, x, h, w) of its tiles, for the ledger
+    # False: the result goes to on_result only and run() returns None for it (the caller keeps what it
+    # needs; no task's args may read it): a long graph then does not hold every result until its end
+    keep: bool = True
+    stage: str = ""  # in a graph of several stages (pipeline.stream): the task's own, for the ledger and progress
 
 
 def check_graph(tasks: list[Task]) -> None:
@@ -34,6 +38,21 @@ def check_graph(tasks: list[Task]) -> None:
     for task in tasks:
         if any(d >= task.id or d not in known for d in task.deps):
             raise ValueError(f"task {task.id} depends on {sorted(task.deps)}: dependencies must be earlier tasks")
+
+
+GRAPH_STAGE = "render"  # the stage name a graph of several stages runs under (pipeline.stream)
+
+
+def stage_positions(tasks: list[Task], stage: str) -> dict[int, tuple[str, int]]:
+    """Task id -> (its stage, its place among that stage's tasks in id order): how faults injected by tests
+    name a task, the same in a graph of one stage (where the place is the id) and in a graph of several."""
+    seen: dict[str, int] = {}
+    out = {}
+    for task in sorted(tasks, key=lambda t: t.id):
+        name = task.stage or stage
+        out[task.id] = (name, seen.get(name, 0))
+        seen[name] = seen.get(name, 0) + 1
+    return out
 
 
 # on_result(task, value): called as each task's result is accepted (checkpoints hook in here)

@@ -103,15 +103,17 @@ def test_a_render_killed_in_the_odd_pass_resumes_to_the_same_image(small_spec, r
 def test_a_blended_render_killed_mid_step_resumes_to_the_same_image(small_spec, tmp_path):
     spec = replace(small_spec, tiling="blend")
     ref = tmp_path / "ref.png"
-    assert main(["render", *_flags(spec), "--out", str(ref), "--quiet"]) == 0
+    assert main(["render", *_flags(spec), "--out", str(ref), "--run-dir", str(tmp_path / "ref.run"), "--quiet"]) == 0
+    tiles = len(prepare(spec).grid.tiles)  # batches of 1: one task per tile and step
+    ids = sorted(r["task"] for r in RunDir.open(tmp_path / "ref.run")[0].rows if r.get("stage") == "blend")
+    first, second = ids[:tiles], ids[tiles:]  # the graph's blend tasks, step by step
     out = tmp_path / "killed.png"
     state = tmp_path / "killed.run" / "state"
     flags = [*_flags(spec), "--out", str(out), "--run-dir", str(tmp_path / "killed.run")]
-    _kill_when(flags, lambda: (state / "blend.2.3.safetensors").exists())
+    _kill_when(flags, lambda: (state / f"render.1.{second[3]}.safetensors").exists())
     kept = {p.name for p in state.iterdir()}
-    tiles = len(prepare(spec).grid.tiles)  # batches of 1: one task per tile and step
-    assert {f"blend.1.{i}.safetensors" for i in range(tiles)} <= kept  # step 1 finished, step 2 had begun
-    assert len([k for k in kept if k.startswith("blend.2.")]) < tiles
+    assert {f"render.1.{i}.safetensors" for i in first} <= kept  # step 1 finished, step 2 had begun
+    assert len({f"render.1.{i}.safetensors" for i in second} & kept) < tiles
     assert main(["render", "--resume", str(tmp_path / "killed.run"), "--quiet"]) == 0
     assert np.array_equal(_pixels(out), _pixels(ref))
     run, _, _ = RunDir.open(tmp_path / "killed.run")

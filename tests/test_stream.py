@@ -1,0 +1,90 @@
+"""The render as one graph: canvases composited as their tiles arrive equal the stage-by-stage composites,
+and a resumed graph runs only what it still needs."""
+
+import random
+
+import torch
+
+from farm.executor import LocalExecutor
+from pipeline.chess import cover_grid
+from pipeline.checkpoint import Checkpointed
+from pipeline.feather import composite_pass
+from pipeline.stream import Fixed, Graph, TiledCanvas, add_tiled
+
+
+def test_a_canvas_composited_as_tiles_arrive_equals_the_whole_composite():
+    grid = cover_grid(70, 90, 24, 6)
+    g = torch.Generator().manual_seed(0)
+    results = {t.id: torch.randn(1, 3, t.h, t.w, generator=g) for t in grid.tiles}
+    whole = composite_pass(torch.zeros(1, 3, 70, 90), grid, results, mode="paste")
+    order = list(results)
+    random.Random(1).shuffle(order)
+    canvas = TiledCanvas(grid, 3, torch.float32)
+    for i, tile_id in enumerate(order):
+        canvas.add(tile_id, results[tile_id])
+        if i < len(order) - 1:
+            assert canvas.results, "a tile is dropped only once every cell under it is composited"
+    assert torch.equal(canvas.canvas, whole)  # same sums in the same tile-id order, whatever the arrival order
+    assert not canvas.results and not canvas.pending  # nothing held after the last tile
+
+
+class Doubler:
+    """A worker whose one method doubles a crop: enough to see which tasks ran."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.calls = 0
+
+    def double(self, crop):
+        self.calls += 1
+        return crop * 2
+
+
+class Memory:
+    def __init__(self):
+        self.kept = {}
+
+    def load(self, key):
+        return self.kept.get(key)
+
+    def save(self, key, value):
+        self.kept[key] = value
+
+
+def _two_stage_graph(image):
+    """upscale-like stage (recomputed on resume, never stored) -> encode-like stage (stored), tile by tile."""
+    graph = Graph()
+    first = add_tiled(graph, "upscale", "double", Fixed(image), cover_grid(40, 40, 16, 4), 1, 1, 1)
+    second = add_tiled(graph, "encode", "double", first, cover_grid(40, 40, 12, 4), 1, 1, 1)
+    return graph, first, second
+
+
+def test_tasks_wait_only_for_the_tiles_they_read():
+    graph, first, _ = _two_stage_graph(torch.zeros(1, 1, 40, 40))
+    boxes = {first.task_of[t.id]: (t.y, t.x, t.h, t.w) for t in first.grid.tiles}
+    sizes = []
+    for task in graph.tasks:
+        if task.stage == "encode":
+            _, y, x, h, w = task.boxes[0]
+            over = {i for i, (by, bx, bh, bw) in boxes.items() if by < y + h and y < by + bh and bx < x + w and x < bx + bw}
+            assert task.deps == over
+            sizes.append(len(over))
+    assert min(sizes) < len(boxes)  # a corner tile does not wait for the far side of the canvas
+
+
+def test_a_resumed_graph_runs_only_what_it_still_needs():
+    image = torch.randn(1, 1, 40, 40, generator=torch.Generator().manual_seed(2))
+    graph, _, whole = _two_stage_graph(image)
+    worker, store = Doubler(), Memory()
+    graph.run(Checkpointed(LocalExecutor(worker), store))
+    assert torch.allclose(whole.canvas, image * 4)
+    encode = [t for t in graph.tasks if t.stage == "encode"]
+    assert len(store.kept) == len(encode)  # upscale tiles are recomputed, never stored
+
+    store.kept.pop(f"render.1.{encode[0].id}")  # one encode tile lost: only its upscale tiles run again
+    graph, _, resumed = _two_stage_graph(image)
+    worker = Doubler()
+    graph.run(Checkpointed(LocalExecutor(worker), store))
+    assert worker.calls == 1 + len(encode[0].deps)
+    assert torch.equal(resumed.canvas, whole.canvas)
