@@ -6,8 +6,8 @@ import random
 import torch
 
 from farm.executor import LocalExecutor
-from pipeline.chess import cover_grid
 from pipeline.checkpoint import Checkpointed
+from pipeline.chess import cover_grid
 from pipeline.feather import composite_pass
 from pipeline.stream import Fixed, Graph, TiledCanvas, add_tiled
 
@@ -67,7 +67,7 @@ def test_tasks_wait_only_for_the_tiles_they_read():
     for task in graph.tasks:
         if task.stage == "encode":
             _, y, x, h, w = task.boxes[0]
-            over = {i for i, (by, bx, bh, bw) in boxes.items() if by < y + h and y < by + bh and bx < x + w and x < bx + bw}
+            over = {i for i, (by, bx, bh, bw) in boxes.items() if by < y + h < by + bh + h and bx < x + w < bx + bw + w}
             assert task.deps == over
             sizes.append(len(over))
     assert min(sizes) < len(boxes)  # a corner tile does not wait for the far side of the canvas
