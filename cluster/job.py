@@ -8,7 +8,9 @@ without torch), not the venv `ray start` came from.
 
 Runs on the head node as the job's driver, joins the cluster, renders the spec over its GPU actors
 and writes the PNG the spec's `out` names, on the machine the driver runs on (use an absolute path:
-the job's working directory is a temporary copy). Progress goes to the job log, with the seed (a
+the job's working directory is a temporary copy). With a warm farm up on the cluster (`farm up`) the
+job is its client: the farm's resident workers render the spec and `ray job stop` cancels the render
+there; without one it starts its own actors. Progress goes to the job log, with the seed (a
 spec without one gets a drawn seed, stored in the PNG); the run folder is in the driver's state
 folder (`farm runs` on the head node lists it).
 """
@@ -30,6 +32,24 @@ def wrong_python(missing: str) -> str:
     )
 
 
+def farm_is_up() -> bool:
+    """Whether the cluster this job runs on has a warm farm's controller (`farm up`)."""
+    import ray
+
+    from cluster.farm import CONTROLLER, NAMESPACE
+    from cluster.farm_client import join
+
+    joined_here = not ray.is_initialized()
+    join("auto")
+    try:
+        ray.get_actor(CONTROLLER, namespace=NAMESPACE)
+    except ValueError:
+        if joined_here:
+            ray.shutdown()  # the job's own actors join the cluster afresh, outside the farm's namespace
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cluster.job", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -47,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from farm.cli import main as farm_main  # after the check: what it imports may need them
 
-    forwarded = ["render", args.spec, "--cluster", "auto"]
+    # with a warm farm up (`farm up`), the job is its client: the farm's resident workers render it, and
+    # `ray job stop` cancels it there; without one, the job starts its own actors
+    on_farm = farm_is_up()
+    forwarded = ["render", args.spec, *(["--farm", "auto", "--cancel-on-stop"] if on_farm else ["--cluster", "auto"])]
     if args.out:
         forwarded += ["--out", args.out]
-    if args.workers is not None:
+    if args.workers is not None and not on_farm:
         forwarded += ["--workers", str(args.workers)]
-    if args.gpus_per_worker is not None:
+    if args.gpus_per_worker is not None and not on_farm:
         forwarded += ["--gpus-per-worker", str(args.gpus_per_worker)]
     if args.overwrite:
         forwarded.append("--overwrite")

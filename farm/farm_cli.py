@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -65,6 +66,8 @@ def add_render_flags(parser: argparse.ArgumentParser) -> None:
         "--farm", metavar="auto|ADDRESS", help="render on the warm farm of this Ray cluster (`farm up`) instead"
     )
     parser.add_argument("--priority", type=int, default=0, help="with --farm: higher starts first (default 0)")
+    # a Ray job's client (python -m cluster.job): `ray job stop` ends the job with SIGTERM, and the render with it
+    parser.add_argument("--cancel-on-stop", action="store_true", help=argparse.SUPPRESS)
 
 
 def _default_state_dir() -> Path:
@@ -190,8 +193,14 @@ def render_on_farm(args: argparse.Namespace, plan, out: Path, metadata: bool) ->
     options = {"cpu_threads": torch.get_num_threads(), "metadata": metadata}
     render_id = farm_client.call(ctl.submit, plan.spec.to_dict(), options, args.priority)
     print(f"farm: render {render_id} submitted (seed {plan.spec.seed})", file=sys.stderr)
+    if getattr(args, "cancel_on_stop", False):
+        signal.signal(signal.SIGTERM, _stopped)
     try:
         record = follow(ctl, render_id, not args.quiet)
+    except JobStopped:
+        farm_client.call(ctl.cancel, render_id)
+        print(f"farm: the job was stopped; render {render_id} is cancelled", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(
             f"farm: render {render_id} goes on on the farm: `farm status {render_id}`, `farm cancel {render_id}`",
@@ -210,6 +219,14 @@ def render_on_farm(args: argparse.Namespace, plan, out: Path, metadata: bool) ->
         file=sys.stderr,
     )
     return 0
+
+
+class JobStopped(Exception):
+    """SIGTERM reached a job's client (`ray job stop`)."""
+
+
+def _stopped(signum, frame) -> None:
+    raise JobStopped
 
 
 def follow(ctl, render_id: int, bars: bool = True) -> dict:

@@ -105,6 +105,18 @@ def test_two_renders_back_to_back_share_warm_workers_and_match_a_local_render(fa
     assert farm_client.call(controller().image, first) == local_png
 
 
+def test_a_ray_job_is_a_client_of_the_farm_when_one_is_up(farm, spec, local_png, tmp_path):
+    from cluster.job import main as job_main
+
+    before = len(farm_client.call(controller().list, 100))
+    out = tmp_path / "job.png"
+    assert job_main([str(write_toml(spec, tmp_path / "spec.toml")), "--out", str(out)]) == 0
+    assert len(farm_client.call(controller().list, 100)) == before + 1  # it went through the farm's queue
+    infos = farm_client.call(controller().worker_infos)
+    assert all(len(i["loads"]) == 1 for i in infos)  # on the warm workers: no model loaded again
+    assert out.read_bytes() == local_png
+
+
 def test_bad_input_is_refused_before_anything_is_sent(farm, spec, tmp_path, capsys):
     before = len(farm_client.call(controller().list, 1000))
     toml = write_toml(replace(spec, width=100, height=100), tmp_path / "bad.toml")
