@@ -182,10 +182,12 @@ class CanvasStepper:
         return self.latents[..., y : y + h, x : x + w].float().contiguous()
 
     def deps(self, box) -> frozenset[int]:
-        """The last step's tasks whose tiles cover part of `box`: once they are in, the box is final."""
+        """The last step's tasks with a tile over a band that meets `box`: once they are in, the box is final
+        (a band takes its last step when every tile over it, anywhere along it, has predicted)."""
         last = len(self.timesteps) - 1
+        tiles = {t for cell in self.cells if _overlap_box(cell, box) for t in cell.tiles}
         return frozenset(
-            self.task_of[last, b] for b, batch in enumerate(self.batch_tiles) if any(_overlap(t, box) for t in batch)
+            self.task_of[last, b] for b, batch in enumerate(self.batch_tiles) if any(t.id in tiles for t in batch)
         )
 
 
@@ -193,9 +195,10 @@ def _cell_box(cell) -> tuple[int, int, int, int]:
     return (cell.y, cell.x, cell.h, cell.w)
 
 
-def _overlap(tile: Tile, box) -> bool:
+def _overlap_box(piece, box) -> bool:
+    """Whether a tile or cell shares a pixel with a (y, x, h, w) box."""
     y, x, h, w = box
-    return tile.y < y + h and y < tile.y + tile.h and tile.x < x + w and x < tile.x + tile.w
+    return piece.y < y + h and y < piece.y + piece.h and piece.x < x + w and x < piece.x + piece.w
 
 
 def _predict_args(stepper: CanvasStepper, batch: tuple[Tile, ...], t, cond, cfg: float, done) -> tuple:
@@ -248,8 +251,9 @@ def add_blend(
         for b, batch in enumerate(tile_batches):
             if k:
                 deps = frozenset(stepper.task_of[k - 1, j] for j in neighbours[b])
-            else:
-                deps = frozenset().union(*(source.deps((t_.y, t_.x, t_.h, t_.w)) for t_ in batch))
+            else:  # the source tiles under every band it reads: a band starts once all of them are in
+                bands = {i for tile in batch for i in stepper.under[tile.id]}
+                deps = frozenset().union(*(source.deps(_cell_box(stepper.cells[i])) for i in bands))
             stepper.task_of[k, b] = graph.add(
                 "blend",
                 "predict",

@@ -88,3 +88,61 @@ def test_a_resumed_graph_runs_only_what_it_still_needs():
     graph.run(Checkpointed(LocalExecutor(worker), store))
     assert worker.calls == 1 + len(encode[0].deps)
     assert torch.equal(resumed.canvas, whole.canvas)
+
+
+class Toy:
+    """Worker methods whose results depend on their inputs, so a task that read its input too early shows."""
+
+    device = torch.device("cpu")
+
+    def halve(self, crop):
+        return crop * 0.5
+
+    def predict(self, tiles, latents, t, cond, cfg):
+        return {tile.id: torch.tanh(latents[i : i + 1]) for i, tile in enumerate(tiles)}
+
+
+class AnyOrder:
+    """An executor that runs any ready task, chosen at random: the orders a farm's timing can produce."""
+
+    def __init__(self, worker, seed: int):
+        self.worker, self.random = worker, random.Random(seed)
+
+    def run(self, stage, tasks, on_result=None):
+        results, todo = {}, list(tasks)
+        while todo:
+            task = self.random.choice([t for t in todo if t.deps <= results.keys()])
+            todo.remove(task)
+            value = getattr(self.worker, task.method)(*task.args(results))
+            results[task.id] = value if task.keep else None
+            if on_result:
+                on_result(task, value)
+        return results
+
+
+def _encode_blend_decode(image):
+    from diffusers import EulerDiscreteScheduler
+
+    from pipeline.blend import add_blend
+    from pipeline.chess import batches, chess_grid
+    from pipeline.chess_pass import RefineSettings
+
+    graph = Graph()
+    latents = add_tiled(graph, "encode", "halve", Fixed(image), cover_grid(40, 56, 12, 4), 1, 1, 4)
+    grid = chess_grid(40, 56, 16)
+    noise = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(5))
+    config = dict(EulerDiscreteScheduler().config)
+    settings = RefineSettings(1.0, 3, 0.5, "euler")
+    stepper = add_blend(graph, grid, tuple(batches(grid.tiles, 2)), latents, noise, None, settings, "sdxl", config)
+    decoded = add_tiled(graph, "decode", "halve", stepper, cover_grid(40, 56, 10, 2), 1, 1, 4)
+    return graph, decoded
+
+
+def test_every_task_waits_for_all_it_reads_in_any_order():
+    image = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(4))
+    graph, reference = _encode_blend_decode(image)
+    graph.run(LocalExecutor(Toy()))  # id order
+    for seed in range(3):
+        graph, decoded = _encode_blend_decode(image)
+        graph.run(AnyOrder(Toy(), seed))
+        assert torch.equal(decoded.canvas, reference.canvas)
