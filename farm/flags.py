@@ -56,6 +56,12 @@ SPEC_FLAGS = {
         "blend (one sampler, tile predictions blended every step), chess (odd tiles pinned to the even "
         "result) or chess-original (seed 002: odd tiles refined again, feathered)",
     ),
+    "--decode-norm": (
+        "decode_norm",
+        str,
+        "tile (default: each decode tile normalises with its own statistics; streams with the refine) or "
+        "exact (the image's statistics, found layer by layer: as an untiled decode, at a barrier per layer)",
+    ),
     "--grid": ("grid", str, "chess (seed 002, default) or fit (fewer tiles, sized to the canvas)"),
     "--fit-overlap": ("fit_overlap", int, "with --grid fit: minimum overlap between tiles in px (default 128)"),
     "--workflow": ("workflow", str, "top-down (default), two-pass or enhance; presets set it"),

@@ -155,7 +155,12 @@ class RenderPlan:
             f"crops padded {s.detail_padding:g} per side, refined at {self.native_latent * f} px"
             for c in sorted(s.concepts, key=lambda c: c.layer)
         ]
-        lines.append(f"decode {cw}x{ch} px in tiles")
+        norm = (
+            "GroupNorm statistics per tile"
+            if s.decode_norm == "tile"
+            else "the image's GroupNorm statistics, layer by layer"
+        )
+        lines.append(f"decode {cw}x{ch} px in tiles ({norm})")
         if s.workflow == "two-pass":
             ph, pw = self.pixel_upscaled
             if s.pixel_upscale == 1:
