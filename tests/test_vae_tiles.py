@@ -4,6 +4,7 @@ pools them with one barrier, the decode layer by layer (pipeline.tiling.run_tile
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -184,10 +185,11 @@ def test_layer_by_layer_with_one_tile_is_the_untiled_decode(tiny_worker):
 
 
 def test_layer_by_layer_runs_one_statistics_graph_per_group_norm(tiny_worker, exact_decoded):
-    """Each graph stops its tiles at the layer it settles; the decode graph comes last."""
+    """A one-task probe names the layers; each graph then stops its tiles at the layer it settles; the decode
+    graph comes last. Every statistics graph is the stage the checkpoint recomputes on resume."""
     graphs = exact_decoded[-1]
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in tiny_worker.model.vae.decoder.modules())
-    assert graphs == [("decode stats", 9)] * norms + [("decode", 9)]
+    assert graphs == [("decode stats", 1)] + [("decode stats", 9)] * norms + [("decode", 9)]
 
 
 def test_layer_by_layer_decode_is_the_same_on_two_ray_actors(tiny_worker, exact_decoded):
@@ -198,7 +200,9 @@ def test_layer_by_layer_decode_is_the_same_on_two_ray_actors(tiny_worker, exact_
     latent, _, _, local, _ = exact_decoded
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        ex = ClusterExecutor(start_actors(tiny_worker.config, 2, 0, max_restarts=0))
+        # the driver's thread count: CPU kernels split sums by it (as WorkerConfig.from_spec passes it on)
+        config = replace(tiny_worker.config, cpu_threads=torch.get_num_threads())
+        ex = ClusterExecutor(start_actors(config, 2, 0, max_restarts=0))
         assert torch.equal(decode_exact(ex, latent, SMALL_TILE, SMALL_OVERLAP), local)
         assert {d.actor for d in ex.scheduler.log} == {0, 1}  # both actors took tiles
     finally:
