@@ -77,7 +77,7 @@ def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: in
     stopping at that layer). Per-tile statistics gave tiles textures 0.86-2.27x an untiled decode's on a
     chess-original latent; the one-barrier pooled statistics the encode uses missed by 8-23% (and more
     when iterated, or started from a downsampled whole-latent decode), as did statistics estimated from
-    a downsampled decode alone (7%); layer by layer stays within 2% (bench/vae_seams.py, bench/seams.py)."""
+    a downsampled decode alone (4-7%); layer by layer stays within 3% on every tile (BENCHMARKS.md "Seams")."""
     if plan.vae_tile:
         tile = min(tile, max(1, plan.vae_tile // plan.f))
     return run_tiled_exact_norm(
