@@ -68,6 +68,7 @@ from pipeline.plan import RenderPlan, make_plan  # noqa: E402
 from pipeline.render import Start, chess_stage, decode_canvas, start, upscale_to_target  # noqa: E402
 from pipeline.scaffold import pool_noise  # noqa: E402
 from pipeline.spec import TILINGS, RenderSpec, parse_size  # noqa: E402
+from pipeline.tiling import core_bounds  # noqa: E402
 from pipeline.worker import TileWorker, WorkerConfig  # noqa: E402
 
 PX_BLOCK, LATENT_BLOCK = 64, 8  # texture CV block sizes (8 latent px = 64 px at VAE factor 8)
@@ -158,6 +159,7 @@ class Outcome:
     pixels: torch.Tensor | None = None
     tiled_pixels: torch.Tensor | None = None
     seconds: float = float("nan")
+    seconds_decode: float = float("nan")
     work: float = float("nan")
     note: str = ""
 
@@ -247,19 +249,44 @@ def measure(o: Outcome, ref: Outcome | None, masks: SeamMasks, px_masks: SeamMas
     return row
 
 
-def decode_rows(ref: Outcome, grid: TileGrid, f: int) -> list[Row]:
-    """The decode alone: the same latent decoded untiled and with decode_canvas, on decode_canvas's tile grid."""
+DECODED = ("reference", "blend", "chess-original")  # latents the decode alone is measured on
+
+
+def tile_texture_ratios(tiled: torch.Tensor, untiled: torch.Tensor, grid: TileGrid, f: int) -> list[float]:
+    """Per decode tile: mean |step| in its core (its share of the canvas), tiled over untiled."""
+    out = []
+    for t in grid.tiles:
+        y0, y1 = core_bounds(grid.ys, grid.tile_h, grid.canvas_h, t.row)
+        x0, x1 = core_bounds(grid.xs, grid.tile_w, grid.canvas_w, t.col)
+        mask = torch.zeros(grid.canvas_h * f, grid.canvas_w * f, dtype=torch.bool)
+        mask[y0 * f : y1 * f, x0 * f : x1 * f] = True
+        out.append(ratio(region_step_mean(tiled, mask, False), region_step_mean(untiled, mask, False)))
+    return out
+
+
+def decode_rows(outcomes: list[Outcome], grid: TileGrid, f: int) -> list[Row]:
+    """The decode alone: each latent decoded untiled and with decode_canvas, on decode_canvas's tile grid."""
     masks = grid_masks(grid).upsample(f)
-    core = {}
     rows = []
-    for name, pixels in (("untiled decode", ref.pixels), ("tiled decode (decode_canvas)", ref.tiled_pixels)):
-        core[name] = region_step_mean(pixels, masks.core, False)
-        row = Row(name, float("nan"), float("nan"), f"{ref.name} latent, {grid.rows}x{grid.cols} decode tiles")
-        row.cv_px, row.band_core_px, row.even_odd_px = (
-            texture_cv(pixels, PX_BLOCK), band_core_ratio(pixels, masks), even_odd_ratio(pixels, masks)
-        )  # fmt: skip
-        rows.append(row)
-    rows[1].core_texture_ratio = ratio(*reversed(list(core.values())))
+    for o in outcomes:
+        note = f"{o.name} latent, {grid.rows}x{grid.cols} decode tiles"
+        pair = []
+        for name, pixels in (("untiled decode", o.pixels), ("tiled decode (decode_canvas)", o.tiled_pixels)):
+            row = Row(f"{o.name}: {name}", float("nan"), float("nan"), note)
+            row.cv_px, row.band_core_px, row.even_odd_px = (
+                texture_cv(pixels, PX_BLOCK), band_core_ratio(pixels, masks), even_odd_ratio(pixels, masks)
+            )  # fmt: skip
+            pair.append(row)
+        pair[1].core_texture_ratio = ratio(
+            region_step_mean(o.tiled_pixels, masks.core, False), region_step_mean(o.pixels, masks.core, False)
+        )
+        per_tile = tile_texture_ratios(o.tiled_pixels, o.pixels, grid, f)
+        offset = (o.tiled_pixels - o.pixels).mean(dim=(-1, -2)).abs().max()
+        pair[1].note = (
+            f"{note}; per tile {min(per_tile):.3f}-{max(per_tile):.3f}; decode {o.seconds_decode:.0f} s; "
+            f"mean |diff| {float((o.tiled_pixels - o.pixels).abs().mean()):.4f}, colour offset {float(offset):.4f}"
+        )
+        rows += pair
     return rows
 
 
@@ -285,7 +312,10 @@ def bench_geometry(g: Geometry, args, worker: TileWorker, ex: LocalExecutor) -> 
             continue
         o.latent = cut(o.canvas, in_ref if o.name == "reference" else box).contiguous()
         o.pixels = ex.call("decode", "decode_tile", o.latent)  # untiled: the whole window in one VAE call
-        o.tiled_pixels = decode_canvas(plan, ex, o.latent, s.facts.decode_tile)
+        if o.name in DECODED:  # the tiled decode costs a statistics graph per GroupNorm layer
+            began = time.perf_counter()
+            o.tiled_pixels = decode_canvas(plan, ex, o.latent, s.facts.decode_tile)
+            o.seconds_decode = time.perf_counter() - began
     for o in outcomes:
         if o.name == "usdu":
             o.pixels = cut(o.pixels, box, f)
@@ -300,7 +330,7 @@ def bench_geometry(g: Geometry, args, worker: TileWorker, ex: LocalExecutor) -> 
         for o in outcomes
     ]
     decode_grid = cover_grid(box[2], box[3], s.facts.decode_tile, max(1, s.facts.decode_tile // 4))
-    rows_decode = decode_rows(ref, decode_grid, f)
+    rows_decode = decode_rows([o for o in outcomes if o.tiled_pixels is not None], decode_grid, f)
     title = (
         f"{g.name}: {spec.width}x{spec.height} px, {plan.grid.cols}x{plan.grid.rows} tiles of {spec.tile} px "
         f"(overlap {plan.grid.overlap[1] * f} px), {spec.steps} steps at denoise {spec.denoise}, CFG {spec.cfg}; "

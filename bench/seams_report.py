@@ -76,7 +76,7 @@ def print_tables(title: str, rows: list[Row], decode: list[Row], show_canvas: bo
         lines = [[r.name, fmt(r.band_core_canvas), fmt(r.even_odd_canvas), ""] for r in rows
                  if not math.isnan(r.band_core_canvas)]  # fmt: skip
         print(table(["mode", "band/core lat", "even/odd lat", ""], lines))
-    print("\nthe decode alone (the reference's latent; bands and cores of the decode's tile grid):\n")
+    print("\nthe decode alone (bands and cores of the decode's tile grid):\n")
     lines = [[r.name, fmt(r.cv_px), fmt(r.band_core_px), fmt(r.even_odd_px), fmt(r.core_texture_ratio), r.note]
              for r in decode]  # fmt: skip
     print(table(["decode", "CV px", "band/core px", "even/odd px", "core texture / untiled", "note"], lines))
@@ -104,7 +104,7 @@ def write_strip(
         left = GAP + i * (w + GAP)
         for j, pixels in enumerate((o.pixels, o.tiled_pixels)):
             top = LABEL_H + j * (h + LABEL_H + GAP)
-            label = o.name if pixels is not None else f"{o.name}: no latent"
+            label = o.name if pixels is not None else f"{o.name}: " + ("no latent" if j == 0 else "not decoded tiled")
             label = label if j == 0 or pixels is None else f"{label} (tiled decode)"
             draw.text((left + 2, top + 1), label, fill="black")
             if pixels is None:

@@ -1,4 +1,5 @@
-"""Tiled VAE decode and encode against an untiled one: per-tile texture, per-tile GroupNorm vs shared.
+"""Tiled VAE decode and encode against an untiled one: per-tile texture, per-tile GroupNorm vs shared
+(pooled with one barrier; for the decode also layer by layer, one barrier per GroupNorm: what decode_canvas runs).
 
 texture of a region = mean |I(x) - I(x-1)| along rows. For every tile of the grid, its interior
 (its core: its share of the canvas, overlaps split at their middle) is measured on the tiled result
@@ -26,7 +27,7 @@ from farm.executor import LocalExecutor  # noqa: E402
 from farm.tiny_models import ensure_tiny_models  # noqa: E402
 from pipeline import vae  # noqa: E402
 from pipeline.chess import TileGrid, cover_grid  # noqa: E402
-from pipeline.tiling import core_bounds, run_tiled, run_tiled_shared_norm  # noqa: E402
+from pipeline.tiling import core_bounds, run_tiled, run_tiled_exact_norm, run_tiled_shared_norm  # noqa: E402
 from pipeline.worker import TileWorker, WorkerConfig  # noqa: E402
 
 
@@ -68,7 +69,8 @@ def shifted_latent(size: int, grid: TileGrid, shift: float, seed: int = 1, chann
 
 
 def compare(worker: TileWorker, latent: torch.Tensor, tile: int, overlap: int) -> list[dict]:
-    """Rows of the table: decode and encode, untiled / per-tile GroupNorm / shared GroupNorm."""
+    """Rows of the table: decode and encode, untiled / per-tile GroupNorm / shared GroupNorm (one barrier) /
+    for the decode, layer by layer."""
     ex, f = LocalExecutor(worker), worker.model.info.vae_factor
     grid = cover_grid(latent.shape[-2], latent.shape[-1], tile, overlap)
     pixels = vae.decode(worker.model.vae, latent, tiled=False)
@@ -78,6 +80,7 @@ def compare(worker: TileWorker, latent: torch.Tensor, tile: int, overlap: int) -
             run_tiled(ex, "decode", "decode_tile", latent, tile, overlap, f, 3),
             run_tiled_shared_norm(ex, "decode", "decode_stats", "decode_tile", latent, tile, overlap, 1, f, 3),
             f,
+            run_tiled_exact_norm(ex, "decode", "decode_stats", "decode_tile", latent, tile, overlap, 1, f, 3),
         ),
         "encode": (
             vae.encode(worker.model.vae, pixels, tiled=False),
@@ -86,11 +89,14 @@ def compare(worker: TileWorker, latent: torch.Tensor, tile: int, overlap: int) -
                 ex, "encode", "encode_stats", "encode_tile", pixels, tile, overlap, f, 1, latent.shape[1]
             ),
             1,
+            None,
         ),
     }
     rows = []
-    for what, (untiled, old, new, scale) in runs.items():
-        for path, image in (("untiled", untiled), ("per-tile GroupNorm", old), ("shared GroupNorm", new)):
+    for what, (untiled, old, new, scale, exact) in runs.items():
+        paths = [("untiled", untiled), ("per-tile GroupNorm", old), ("shared GroupNorm", new)]
+        paths += [("layer-by-layer", exact)] if exact is not None else []
+        for path, image in paths:
             ratios = texture_ratios(image, untiled, grid, scale).values()
             rows.append(
                 {

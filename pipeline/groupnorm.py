@@ -11,8 +11,11 @@ they overlap. With one tile the result is the untiled forward.
 One barrier makes the statistics approximate: the recording pass normalised each tile with its own
 statistics, so from the second GroupNorm on it records activations that differ a little from an
 untiled forward's. Every tile gets the same error, so no tile stands out, but the whole image can
-drift from an untiled decode (on the tiny random VAE: texture 5-12% off for 24-32 latent tiles,
-less for larger ones; bench/vae_seams.py). Exact statistics need one barrier per GroupNorm.
+drift from an untiled forward (on the tiny random VAE's decoder: texture 8-23% off for 32-latent
+tiles; recording again under the pooled statistics overshoots instead of converging; bench/vae_seams.py).
+Exact statistics need one barrier per GroupNorm: record_stats(known=..., until=...) normalises the
+layers already settled with their pooled statistics and stops at the next one (pipeline.tiling.
+run_tiled_exact_norm, which the decode uses).
 
 Layers are named by module path (plus '#k' for a module's k-th further call in one forward).
 """
@@ -119,12 +122,20 @@ def _patched(model: nn.Module, forward) -> Iterator[None]:
                 m.forward = previous
 
 
+class StopForward(Exception):
+    """Raised inside record_stats once the last layer asked for is recorded: the rest of the forward is not needed."""
+
+
 @contextmanager
-def record_stats(model: nn.Module, core: Core) -> Iterator[dict[str, torch.Tensor]]:
-    """Inside, every GroupNorm of `model` normalises as usual and records core_moments of its input into
-    the yielded dict (by layer). A GroupNorm inside attention sees [B, C, H*W]; its H and W are taken
-    from the 4-D input of the module that holds it."""
+def record_stats(
+    model: nn.Module, core: Core, known: dict[str, torch.Tensor] | None = None, until: str | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside, every GroupNorm of `model` normalises with the pooled statistics in `known` where it has
+    them (else with its own) and records core_moments of its input into the yielded dict (by layer);
+    with `until`, the forward stops (StopForward) once that layer is recorded. A GroupNorm inside
+    attention sees [B, C, H*W]; its H and W are taken from the 4-D input of the module that holds it."""
     stats: dict[str, torch.Tensor] = {}
+    known = known or {}
     calls = _Calls()
     spatial: dict[nn.Module, tuple[int, int]] = {}
 
@@ -145,7 +156,12 @@ def record_stats(model: nn.Module, core: Core) -> Iterator[dict[str, torch.Tenso
             x4 = x.view(*x.shape[:2], h, w)
         elif x.ndim != 4:
             raise ValueError(f"GroupNorm {name} sees a {x.ndim}-D input; only images are supported")
-        stats[calls.key(name)] = core_moments(x4, m.num_groups, core)
+        key = calls.key(name)
+        stats[key] = core_moments(x4, m.num_groups, core)
+        if key == until:
+            raise StopForward(key)
+        if key in known:
+            return group_norm_with(m, x, *known[key])
         return nn.functional.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
 
     with ExitStack() as stack:

@@ -38,7 +38,7 @@ from pipeline.resize import describe_fit, fit_exact, resize
 from pipeline.scaffold import make_scaffold, pool_noise
 from pipeline.stream import Fixed, Graph, Source, TiledCanvas, add_tiled, add_tiled_shared_norm
 from pipeline.taskgraph import Executor
-from pipeline.tiling import run_tiled, run_tiled_shared_norm
+from pipeline.tiling import run_tiled, run_tiled_exact_norm, run_tiled_shared_norm
 
 UPSCALE_OVERLAP = 32  # px of input shared by neighbouring upscaler tiles
 MIN_ENCODE_TILE = 16  # latents: tiny VAEs' sample sizes would otherwise cut thousands of tiles
@@ -78,14 +78,17 @@ def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: in
     """Latent canvas -> pixels, decoded in overlapping latent tiles the VAE handles in one call (smaller ones
     where the memory pre-flight chose them), blended with feather weights.
 
-    Each decode tile normalises with its own GroupNorm statistics. The one-barrier pooled statistics the
-    encode uses (pipeline.tiling.run_tiled_shared_norm) were measured worse here: the decoder's phase-1
-    statistics, taken under per-tile normalisation, lost 13-36% of the texture of an untiled decode on the
-    tiny VAE and blew up flat regions next to textured ones, where per-tile statistics stay within 6% of
-    the untiled texture with no even/odd step once the refine leaves no bands (bench/seams.py)."""
+    Every decode tile normalises with the image's own GroupNorm statistics, found layer by layer over all
+    tiles (pipeline.tiling.run_tiled_exact_norm: one statistics graph per GroupNorm layer, each tile
+    stopping at that layer). Per-tile statistics gave tiles textures 0.86-2.27x an untiled decode's on a
+    chess-original latent; the one-barrier pooled statistics the encode uses missed by 8-23% (and more
+    when iterated, or started from a downsampled whole-latent decode), as did statistics estimated from
+    a downsampled decode alone (4-7%); layer by layer stays within 3% on every tile (BENCHMARKS.md "Seams")."""
     if plan.vae_tile:
         tile = min(tile, max(1, plan.vae_tile // plan.f))
-    return run_tiled(ex, "decode", "decode_tile", canvas, tile, max(1, tile // 4), plan.f, 3)
+    return run_tiled_exact_norm(
+        ex, "decode", "decode_stats", "decode_tile", canvas, tile, max(1, tile // 4), 1, plan.f, 3
+    )
 
 
 def encode_canvas(plan: RenderPlan, ex: Executor, pixels: torch.Tensor, tile_px: int | None = None) -> torch.Tensor:

@@ -3,9 +3,11 @@
 Tiles overlap; outputs are blended with the chess passes' normalised feather weights on the
 scaled grid, so an overlap never shows a seam and memory per call is bounded by one tile.
 
-Networks with GroupNorm (the VAE) run in two task graphs with one barrier between them
-(run_tiled_shared_norm): every tile records its GroupNorm moments over its core, the driver pools
-them in tile-id order, and every tile runs again with the pooled statistics (pipeline.groupnorm).
+Networks with GroupNorm (the VAE) normalise every tile with statistics pooled over the image
+(pipeline.groupnorm): every tile records its GroupNorm moments over its core, the driver pools them
+in tile-id order, and every tile runs again with the pooled statistics. run_tiled_shared_norm does
+it with one barrier (the encode); run_tiled_exact_norm with one barrier per GroupNorm layer, so each
+layer's statistics are those of an untiled forward (the decode).
 """
 
 from __future__ import annotations
@@ -122,6 +124,57 @@ def run_tiled_shared_norm(
     pooled = combine_stats([recorded[t.id] for t in grid.tiles])  # tile-id order: bit-stable on any executor
     tasks = [
         Task(t.id, method, partial(_crop, source, t, scale=scale_in, extra=(pooled,)), group=stage, boxes=_boxes(t))
+        for t in grid.tiles
+    ]
+    return _blend(grid, ex.run(stage, tasks), scale_out, channels)
+
+
+def _stats_graph(ex, stage: str, method: str, source, grid: TileGrid, scale_in: int, extra: tuple) -> dict:
+    """One statistics graph: every tile's recorded moments, pooled in tile-id order (bit-stable on any executor)."""
+    tasks = [
+        Task(
+            t.id,
+            method,
+            partial(_crop, source, t, scale=scale_in, extra=(core_box(grid, t), *extra)),
+            group=stage,
+            boxes=_boxes(t),
+        )
+        for t in grid.tiles
+    ]
+    recorded = ex.run(stage, tasks)
+    return combine_stats([recorded[t.id] for t in grid.tiles])
+
+
+def run_tiled_exact_norm(
+    ex: Executor,
+    stage: str,
+    stats_method: str,
+    method: str,
+    source: torch.Tensor,
+    tile: int,
+    overlap: int,
+    scale_in: int,
+    scale_out: int,
+    channels: int,
+) -> torch.Tensor:
+    """Run `method` over overlapping tiles of `source` with every GroupNorm layer's statistics pooled
+    over the image layer by layer, as an untiled forward computes them.
+
+    A layer's input depends on the statistics of the layers before it, so they are found in order:
+    graph k (`"{stage} stats"`) runs `stats_method(crop, core, known, until)` per tile, normalising
+    layers 0..k-1 with the pooled statistics found so far and stopping at layer k, whose pooled moments
+    are then exact. The layers are named by one `stats_method` call on a 2x2-unit corner crop. Then
+    graph `stage` runs `method(crop, statistics)` and its outputs are blended as run_tiled_shared_norm's.
+    Tiles still see only their own pixels (zero padding at their borders, attention within the tile)."""
+    grid = _grid(stage, source, tile, overlap, scale_in)
+    stats_stage = f"{stage} stats"
+    probe = source[..., : 2 * scale_in, : 2 * scale_in].contiguous()
+    layers = list(ex.call(stats_stage, stats_method, probe, (0.0, 1.0, 0.0, 1.0)))
+    known: dict[str, torch.Tensor] = {}
+    for name in layers:
+        known[name] = _stats_graph(ex, stats_stage, stats_method, source, grid, scale_in, (dict(known), name))[name]
+    tasks = [
+        Task(t.id, method, partial(_crop, source, t, scale=scale_in, extra=(known,)), group=stage, boxes=_boxes(t))
         for t in grid.tiles
     ]
     return _blend(grid, ex.run(stage, tasks), scale_out, channels)

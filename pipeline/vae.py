@@ -2,8 +2,9 @@
 
 Latents are the distribution's mean (the mode), so encoding is deterministic. A render encodes and
 decodes large images in tiles over the workers (pipeline.tiling): each tile first records its
-GroupNorm statistics (`*_stats`), then runs with the image's pooled ones (`stats=`), so every tile
-normalises alike (pipeline.groupnorm). Attention in the VAE's mid-block still sees one tile only.
+GroupNorm statistics (`*_stats`; for the decode layer by layer, `known` and `until`), then runs with
+the image's pooled ones (`stats=`), so every tile normalises alike (pipeline.groupnorm). Attention
+in the VAE's mid-block still sees one tile only.
 diffusers' own tiling (`tiled=True`, per-tile GroupNorm) remains for whole-image calls.
 """
 
@@ -13,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from pipeline.groupnorm import Core, apply_stats, record_stats
+from pipeline.groupnorm import Core, StopForward, apply_stats, record_stats
 
 
 def to_model_latents(z: torch.Tensor, config) -> torch.Tensor:
@@ -108,10 +109,16 @@ def encode_stats(vae, pixels: torch.Tensor, core: Core, clock=None) -> dict[str,
 
 
 @torch.no_grad()
-def decode_stats(vae, latents: torch.Tensor, core: Core, clock=None) -> dict[str, torch.Tensor]:
-    """The decoder's GroupNorm moments over the tile's core (pipeline.groupnorm.record_stats), by layer."""
+def decode_stats(
+    vae, latents: torch.Tensor, core: Core, clock=None, known=None, until: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The decoder's GroupNorm moments over the tile's core (pipeline.groupnorm.record_stats), by layer:
+    layers in `known` normalise with those pooled statistics; with `until`, only up to that layer."""
     _tiling(vae, False, None)
     z = _latents_in(vae, latents)
-    with clock("vae") if clock else nullcontext(), record_stats(vae, core) as stats:
-        vae.decode(z, return_dict=False)
+    with clock("vae") if clock else nullcontext(), record_stats(vae, core, known, until) as stats:
+        try:
+            vae.decode(z, return_dict=False)
+        except StopForward:
+            pass
     return _cpu(stats)

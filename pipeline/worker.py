@@ -253,9 +253,12 @@ class TileWorker:
             raise FloatingPointError(f"a detail crop batch produced NaN/Inf latents on {self.device}")
         return vae.decode(self.model.vae, out, clock=self._clock_fn(), tiled=False)
 
-    def decode_stats(self, latents: torch.Tensor, core: Core) -> dict[str, torch.Tensor]:
-        """The decoder's GroupNorm moments over one tile's core (the first phase of a tiled decode)."""
-        return vae.decode_stats(self.model.vae, latents, core, clock=self._clock_fn())
+    def decode_stats(
+        self, latents: torch.Tensor, core: Core, known: dict | None = None, until: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The decoder's GroupNorm moments over one tile's core (a statistics phase of a tiled decode), the
+        layers in `known` normalised with those pooled statistics, up to layer `until` if given."""
+        return vae.decode_stats(self.model.vae, latents, core, clock=self._clock_fn(), known=known, until=until)
 
     def decode_tile(self, latents: torch.Tensor, stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Decode one tile, with the image's pooled GroupNorm statistics when given (else the tile's own)."""

@@ -1,8 +1,10 @@
-"""Tiled VAE decode and encode with GroupNorm statistics shared by all tiles (pipeline.groupnorm)."""
+"""Tiled VAE decode and encode with GroupNorm statistics shared by all tiles (pipeline.groupnorm): the encode
+pools them with one barrier, the decode layer by layer (pipeline.tiling.run_tiled_exact_norm)."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from farm.executor import LocalExecutor  # noqa: E402
 from pipeline import vae  # noqa: E402
 from pipeline.chess import cover_grid  # noqa: E402
 from pipeline.groupnorm import combine_stats, core_moments  # noqa: E402
-from pipeline.tiling import core_box, run_tiled, run_tiled_shared_norm  # noqa: E402
+from pipeline.tiling import core_box, run_tiled, run_tiled_exact_norm, run_tiled_shared_norm  # noqa: E402
 
 F = 8  # the tiny VAE's factor
 SIZE, TILE, OVERLAP = 32, 14, 4  # latents: 256 px in 3 x 3 tiles of 112 px
@@ -24,6 +26,10 @@ SIZE, TILE, OVERLAP = 32, 14, 4  # latents: 256 px in 3 x 3 tiles of 112 px
 
 def decode_shared(ex, latent, tile=TILE, overlap=OVERLAP):
     return run_tiled_shared_norm(ex, "decode", "decode_stats", "decode_tile", latent, tile, overlap, 1, F, 3)
+
+
+def decode_exact(ex, latent, tile=TILE, overlap=OVERLAP):
+    return run_tiled_exact_norm(ex, "decode", "decode_stats", "decode_tile", latent, tile, overlap, 1, F, 3)
 
 
 def encode_shared(ex, pixels, tile=TILE, overlap=OVERLAP):
@@ -117,3 +123,87 @@ def test_half_precision_activations_keep_float32_statistics():
         y = norm(x)
     reference = torch.nn.functional.group_norm(x.float(), 4, norm.weight.float(), norm.bias.float(), norm.eps)
     assert y.dtype == torch.bfloat16 and (y.float() - reference).abs().max() < 0.05
+
+
+def chess_like_latent(size: int, tile: int, overlap: int, seed: int = 6) -> torch.Tensor:
+    """Seeded noise whose even tile cores are offset and twice as textured as the odd ones: tile-scale
+    structure like a latent refined by independent chess tiles."""
+    grid = cover_grid(size, size, tile, overlap)
+    latent = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed)) * 0.5
+    for t in grid.even:
+        box = core_box(grid, t)
+        y0, y1 = t.y + round(box[0] * t.h), t.y + round(box[1] * t.h)
+        x0, x1 = t.x + round(box[2] * t.w), t.x + round(box[3] * t.w)
+        latent[..., y0:y1, x0:x1] = latent[..., y0:y1, x0:x1] * 2 + 0.3
+    return latent
+
+
+SMALL, SMALL_TILE, SMALL_OVERLAP = 24, 12, 4  # latents: 192 px in 3 x 3 tiles of 96 px
+
+
+class Counting(LocalExecutor):
+    """The local executor, noting each task graph it runs (stage, tasks)."""
+
+    def __init__(self, worker):
+        super().__init__(worker)
+        self.graphs: list[tuple[str, int]] = []
+
+    def run(self, stage, tasks, on_result=None):
+        self.graphs.append((stage, len(tasks)))
+        return super().run(stage, tasks, on_result)
+
+
+@pytest.fixture(scope="module")
+def exact_decoded(tiny_worker):
+    """(latent, untiled, per-tile GroupNorm, layer-by-layer GroupNorm decodes, the latter's graphs) of a
+    chess-like latent."""
+    ex = Counting(tiny_worker)
+    latent = chess_like_latent(SMALL, SMALL_TILE, SMALL_OVERLAP)
+    untiled = vae.decode(tiny_worker.model.vae, latent, tiled=False)
+    old = run_tiled(ex, "decode", "decode_tile", latent, SMALL_TILE, SMALL_OVERLAP, F, 3)
+    ex.graphs.clear()
+    return latent, untiled, old, decode_exact(ex, latent, SMALL_TILE, SMALL_OVERLAP), ex.graphs
+
+
+def test_layer_by_layer_statistics_keep_every_decode_tile_as_textured_as_untiled(exact_decoded):
+    _, untiled, old, new, _ = exact_decoded
+    grid = cover_grid(SMALL, SMALL, SMALL_TILE, SMALL_OVERLAP)
+    # per-tile statistics: some tiles move far from the untiled texture, and even against odd
+    assert not all(0.95 < r < 1.05 for r in texture_ratios(old, untiled, grid, F).values())
+    assert not 0.95 < even_odd(old, grid, F) / even_odd(untiled, grid, F) < 1.05
+    # layer by layer: every tile interior within 5% of the untiled decode, even / odd balance kept
+    assert all(0.95 < r < 1.05 for r in texture_ratios(new, untiled, grid, F).values())
+    assert 0.95 < even_odd(new, grid, F) / even_odd(untiled, grid, F) < 1.05
+    # and no colour step: per-tile mean offsets from the untiled decode smaller than per-tile statistics leave
+    assert (new - untiled).abs().mean() < (old - untiled).abs().mean() / 2
+
+
+def test_layer_by_layer_with_one_tile_is_the_untiled_decode(tiny_worker):
+    latent = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(7))
+    whole = vae.decode(tiny_worker.model.vae, latent, tiled=False)
+    assert torch.allclose(decode_exact(LocalExecutor(tiny_worker), latent, tile=64), whole, atol=1e-5)
+
+
+def test_layer_by_layer_runs_one_statistics_graph_per_group_norm(tiny_worker, exact_decoded):
+    """A one-task probe names the layers; each graph then stops its tiles at the layer it settles; the decode
+    graph comes last. Every statistics graph is the stage the checkpoint recomputes on resume."""
+    graphs = exact_decoded[-1]
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in tiny_worker.model.vae.decoder.modules())
+    assert graphs == [("decode stats", 1)] + [("decode stats", 9)] * norms + [("decode", 9)]
+
+
+def test_layer_by_layer_decode_is_the_same_on_two_ray_actors(tiny_worker, exact_decoded):
+    ray = pytest.importorskip("ray")
+    from cluster.actor import start_actors
+    from cluster.executor import ClusterExecutor
+
+    latent, _, _, local, _ = exact_decoded
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        # the driver's thread count: CPU kernels split sums by it (as WorkerConfig.from_spec passes it on)
+        config = replace(tiny_worker.config, cpu_threads=torch.get_num_threads())
+        ex = ClusterExecutor(start_actors(config, 2, 0, max_restarts=0))
+        assert torch.equal(decode_exact(ex, latent, SMALL_TILE, SMALL_OVERLAP), local)
+        assert {d.actor for d in ex.scheduler.log} == {0, 1}  # both actors took tiles
+    finally:
+        ray.shutdown()
