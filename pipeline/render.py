@@ -36,7 +36,7 @@ from pipeline.plan import LATENT_UPSCALE, RenderPlan
 from pipeline.progress import Progress, no_progress, stage_bar, task_progress  # noqa: F401 (re-exported)
 from pipeline.resize import describe_fit, fit_exact, resize
 from pipeline.scaffold import make_scaffold, pool_noise
-from pipeline.stream import Fixed, Graph, Source, TiledCanvas, add_tiled, add_tiled_shared_norm
+from pipeline.stream import Fixed, Graph, Source, TiledCanvas, add_tiled, add_tiled_exact_norm, add_tiled_shared_norm
 from pipeline.taskgraph import Executor
 from pipeline.tiling import run_tiled, run_tiled_exact_norm, run_tiled_shared_norm
 
@@ -78,14 +78,18 @@ def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: in
     """Latent canvas -> pixels, decoded in overlapping latent tiles the VAE handles in one call (smaller ones
     where the memory pre-flight chose them), blended with feather weights.
 
-    Every decode tile normalises with the image's own GroupNorm statistics, found layer by layer over all
+    With decode_norm "exact" (the default) every decode tile normalises with the image's own GroupNorm
+    statistics, found layer by layer over all
     tiles (pipeline.tiling.run_tiled_exact_norm: one statistics graph per GroupNorm layer, each tile
     stopping at that layer). Per-tile statistics gave tiles textures 0.86-2.27x an untiled decode's on a
     chess-original latent; the one-barrier pooled statistics the encode uses missed by 8-23% (and more
     when iterated, or started from a downsampled whole-latent decode), as did statistics estimated from
-    a downsampled decode alone (4-7%); layer by layer stays within 3% on every tile (BENCHMARKS.md "Seams")."""
+    a downsampled decode alone (4-7%); layer by layer stays within 3% on every tile (BENCHMARKS.md "Seams").
+    With "tile" each tile uses its own statistics: one pass, no barrier, a little texture step between tiles."""
     if plan.vae_tile:
         tile = min(tile, max(1, plan.vae_tile // plan.f))
+    if plan.spec.decode_norm == "tile":
+        return run_tiled(ex, "decode", "decode_tile", canvas, tile, max(1, tile // 4), plan.f, 3)
     return run_tiled_exact_norm(
         ex, "decode", "decode_stats", "decode_tile", canvas, tile, max(1, tile // 4), 1, plan.f, 3
     )
@@ -129,12 +133,17 @@ def encode_graph(plan: RenderPlan, graph: Graph, pixels: Source, height: int, wi
     return add_tiled_shared_norm(graph, "encode", "encode_stats", "encode_tile", pixels, grid, plan.f, 1, channels)
 
 
-def decode_graph(plan: RenderPlan, graph: Graph, latents: Source, tile: int) -> TiledCanvas:
-    """decode_canvas's tiles, added to the graph."""
+def decode_graph(plan: RenderPlan, ex: Executor, graph: Graph, latents: Source, tile: int) -> TiledCanvas:
+    """decode_canvas's tiles (and its layer-by-layer statistics), added to the graph."""
     if plan.vae_tile:
         tile = min(tile, max(1, plan.vae_tile // plan.f))
     grid = cover_grid(plan.latent_h, plan.latent_w, tile, max(1, tile // 4))
-    return add_tiled(graph, "decode", "decode_tile", latents, grid, 1, plan.f, 3)
+    if plan.spec.decode_norm == "tile":
+        return add_tiled(graph, "decode", "decode_tile", latents, grid, 1, plan.f, 3)
+    # the decoder's GroupNorm layers, named by one call on a 2 x 2 latent (run_tiled_exact_norm's probe)
+    probe = torch.zeros(1, plan.model.latent_channels, 2, 2)
+    layers = list(ex.call("decode stats", "decode_stats", probe, (0.0, 1.0, 0.0, 1.0)))
+    return add_tiled_exact_norm(graph, "decode", "decode_stats", "decode_tile", latents, grid, 1, plan.f, 3, layers)
 
 
 def blend_graph(plan: RenderPlan, graph: Graph, s: Start, latents: Source, mask=None, bar=None) -> CanvasStepper:
@@ -274,7 +283,7 @@ def refine_and_decode(plan, ex, clock, s: Start, graph: Graph, pixels: Source, m
         latents = encode_graph(plan, graph, pixels, spec.height, spec.width, s.facts.encode_tile)
         bar: list = []
         stepper = blend_graph(plan, graph, s, latents, mask, bar)
-        image = decode_graph(plan, graph, stepper, s.facts.decode_tile)
+        image = decode_graph(plan, ex, graph, stepper, s.facts.decode_tile)
         with clock.stage("tiles"):
             run_graph(plan, ex, graph, stepper, bar)
         return RenderResult(fit_exact(image.canvas, spec.height, spec.width), stepper.latents, refined_mask)
@@ -307,7 +316,7 @@ def render_two_pass(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
     if spec.tiling == "blend":
         graph, bar = Graph(), []
         stepper = blend_graph(plan, graph, s, Fixed(canvas), None, bar)
-        decoded = decode_graph(plan, graph, stepper, s.facts.decode_tile)
+        decoded = decode_graph(plan, ex, graph, stepper, s.facts.decode_tile)
         upscaled = None
         if spec.pixel_upscale > 1:
             ph, pw = plan.pixel_upscaled

@@ -226,6 +226,63 @@ def add_tiled_shared_norm(
     )
 
 
+class LayerStats:
+    """Pooled GroupNorm statistics found layer by layer (pipeline.tiling.run_tiled_exact_norm): each layer's
+    from its graph's task results, in task-id order, once; `before(name)` gives every earlier layer's."""
+
+    def __init__(self, layers: list[str]):
+        self.layers = layers
+        self.tasks: dict[str, tuple[int, ...]] = {}
+        self.pooled: dict[str, torch.Tensor] = {}
+
+    def _layer(self, name: str, done: dict[int, Any]) -> torch.Tensor:
+        if name not in self.pooled:
+            self.pooled[name] = combine_stats([done[i] for i in self.tasks[name]])[name]
+        return self.pooled[name]
+
+    def before(self, name: str | None):
+        """A callable done -> {layer: pooled} for the layers before `name` (all of them for None)."""
+        earlier = self.layers if name is None else self.layers[: self.layers.index(name)]
+        return lambda done: {n: self._layer(n, done) for n in earlier}
+
+
+def add_tiled_exact_norm(
+    graph: Graph,
+    stage: str,
+    stats_method: str,
+    method: str,
+    source: Source,
+    grid: TileGrid,
+    scale_in: int,
+    scale_out: int,
+    channels: int,
+    layers: list[str],
+    dtype: torch.dtype = torch.float32,
+) -> TiledCanvas:
+    """add_tiled with every GroupNorm layer's statistics pooled over the image layer by layer, as an untiled
+    forward has them (pipeline.tiling.run_tiled_exact_norm): a statistics task per tile and layer, reading
+    the tile as soon as it is final and waiting for the previous layer's tasks; each tile waits for the last."""
+    from pipeline.tiling import core_box
+
+    stats, previous = LayerStats(layers), frozenset()
+    for name in layers:
+        ids = tuple(
+            graph.add(
+                f"{stage} stats",
+                stats_method,
+                partial(_read, source, _box(tile, scale_in), (core_box(grid, tile), stats.before(name), name)),
+                deps=source.deps(_box(tile, scale_in)) | previous,
+                boxes=_boxes(tile),
+                keep=True,  # the next layer's tasks read them
+            )
+            for tile in grid.tiles
+        )
+        stats.tasks[name] = ids
+        previous = frozenset(ids)
+    extra = (stats.before(None),)
+    return add_tiled(graph, stage, method, source, grid, scale_in, scale_out, channels, dtype, extra, previous)
+
+
 class Pooled:
     """The pooled statistics of the given tasks' results, computed once (in task-id order: bit-stable)."""
 

@@ -146,3 +146,20 @@ def test_every_task_waits_for_all_it_reads_in_any_order():
         graph, decoded = _encode_blend_decode(image)
         graph.run(AnyOrder(Toy(), seed))
         assert torch.equal(decoded.canvas, reference.canvas)
+
+
+def test_the_graphs_layer_by_layer_decode_equals_the_stage_by_stage_one(tiny_worker):
+    from pipeline.stream import add_tiled_exact_norm
+    from pipeline.tiling import run_tiled_exact_norm
+
+    latents = torch.randn(1, 4, 40, 48, generator=torch.Generator().manual_seed(6))
+    ex = LocalExecutor(tiny_worker)
+    staged = run_tiled_exact_norm(ex, "decode", "decode_stats", "decode_tile", latents, 24, 6, 1, 8, 3)
+    layers = list(ex.call("decode stats", "decode_stats", torch.zeros(1, 4, 2, 2), (0.0, 1.0, 0.0, 1.0)))
+    graph = Graph()
+    grid = cover_grid(40, 48, 24, 6)
+    out = add_tiled_exact_norm(graph, "decode", "decode_stats", "decode_tile", Fixed(latents), grid, 1, 8, 3, layers)
+    graph.run(ex)
+    assert torch.equal(out.canvas, staged)
+    per_layer = [t for t in graph.tasks if t.stage == "decode stats"]
+    assert len(per_layer) == len(layers) * len(grid.tiles)
