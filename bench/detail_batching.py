@@ -20,12 +20,12 @@ import torch
 
 from farm.executor import LocalExecutor
 from farm.tiny_models import TINY_NATIVE_PX, ensure_tiny_models
-from pipeline.chess_pass import RefineSettings
-from pipeline.detailer import detail, plan_jobs
-from pipeline.detection import Concept, Detection
-from pipeline.models import inspect_diffusion_model
-from pipeline.scaffold import make_scaffold
-from pipeline.worker import TileWorker, WorkerConfig
+from pipeline.detail.detailer import detail, plan_jobs
+from pipeline.detail.detection import Concept, Detection
+from pipeline.geometry.scaffold import make_scaffold
+from pipeline.graph.worker import TileWorker, WorkerConfig
+from pipeline.loading.models import inspect_diffusion_model
+from pipeline.sampling.chess_pass import RefineSettings
 
 
 def detections(n: int, size: int = 128) -> list[Detection]:

@@ -38,7 +38,7 @@ UPSCALER_SIDE, UPSCALER_CHECK = 64, 96  # input px per side: all convolutions, s
 TEXT_TOKENS = 77
 UPSCALER = "ESRGAN 4x (spandrel RRDBNet: 23 blocks, 64 features, 32 growth channels)"
 
-# worker method -> what it runs (pipeline.worker.TileWorker)
+# worker method -> what it runs (pipeline.graph.worker.TileWorker)
 UNET_METHODS = ("refine", "predict", "base_latents")
 ENCODE_METHODS = ("encode", "encode_stats", "encode_tile")
 DECODE_METHODS = ("decode_stats", "decode_tile")

@@ -2,7 +2,7 @@
 
 No weights can be downloaded, and random weights time exactly like trained ones: same layers,
 same shapes, same kernels. `build_full_sdxl` writes a diffusers folder our loader reads
-(`pipeline.models.load_diffusion_model`); `meta_param_counts` builds every network on the meta
+(`pipeline.loading.models.load_diffusion_model`); `meta_param_counts` builds every network on the meta
 device (no memory, no init) to check a config against the published parameter counts.
 """
 

@@ -44,10 +44,10 @@ from usdu_baseline import usdu_boundaries, usdu_refine, usdu_tiles  # noqa: E402
 
 import pipeline.render as render_module  # noqa: E402
 from farm.executor import LocalExecutor, prepare  # noqa: E402
-from pipeline.chess_pass import RefineSettings  # noqa: E402
+from pipeline.graph.worker import TileWorker, WorkerConfig  # noqa: E402
 from pipeline.render import render  # noqa: E402
+from pipeline.sampling.chess_pass import RefineSettings  # noqa: E402
 from pipeline.spec import RenderSpec  # noqa: E402
-from pipeline.worker import TileWorker, WorkerConfig  # noqa: E402
 
 STAGES = ("prompt", "scaffold", "base", "upscale", "encode", "refine", "decode")
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dawn, highly detailed", "blurry, low quality"

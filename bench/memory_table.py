@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.memory_table import ARCH_FIELDS, TABLE_PATH, arch_match  # noqa: E402
+from pipeline.budget.memory_table import ARCH_FIELDS, TABLE_PATH, arch_match  # noqa: E402
 
 DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -63,7 +63,7 @@ def unet_call(config: dict, latent: int, dtype: torch.dtype):
 def transformer_call(config: dict, latent: int, dtype: torch.dtype):
     from diffusers import FluxTransformer2DModel
 
-    from pipeline.flux import image_ids
+    from pipeline.sampling.flux import image_ids
 
     model = FluxTransformer2DModel.from_config(config)
     tokens = torch.randn(1, (latent // 2) ** 2, config["in_channels"])

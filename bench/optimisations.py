@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.conditioning import PromptEmbeds
+from pipeline.sampling.conditioning import PromptEmbeds
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def precision_toggle(call: UnetCall, repeats: int) -> Toggle:
 
 def vae_precision_toggle(vae, latent: int, dtype: torch.dtype, repeats: int) -> Toggle:
     """One VAE decode of a tile in fp32 (SDXL's force_upcast) vs half precision (GPU only)."""
-    from pipeline.vae import decode
+    from pipeline.sampling.vae import decode
 
     param = next(vae.parameters())
     device, upcast = param.device, param.dtype  # .to() below changes param in place

@@ -18,7 +18,7 @@ import torch
 
 from farm.executor import prepare, run_local
 from farm.tiny_models import TINY_NATIVE_PX, ensure_tiny_models
-from pipeline.clock import Clock
+from pipeline.graph.clock import Clock
 from pipeline.spec import RenderSpec, parse_size
 
 STAGES = ("load", "prompt", "scaffold", "base", "upscale", "encode", "refine", "decode")

@@ -33,9 +33,9 @@ import torch
 
 from cluster.executor import ClusterExecutor
 from cluster.wire import to_wire
-from pipeline.blend import blend_refine
-from pipeline.chess import batches, chess_grid
-from pipeline.chess_pass import RefineSettings, chess_refine
+from pipeline.geometry.chess import batches, chess_grid
+from pipeline.sampling.blend import blend_refine
+from pipeline.sampling.chess_pass import RefineSettings, chess_refine
 from pipeline.spec import TILINGS
 
 sys.path.insert(0, str(Path(__file__).parent))

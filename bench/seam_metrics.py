@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.chess import TileGrid
+from pipeline.geometry.chess import TileGrid
 
 DISTANCE_BINS = (0, 2, 4, 8, 16, 32)  # latent px from the nearest tile edge: [0, 2), [2, 4), ..., [32, inf)
 

@@ -60,16 +60,16 @@ from seams_report import Row, print_tables, write_strip  # noqa: E402
 from usdu_baseline import processing_size, usdu_refine, usdu_tiles  # noqa: E402
 
 from farm.executor import LocalExecutor  # noqa: E402
-from pipeline.chess import TileGrid, chess_grid, cover_grid  # noqa: E402
-from pipeline.chess_pass import RefineSettings  # noqa: E402
-from pipeline.clock import Clock  # noqa: E402
-from pipeline.models import inspect_diffusion_model  # noqa: E402
+from pipeline.geometry.chess import TileGrid, chess_grid, cover_grid  # noqa: E402
+from pipeline.geometry.scaffold import pool_noise  # noqa: E402
+from pipeline.geometry.tiling import core_bounds  # noqa: E402
+from pipeline.graph.clock import Clock  # noqa: E402
+from pipeline.graph.worker import TileWorker, WorkerConfig  # noqa: E402
+from pipeline.loading.models import inspect_diffusion_model  # noqa: E402
 from pipeline.plan import RenderPlan, make_plan  # noqa: E402
 from pipeline.render import Start, chess_stage, decode_canvas, start, upscale_to_target  # noqa: E402
-from pipeline.scaffold import pool_noise  # noqa: E402
+from pipeline.sampling.chess_pass import RefineSettings  # noqa: E402
 from pipeline.spec import TILINGS, RenderSpec, parse_size  # noqa: E402
-from pipeline.tiling import core_bounds  # noqa: E402
-from pipeline.worker import TileWorker, WorkerConfig  # noqa: E402
 
 PX_BLOCK, LATENT_BLOCK = 64, 8  # texture CV block sizes (8 latent px = 64 px at VAE factor 8)
 Window = tuple[int, int, int, int]  # (y, x, h, w) in latent px

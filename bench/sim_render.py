@@ -22,11 +22,11 @@ from flops import DEFAULT_TFLOPS, load_table, task_seconds  # noqa: E402
 from full_models import read_config  # noqa: E402
 
 from cluster.wire import from_wire, to_wire  # noqa: E402
-from pipeline.chess import Tile  # noqa: E402
-from pipeline.chess_pass import RefineSettings  # noqa: E402
-from pipeline.models import ModelInfo  # noqa: E402
-from pipeline.sampler import PromptEmbeds  # noqa: E402
-from pipeline.worker import WorkerFacts  # noqa: E402
+from pipeline.geometry.chess import Tile  # noqa: E402
+from pipeline.graph.worker import WorkerFacts  # noqa: E402
+from pipeline.loading.models import ModelInfo  # noqa: E402
+from pipeline.sampling.chess_pass import RefineSettings  # noqa: E402
+from pipeline.sampling.sampler import PromptEmbeds  # noqa: E402
 
 SCALE = 4  # the simulated upscaler: 4x ESRGAN
 VAE_FACTOR = 8
@@ -34,7 +34,7 @@ SDXL = ModelInfo(Path("simulated-sdxl"), "sdxl", latent_channels=4, vae_factor=8
 
 
 def _stats(batch: int) -> dict[str, torch.Tensor]:
-    """One layer of GroupNorm moments (count 1, mean 0, M2 0) for 32 groups: what pipeline.groupnorm pools."""
+    """One layer of GroupNorm moments (count 1, mean 0, M2 0) for 32 groups: what pipeline.sampling.groupnorm pools."""
     return {"sim": torch.stack([torch.ones(batch, 32), torch.zeros(batch, 32), torch.zeros(batch, 32)]).double()}
 
 

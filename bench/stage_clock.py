@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from pipeline.clock import Clock
+from pipeline.graph.clock import Clock
 
 
 def cuda_active() -> bool:

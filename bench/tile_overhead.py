@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from farm.executor import LocalExecutor  # noqa: E402
 from farm.tiny_models import ensure_tiny_models  # noqa: E402
-from pipeline.chess import batches, chess_grid, fit_grid  # noqa: E402
-from pipeline.chess_pass import RefineSettings, chess_refine  # noqa: E402
-from pipeline.scaffold import make_scaffold  # noqa: E402
-from pipeline.worker import TileWorker, WorkerConfig  # noqa: E402
+from pipeline.geometry.chess import batches, chess_grid, fit_grid  # noqa: E402
+from pipeline.geometry.scaffold import make_scaffold  # noqa: E402
+from pipeline.graph.worker import TileWorker, WorkerConfig  # noqa: E402
+from pipeline.sampling.chess_pass import RefineSettings, chess_refine  # noqa: E402
 
 
 class NullUNet(torch.nn.Module):

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.chess_pass import RefineSettings
-from pipeline.conditioning import PromptEmbeds
-from pipeline.resize import resize
-from pipeline.sampler import refine
-from pipeline.vae import decode, to_model_latents
+from pipeline.geometry.resize import resize
+from pipeline.sampling.chess_pass import RefineSettings
+from pipeline.sampling.conditioning import PromptEmbeds
+from pipeline.sampling.sampler import refine
+from pipeline.sampling.vae import decode, to_model_latents
 
 
 @dataclass(frozen=True)

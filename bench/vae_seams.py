@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from farm.executor import LocalExecutor  # noqa: E402
 from farm.tiny_models import ensure_tiny_models  # noqa: E402
-from pipeline import vae  # noqa: E402
-from pipeline.chess import TileGrid, cover_grid  # noqa: E402
-from pipeline.tiling import core_bounds, run_tiled, run_tiled_exact_norm, run_tiled_shared_norm  # noqa: E402
-from pipeline.worker import TileWorker, WorkerConfig  # noqa: E402
+from pipeline.geometry.chess import TileGrid, cover_grid  # noqa: E402
+from pipeline.geometry.tiling import core_bounds, run_tiled, run_tiled_exact_norm, run_tiled_shared_norm  # noqa: E402
+from pipeline.graph.worker import TileWorker, WorkerConfig  # noqa: E402
+from pipeline.sampling import vae  # noqa: E402
 
 
 def interior(grid: TileGrid, tile, scale: int) -> tuple[int, int, int, int]:

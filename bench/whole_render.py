@@ -4,7 +4,7 @@ A real top-down render (pipeline.plan.make_plan, pipeline.render.render, the Clu
 PullScheduler and the wire transport) over Ray actors whose model calls are sleeps of their FLOP-
 derived cost (bench/sim_render.py, bench/flops.py). All the driver's own work is real: tile crops,
 composites, resizes, GroupNorm pooling, the blended sampler's scheduler steps. Every task is
-recorded through the executor's ledger rows (pipeline.health.task_row).
+recorded through the executor's ledger rows (pipeline.graph.health.task_row).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from sim_render import SDXL, SimActor  # noqa: E402
 
 from cluster.executor import ClusterExecutor  # noqa: E402
 from cluster.wire import to_wire  # noqa: E402
-from pipeline.clock import Clock  # noqa: E402
-from pipeline.health import stage_row  # noqa: E402
+from pipeline.graph.clock import Clock  # noqa: E402
+from pipeline.graph.health import stage_row  # noqa: E402
 from pipeline.plan import RenderPlan, make_plan  # noqa: E402
 from pipeline.render import render  # noqa: E402
 from pipeline.spec import RenderSpec  # noqa: E402
@@ -213,7 +213,7 @@ def tables(results: list[Measured], zero: Measured) -> str:
     lines += ["| actors | " + " | ".join(stages) + " |", "|---:|" + "---:|" * len(stages)]
     lines += [f"| {m.actors} | " + " | ".join(f"{m.busy.get(st, 0):.2f}" for st in stages) + " |" for m in results]
     walls = list(dict.fromkeys(st for m in results for st in m.stage_wall))
-    lines += ["", "wall s per render stage (pipeline.clock, driver's view):", ""]
+    lines += ["", "wall s per render stage (pipeline.graph.clock, driver's view):", ""]
     lines += ["| actors | " + " | ".join(walls) + " |", "|---:|" + "---:|" * len(walls)]
     lines += [f"| {m.actors} | " + " | ".join(f"{m.stage_wall.get(st, 0):.2f}" for st in walls) + " |" for m in results]
     n_tasks = len(zero.tasks)

@@ -8,15 +8,15 @@ import socket
 import ray
 
 from cluster.wire import from_wire, to_wire
-from pipeline.health import poison
-from pipeline.worker import TileWorker, WorkerConfig
+from pipeline.graph.health import poison
+from pipeline.graph.worker import TileWorker, WorkerConfig
 
 
 class GpuWorker:
     """Ray actor around a TileWorker; the device comes from torch, never from Ray's (possibly fake) GPU ids."""
 
     def __init__(self, config: WorkerConfig):
-        from pipeline.preflight import check_worker
+        from pipeline.budget.preflight import check_worker
 
         check_worker(config)  # its own GPU, before loading: a clear error instead of an out-of-memory mid-load
         self.worker = TileWorker(config)

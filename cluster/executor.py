@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import Checkpointed
-from pipeline.clock import Clock
 from pipeline.errors import RenderError, UserError
-from pipeline.health import stage_row
+from pipeline.graph.checkpoint import Checkpointed
+from pipeline.graph.clock import Clock
+from pipeline.graph.health import stage_row
+from pipeline.graph.progress import Progress, no_progress, task_progress
+from pipeline.graph.taskgraph import Task
+from pipeline.graph.worker import WorkerConfig
 from pipeline.plan import RenderPlan
-from pipeline.progress import Progress, no_progress, task_progress
 from pipeline.render import RenderResult, render
-from pipeline.taskgraph import Task
-from pipeline.worker import WorkerConfig
 
 CONNECT_TIMEOUT_S = 5.0
 

@@ -28,9 +28,9 @@ from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue
 from cluster.scheduler import Lease
 from cluster.wire import from_wire, to_wire
 from pipeline.errors import RenderError, UserError
-from pipeline.health import poison
-from pipeline.progress import Bar
-from pipeline.worker import TileWorker, WorkerConfig
+from pipeline.graph.health import poison
+from pipeline.graph.progress import Bar
+from pipeline.graph.worker import TileWorker, WorkerConfig
 
 NAMESPACE = "tilefarm"
 CONTROLLER = "controller"
@@ -62,7 +62,7 @@ class FarmWorker:
                 import torch
 
                 torch.cuda.empty_cache()
-        from pipeline.preflight import check_worker
+        from pipeline.budget.preflight import check_worker
 
         check_worker(config)  # its own GPU, before loading: a clear error instead of an out-of-memory mid-load
         start = time.perf_counter()
@@ -337,7 +337,7 @@ class Controller:
         from cluster.executor import ClusterExecutor, preflight
         from farm.executor import prepare
         from farm.output import save_png
-        from pipeline.clock import Clock
+        from pipeline.graph.clock import Clock
         from pipeline.render import render
         from pipeline.spec import RenderSpec
 

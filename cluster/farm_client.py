@@ -78,7 +78,7 @@ def up(
     except ValueError:
         pass
     from cluster.executor import preflight
-    from pipeline.worker import WorkerConfig
+    from pipeline.graph.worker import WorkerConfig
 
     preflight(WorkerConfig("", "", "", "auto"), 0)  # every node imports tilefarm: a foreign cluster is refused here
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -52,7 +52,7 @@ def check_remote_spec(data, roots: list[Path], max_side: int = MAX_REMOTE_SIDE) 
         if absolute and not _inside(path, roots):
             raise Forbidden(f"{name} {value!r} is outside the farm's model roots ({where})")
     spec = spec.validate()
-    from pipeline.flux_parts import resolve_spec_files
+    from pipeline.loading.flux_parts import resolve_spec_files
 
     resolved = resolve_spec_files(spec)  # names under comfy_models become paths: check those too
     for name in PATH_FIELDS:

@@ -20,8 +20,8 @@ import ray
 from ray.exceptions import RayActorError
 
 from cluster.wire import WireTensor, from_wire, to_wire
-from pipeline.health import ATTEMPTS, bad_result_error, nonfinite, now, task_row
-from pipeline.taskgraph import OnResult, Task, check_graph, stage_positions
+from pipeline.graph.health import ATTEMPTS, bad_result_error, nonfinite, now, task_row
+from pipeline.graph.taskgraph import OnResult, Task, check_graph, stage_positions
 
 
 class WorkersLost(RuntimeError):
@@ -117,7 +117,7 @@ class PullScheduler:
 
     actors: list
     max_failures: int = 3  # deaths of one actor before it is given up (Ray restarts it in between)
-    # fault injection: (stage, n) crashes the actor on the first run of the stage's n-th task (pipeline.taskgraph.
+    # fault injection: (stage, n) crashes the actor on the first run of the stage's n-th task (pipeline.graph.taskgraph.
     # stage_positions); (stage, n, "nan")
     # makes its first result NaN
     faults: set[tuple] = field(default_factory=set)

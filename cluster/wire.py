@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.tree import walk
+from pipeline.graph.tree import walk
 
 
 class WireTensor:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pipeline.errors import RenderError, SpecError, UserError
+from pipeline.graph.progress import no_progress
 from pipeline.inputs import IMAGE_SUFFIXES
-from pipeline.progress import no_progress
 from pipeline.spec import RenderSpec
 
 LEDGER_NAME = "batch-ledger.parquet"
@@ -153,7 +153,7 @@ class Renderer:
 
             return run_cluster(plan, progress=progress, log=log, pool=self.pool).result
         from farm.executor import run_local
-        from pipeline.worker import TileWorker, WorkerConfig
+        from pipeline.graph.worker import TileWorker, WorkerConfig
 
         config = WorkerConfig.from_spec(plan.spec, self.args.device)
         if self.worker is None or self.worker.config != config:

@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from farm.progress import tqdm_progress
     from farm.rundir import RunDir
     from farm.runs import find_run, forget, new_run, runs_table
-    from pipeline.health import now, stage_row
+    from pipeline.graph.health import now, stage_row
 
     if args.command == "ledger":
         from farm.ledger import summary

@@ -8,11 +8,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import Checkpointed, Store
-from pipeline.clock import Clock
+from pipeline.budget.preflight import memory_decision, memory_report  # noqa: F401  (memory_report: the CLI's)
+from pipeline.detail.sam3 import inspect_detector
 from pipeline.errors import UserError
-from pipeline.flux_parts import resolve_spec_files
-from pipeline.health import (
+from pipeline.graph.checkpoint import Checkpointed, Store
+from pipeline.graph.clock import Clock
+from pipeline.graph.health import (
     ATTEMPTS,
     bad_result_error,
     nonfinite,
@@ -23,16 +24,15 @@ from pipeline.health import (
     stage_row,
     task_row,
 )
+from pipeline.graph.progress import Progress, no_progress, task_progress
+from pipeline.graph.taskgraph import OnResult, Task, check_graph, stage_positions
+from pipeline.graph.worker import TileWorker, WorkerConfig, pick_device
 from pipeline.inputs import load_input_image
-from pipeline.models import ModelInfo, inspect_diffusion_model
+from pipeline.loading.flux_parts import resolve_spec_files
+from pipeline.loading.models import ModelInfo, inspect_diffusion_model
 from pipeline.plan import RenderPlan, make_plan
-from pipeline.preflight import memory_decision, memory_report  # noqa: F401  (memory_report: the CLI's)
-from pipeline.progress import Progress, no_progress, task_progress
 from pipeline.render import RenderResult, render
-from pipeline.sam3 import inspect_detector
 from pipeline.spec import MAX_SIDE, RenderSpec, with_seed
-from pipeline.taskgraph import OnResult, Task, check_graph, stage_positions
-from pipeline.worker import TileWorker, WorkerConfig, pick_device
 
 
 def enhance_target(spec: RenderSpec, info: ModelInfo) -> tuple[RenderSpec, list[str]]:
@@ -92,7 +92,7 @@ AUTO_GPU_BATCH = 8  # tile_batch 0 on a GPU: start here, the pre-flight halves i
 class LocalExecutor:
     """Runs worker calls and task graphs in this process, tasks in id order, with a progress bar per group.
 
-    `faults` injects failures for tests: each (stage, n) entry (the stage's n-th task, pipeline.taskgraph.
+    `faults` injects failures for tests: each (stage, n) entry (the stage's n-th task, pipeline.graph.taskgraph.
     stage_positions) spoils one result of that task with
     a NaN (list it twice to spoil the retry too); a (stage, task id, "oom") entry makes the worker run out of
     memory at the start of that task's tile batch."""

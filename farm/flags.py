@@ -141,7 +141,7 @@ def command_line_layers(args: argparse.Namespace):
     """(spec layers in order: preset, spec file, PNG, flags; the preset or None; the spec file's out or None)."""
     from farm.presets import find_preset
     from farm.specfile import read_png_spec, read_toml
-    from pipeline.detection import parse_concept
+    from pipeline.detail.detection import parse_concept
     from pipeline.spec import parse_size
 
     layers, out, preset = [], None, None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.schedule import resolve_sampler, schedule_length
+from pipeline.sampling.schedule import resolve_sampler, schedule_length
 from pipeline.spec import RenderSpec
 
 # our sampler -> (A1111 sampler name, A1111 1.9+ "Schedule type"); None = the sampler's own (omitted)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.models import inspect_diffusion_model
+from pipeline.loading.models import inspect_diffusion_model
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pipeline.detection import Detection
+from pipeline.detail.detection import Detection
 from pipeline.errors import UserError
 from pipeline.spec import RenderSpec
 
@@ -85,7 +85,7 @@ def unpack(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 class RunDir:
-    """A render's run folder: a checkpoint store (pipeline.checkpoint.Store) and the ledger."""
+    """A render's run folder: a checkpoint store (pipeline.graph.checkpoint.Store) and the ledger."""
 
     def __init__(self, path: Path):
         import pyarrow.parquet  # noqa: F401  (imported now, not inside the first stage the ledger times)

@@ -89,7 +89,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0, release_rules: bool = False) -> P
     )
     tokenizers = _tiny_tokenizer(), _tiny_tokenizer()
     if release_rules:
-        from pipeline.single_file_configs import CLIP_VOCAB, clip_tokenizer
+        from pipeline.loading.single_file_configs import CLIP_VOCAB, clip_tokenizer
 
         ids = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)  # the released configs' (see clip_config)
         text_config.update(vocab_size=CLIP_VOCAB, num_attention_heads=1, **ids)

@@ -9,11 +9,11 @@ import math
 import os
 from dataclasses import dataclass
 
-from pipeline.chess import Tile, TileGrid, batches, chess_grid, fit_grid
 from pipeline.errors import SpecError
-from pipeline.model_info import ModelInfo
-from pipeline.resize import describe_fit
-from pipeline.schedule import resolve_sampler
+from pipeline.geometry.chess import Tile, TileGrid, batches, chess_grid, fit_grid
+from pipeline.geometry.resize import describe_fit
+from pipeline.loading.model_info import ModelInfo
+from pipeline.sampling.schedule import resolve_sampler
 from pipeline.spec import RenderSpec
 
 HOST_BYTES_PER_PIXEL = 4 * 3 * 4  # up to four float32 RGB buffers of the target live at once

@@ -1,5 +1,5 @@
 """The renders: one function per workflow, each reading top to bottom: the serial stages, then the
-tiled stages as one task graph (pipeline.stream), then the exact size.
+tiled stages as one task graph (pipeline.graph.stream), then the exact size.
 
 top-down (seed 002): scaffold -> pooled native noise -> base -> [model upscale (tiles) -> encode
 (tiles) -> refine (blended steps) -> decode (tiles)] -> exact size. With concepts, the semantic
@@ -25,20 +25,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.blend import CanvasStepper, add_blend
-from pipeline.chess import cover_grid
-from pipeline.chess_pass import RefineSettings, chess_refine
-from pipeline.clock import Clock
-from pipeline.detailer import detail, plan_jobs
-from pipeline.detection import choose
+from pipeline.detail.detailer import detail, plan_jobs
+from pipeline.detail.detection import choose
+from pipeline.geometry.chess import cover_grid
+from pipeline.geometry.resize import describe_fit, fit_exact, resize
+from pipeline.geometry.scaffold import make_scaffold, pool_noise
+from pipeline.geometry.tiling import run_tiled, run_tiled_exact_norm, run_tiled_shared_norm
+from pipeline.graph.clock import Clock
+from pipeline.graph.progress import Progress, no_progress, stage_bar, task_progress  # noqa: F401 (re-exported)
+from pipeline.graph.stream import (
+    Fixed,
+    Graph,
+    Source,
+    TiledCanvas,
+    add_tiled,
+    add_tiled_exact_norm,
+    add_tiled_shared_norm,
+)
+from pipeline.graph.taskgraph import Executor
 from pipeline.inputs import load_input_image
 from pipeline.plan import LATENT_UPSCALE, RenderPlan
-from pipeline.progress import Progress, no_progress, stage_bar, task_progress  # noqa: F401 (re-exported)
-from pipeline.resize import describe_fit, fit_exact, resize
-from pipeline.scaffold import make_scaffold, pool_noise
-from pipeline.stream import Fixed, Graph, Source, TiledCanvas, add_tiled, add_tiled_exact_norm, add_tiled_shared_norm
-from pipeline.taskgraph import Executor
-from pipeline.tiling import run_tiled, run_tiled_exact_norm, run_tiled_shared_norm
+from pipeline.sampling.blend import CanvasStepper, add_blend
+from pipeline.sampling.chess_pass import RefineSettings, chess_refine
 
 UPSCALE_OVERLAP = 32  # px of input shared by neighbouring upscaler tiles
 MIN_ENCODE_TILE = 16  # latents: tiny VAEs' sample sizes would otherwise cut thousands of tiles
@@ -80,7 +88,7 @@ def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: in
 
     With decode_norm "exact" (the default) every decode tile normalises with the image's own GroupNorm
     statistics, found layer by layer over all
-    tiles (pipeline.tiling.run_tiled_exact_norm: one statistics graph per GroupNorm layer, each tile
+    tiles (pipeline.geometry.tiling.run_tiled_exact_norm: one statistics graph per GroupNorm layer, each tile
     stopping at that layer). Per-tile statistics gave tiles textures 0.86-2.27x an untiled decode's on a
     chess-original latent; the one-barrier pooled statistics the encode uses missed by 8-23% (and more
     when iterated, or started from a downsampled whole-latent decode), as did statistics estimated from
@@ -98,7 +106,7 @@ def decode_canvas(plan: RenderPlan, ex: Executor, canvas: torch.Tensor, tile: in
 def encode_canvas(plan: RenderPlan, ex: Executor, pixels: torch.Tensor, tile_px: int | None = None) -> torch.Tensor:
     """Pixels -> latent canvas, encoded in overlapping tiles of `tile_px` (the VAE's sample size; by default
     the model's native size; smaller where the memory pre-flight chose; at least MIN_ENCODE_TILE latents)
-    with GroupNorm statistics pooled over all tiles (pipeline.tiling.run_tiled_shared_norm)."""
+    with GroupNorm statistics pooled over all tiles (pipeline.geometry.tiling.run_tiled_shared_norm)."""
     tile_px = tile_px or plan.model.native_px
     if plan.vae_tile:
         tile_px = min(tile_px, plan.vae_tile)
@@ -198,7 +206,7 @@ def detail_stage(plan: RenderPlan, ex: Executor, base, pixels, scaffold, cond, l
 class Start:
     """What every workflow begins with: the models' facts, the prompt conditioning and the scaffold."""
 
-    facts: object  # pipeline.worker.WorkerFacts
+    facts: object  # pipeline.graph.worker.WorkerFacts
     cond_value: object  # PromptEmbeds
     cond: object  # the same, shared with the workers
     scaffold: torch.Tensor

@@ -5,11 +5,11 @@ from __future__ import annotations
 import secrets
 from dataclasses import asdict, dataclass, fields, replace
 
-from pipeline.detection import Concept
+from pipeline.detail.detection import Concept
 from pipeline.errors import SpecError
-from pipeline.prompt import STYLES as PROMPT_STYLES
-from pipeline.prompt import parse_prompt
-from pipeline.schedule import SAMPLERS
+from pipeline.sampling.schedule import SAMPLERS
+from pipeline.text.prompt import STYLES as PROMPT_STYLES
+from pipeline.text.prompt import parse_prompt
 
 MAX_SIDE = 65536  # beyond this no machine we target holds the pixel buffers
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -38,11 +38,11 @@ class RenderSpec:
     model: str = ""
     prompt: str = ""
     negative: str = ""
-    prompt_style: str = "comfyui"  # how prompts are weighted and chunked: one of PROMPT_STYLES (pipeline.prompt)
+    prompt_style: str = "comfyui"  # how prompts are weighted and chunked: one of PROMPT_STYLES (pipeline.text.prompt)
     width: int = 4096
     height: int = 4096
     seed: int = RANDOM_SEED  # -1: drawn by with_seed when the render is planned, then recorded
-    steps: int = 20  # refine steps that run per tile (see pipeline.schedule)
+    steps: int = 20  # refine steps that run per tile (see pipeline.sampling.schedule)
     base_steps: int = 30
     cfg: float = 7.0
     denoise: float = 0.35

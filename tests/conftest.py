@@ -42,7 +42,7 @@ def tiny_flux(tiny_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_flux_model(tiny_flux):
     """The tiny Flux loaded through our loader, fp32 on the CPU."""
-    from pipeline.models import load_diffusion_model
+    from pipeline.loading.models import load_diffusion_model
 
     return load_diffusion_model(tiny_flux, torch.device("cpu"), torch.float32)
 
@@ -60,7 +60,7 @@ def tiny_sam3(tiny_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_sdxl):
     """The tiny SDXL loaded through our loader, fp32 on the CPU."""
-    from pipeline.models import load_diffusion_model
+    from pipeline.loading.models import load_diffusion_model
 
     return load_diffusion_model(tiny_sdxl, torch.device("cpu"), torch.float32)
 
@@ -68,7 +68,7 @@ def tiny_model(tiny_sdxl):
 @pytest.fixture(scope="session")
 def tiny_worker(tiny_sdxl, tiny_upscaler):
     """A TileWorker holding the tiny models, on the CPU."""
-    from pipeline.worker import TileWorker, WorkerConfig
+    from pipeline.graph.worker import TileWorker, WorkerConfig
 
     return TileWorker(WorkerConfig(str(tiny_sdxl), str(tiny_upscaler), "", "fp32", "cpu"))
 

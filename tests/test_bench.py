@@ -26,8 +26,8 @@ from seam_metrics import (  # noqa: E402
 from seams import grid_boundaries, seam_ratio  # noqa: E402
 from usdu_baseline import processing_size, tile_mask, usdu_refine, usdu_tiles  # noqa: E402
 
-from pipeline.chess import chess_grid  # noqa: E402
-from pipeline.chess_pass import RefineSettings  # noqa: E402
+from pipeline.geometry.chess import chess_grid  # noqa: E402
+from pipeline.sampling.chess_pass import RefineSettings  # noqa: E402
 from pipeline.spec import TILINGS  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def test_full_size_configs_build_the_published_architectures():
 
 def test_random_weight_folder_loads_through_our_loader(tiny_sdxl, tmp_path):
     """The full-size builder's output is a folder load_diffusion_model reads (shown with the tiny configs)."""
-    from pipeline.models import load_diffusion_model
+    from pipeline.loading.models import load_diffusion_model
 
     folder = build_full_sdxl(tmp_path / "random-sdxl", "cpu", torch.float32, configs=tiny_sdxl)
     model = load_diffusion_model(folder, torch.device("cpu"), torch.float32)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from farm.executor import LocalExecutor, prepare, run_local
-from pipeline.blend import blend_refine
-from pipeline.chess import batches, chess_grid
-from pipeline.chess_pass import RefineSettings, chess_refine, pin_mask
-from pipeline.sampler import refine
-from pipeline.worker import TileWorker, WorkerConfig
+from pipeline.geometry.chess import batches, chess_grid
+from pipeline.graph.worker import TileWorker, WorkerConfig
+from pipeline.sampling.blend import blend_refine
+from pipeline.sampling.chess_pass import RefineSettings, chess_refine, pin_mask
+from pipeline.sampling.sampler import refine
 
 
 class OracleWorker:

@@ -1,6 +1,6 @@
 import torch
 
-from pipeline.chess import batches, chess_grid, cover_grid
+from pipeline.geometry.chess import batches, chess_grid, cover_grid
 
 
 def test_seed_002_table_4096_with_1024_tiles():

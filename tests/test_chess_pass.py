@@ -2,10 +2,10 @@
 
 import torch
 
-from pipeline.chess import batches, chess_grid
-from pipeline.chess_pass import RefineSettings, chess_tasks
-from pipeline.feather import composite_pass
-from pipeline.taskgraph import check_graph
+from pipeline.geometry.chess import batches, chess_grid
+from pipeline.geometry.feather import composite_pass
+from pipeline.graph.taskgraph import check_graph
+from pipeline.sampling.chess_pass import RefineSettings, chess_tasks
 
 
 def _graph(batch):

@@ -13,8 +13,8 @@ from cluster.executor import ClusterError, ClusterExecutor, preflight, run_clust
 from farm.cli import main  # noqa: E402
 from farm.executor import prepare, run_local  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+from pipeline.graph.worker import WorkerConfig  # noqa: E402
 from pipeline.render import render  # noqa: E402
-from pipeline.worker import WorkerConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_model_missing_on_the_workers(local_ray, tmp_path):
 def detail_plan(small_spec, tiny_sam3):
     from dataclasses import replace
 
-    from pipeline.detection import Concept
+    from pipeline.detail.detection import Concept
 
     concepts = (
         Concept("face", threshold=0.0, selection="all", max_objects=3),

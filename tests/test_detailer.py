@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from farm.executor import LocalExecutor, prepare, run_local
-from pipeline.chess_pass import RefineSettings
-from pipeline.crop import Crop, crop_for, crop_mask, crop_noise, crop_sides, feather_detection, upsample_noise
-from pipeline.detailer import detail, plan_jobs
-from pipeline.detection import Concept, Detection, choose, select
+from pipeline.detail.detailer import detail, plan_jobs
+from pipeline.detail.detection import Concept, Detection, choose, select
+from pipeline.detail.sam3 import Sam3Detector, inspect_detector
 from pipeline.errors import ModelFileError
-from pipeline.sam3 import Sam3Detector, inspect_detector
-from pipeline.scaffold import make_scaffold, pool_noise
+from pipeline.geometry.crop import Crop, crop_for, crop_mask, crop_noise, crop_sides, feather_detection, upsample_noise
+from pipeline.geometry.scaffold import make_scaffold, pool_noise
+from pipeline.sampling.chess_pass import RefineSettings
 
 
 def _det(box, concept="face", layer=0, score=0.9, mask=None, size=64) -> Detection:
@@ -268,7 +268,7 @@ def test_concepts_come_from_toml_flags_and_png_metadata(tmp_path, tiny_sam3):
     import json
 
     from farm.specfile import build_spec, read_toml
-    from pipeline.detection import parse_concept
+    from pipeline.detail.detection import parse_concept
     from pipeline.spec import RenderSpec
 
     spec_file = tmp_path / "spec.toml"
@@ -292,7 +292,7 @@ def test_concepts_come_from_toml_flags_and_png_metadata(tmp_path, tiny_sam3):
 def test_box_mean_is_a_replicate_padded_average_and_zero_where_the_window_is_zero():
     import torch.nn.functional as F
 
-    from pipeline.crop import box_mean
+    from pipeline.geometry.crop import box_mean
 
     x = torch.zeros(1, 1, 50, 70)
     x[..., 10:20, 30:41] = torch.rand(10, 11, generator=torch.Generator().manual_seed(0))

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pipeline.chess import chess_grid
-from pipeline.feather import composite_pass, coverage, feather_mask
+from pipeline.geometry.chess import chess_grid
+from pipeline.geometry.feather import composite_pass, coverage, feather_mask
 
 
 def _weights(grid, tiles, mode):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.chess import chess_grid, fit_grid
 from pipeline.errors import SpecError
-from pipeline.feather import coverage
+from pipeline.geometry.chess import chess_grid, fit_grid
+from pipeline.geometry.feather import coverage
 from pipeline.spec import RenderSpec
 
 F = 8  # SDXL's VAE factor: px per latent
@@ -55,7 +55,7 @@ def test_overlap_must_be_smaller_than_the_tile():
 
 
 def test_spec_selects_the_grid_and_checks_the_overlap(tiny_sdxl):
-    from pipeline.models import inspect_diffusion_model
+    from pipeline.loading.models import inspect_diffusion_model
     from pipeline.plan import make_plan
 
     spec = RenderSpec(model=str(tiny_sdxl), width=4096, height=4096, grid="fit", fit_overlap=128)

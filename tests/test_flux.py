@@ -12,16 +12,16 @@ from PIL import Image
 from farm.cli import main
 from farm.executor import prepare, run_local
 from farm.tiny_models import ensure_tiny_flux
-from pipeline import vae
-from pipeline.chess import chess_grid
-from pipeline.chess_pass import RefineSettings, crops, refine_tiles, tile_noise
 from pipeline.errors import ModelFileError, SpecError
-from pipeline.flux import FluxDenoiser, pack, unpack
-from pipeline.models import inspect_diffusion_model, load_diffusion_model
+from pipeline.geometry.chess import chess_grid
+from pipeline.geometry.scaffold import make_scaffold, pool_noise
+from pipeline.loading.models import inspect_diffusion_model, load_diffusion_model
 from pipeline.plan import make_plan
-from pipeline.sampler import generate, refine
-from pipeline.scaffold import make_scaffold, pool_noise
-from pipeline.schedule import schedule_length
+from pipeline.sampling import vae
+from pipeline.sampling.chess_pass import RefineSettings, crops, refine_tiles, tile_noise
+from pipeline.sampling.flux import FluxDenoiser, pack, unpack
+from pipeline.sampling.sampler import generate, refine
+from pipeline.sampling.schedule import schedule_length
 from pipeline.spec import RenderSpec
 
 CPU = torch.device("cpu")

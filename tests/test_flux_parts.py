@@ -11,11 +11,11 @@ from safetensors.torch import save_file
 
 from farm.tiny_models import _tiny_t5_tokenizer
 from pipeline.errors import ModelFileError
-from pipeline.flux_keys import apply_plan, bfl_plan, flux_transformer_config
-from pipeline.flux_parts import FluxParts
-from pipeline.model_file import inspect_file
-from pipeline.models import load_diffusion_model
-from pipeline.single_file_configs import CLIP_VOCAB, clip_tokenizer
+from pipeline.loading.flux_keys import apply_plan, bfl_plan, flux_transformer_config
+from pipeline.loading.flux_parts import FluxParts
+from pipeline.loading.model_file import inspect_file
+from pipeline.loading.models import load_diffusion_model
+from pipeline.loading.single_file_configs import CLIP_VOCAB, clip_tokenizer
 
 CPU = torch.device("cpu")
 FP8 = torch.float8_e4m3fn
@@ -267,7 +267,7 @@ def test_wrong_family_parts_are_refused(parts, tiny_sdxl):
 
 def test_prepare_resolves_the_parts_and_counts_their_weights(parts):
     from farm.executor import prepare
-    from pipeline.memory import count_parameters, part_parameters
+    from pipeline.budget.memory import count_parameters, part_parameters
     from pipeline.spec import RenderSpec
 
     spec = RenderSpec(model="flux1-tiny.safetensors", comfy_models=str(parts["root"] / "models"), prompt="x")

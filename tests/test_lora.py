@@ -5,7 +5,7 @@ import torch
 from conftest import CLIP_STEMS, lora_delta, make_lora
 
 from pipeline.errors import ModelFileError
-from pipeline.models import load_diffusion_model
+from pipeline.loading.models import load_diffusion_model
 
 CPU = torch.device("cpu")
 SDXL_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # a tiny-UNet layer (64 -> 64)

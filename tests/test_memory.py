@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.chess import chess_grid
-from pipeline.chess_pass import RefineSettings, crops
-from pipeline.memory import (
+from pipeline.budget.memory import (
     CUDA_OVERHEAD,
     HEADROOM,
     Budget,
@@ -26,9 +24,11 @@ from pipeline.memory import (
     plan_estimate,
     plan_stages,
 )
-from pipeline.memory_table import Curve, curve
-from pipeline.model_info import ModelInfo
+from pipeline.budget.memory_table import Curve, curve
+from pipeline.geometry.chess import chess_grid
+from pipeline.loading.model_info import ModelInfo
 from pipeline.plan import make_plan
+from pipeline.sampling.chess_pass import RefineSettings, crops
 from pipeline.spec import RenderSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,8 +177,8 @@ def test_only_what_cannot_fit_at_batch_1_is_refused_with_the_numbers_and_a_fix()
 
 
 def test_a_gpu_worker_refuses_weights_its_own_gpu_cannot_hold(tiny_sdxl):
-    from pipeline.preflight import worker_refusal
-    from pipeline.worker import WorkerConfig
+    from pipeline.budget.preflight import worker_refusal
+    from pipeline.graph.worker import WorkerConfig
 
     config = WorkerConfig(str(tiny_sdxl), "", "", "fp16")
     weights = 2 * count_parameters(Path(tiny_sdxl)) + 2 * component_parameters(Path(tiny_sdxl))["vae"]
@@ -261,7 +261,7 @@ def test_a_batch_that_runs_out_of_memory_is_split_in_halves_once(tiny_worker, ca
     first = tiny_worker.refine(tiles[:2], latents[:2], scaffold, cond, settings)
     second = tiny_worker.refine(tiles[2:], latents[2:], scaffold, cond, settings)
     tiny_worker.oom_faults = 1
-    with caplog.at_level(logging.WARNING, logger="pipeline.worker"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.graph.worker"):
         split = tiny_worker.refine(tiles, latents, scaffold, cond, settings)
     assert sorted(split) == [t.id for t in tiles]
     assert all(torch.equal(split[i], (first | second)[i]) for i in split)
@@ -276,7 +276,7 @@ def test_the_ledger_records_each_tasks_peak_memory_and_survives_an_injected_oom(
     from farm.ledger import summary
     from farm.rundir import RunDir
 
-    caplog.set_level(logging.WARNING, logger="pipeline.worker")
+    caplog.set_level(logging.WARNING, logger="pipeline.graph.worker")
     spec = replace(small_spec, width=256, height=256, steps=1, base_steps=1, cfg=1.0, upscaler="")
     run_dir = RunDir.create(tmp_path / "run", "oom-run", spec, tmp_path / "out.png")
     plan = prepare(spec, "cpu")

@@ -15,7 +15,7 @@ from farm.executor import prepare
 from farm.infotext import parameters, quote
 from farm.output import save_png
 from pipeline.errors import SpecError
-from pipeline.scaffold import make_scaffold
+from pipeline.geometry.scaffold import make_scaffold
 from pipeline.spec import DRAWN_SEEDS, RenderSpec, with_seed
 
 # A1111 modules/infotext_utils.py: re_param_code, re_imagesize and parse_generation_parameters, as written there

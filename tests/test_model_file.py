@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.errors import ModelFileError
-from pipeline.model_file import classify, inspect_file, read_header
+from pipeline.loading.model_file import classify, inspect_file, read_header
 
 
 def header(shapes: dict[str, tuple[int, ...]], dtype: str = "F16", **dtypes: str) -> dict:

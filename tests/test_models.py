@@ -8,7 +8,7 @@ import torch
 
 from farm.tiny_models import build_tiny_upscaler
 from pipeline.errors import ModelFileError
-from pipeline.models import inspect_diffusion_model, load_diffusion_model, load_upscaler, read_state_dict
+from pipeline.loading.models import inspect_diffusion_model, load_diffusion_model, load_upscaler, read_state_dict
 
 CPU = torch.device("cpu")
 

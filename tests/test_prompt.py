@@ -4,14 +4,14 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from pipeline.conditioning import PromptEmbeds, repeat_tokens
 from pipeline.errors import SpecError
-from pipeline.prompt import WINDOW, Parsed, chunk_prompt, parse_prompt
-from pipeline.sampler import generate
-from pipeline.scaffold import make_scaffold, pool_noise
-from pipeline.schedule import make_scheduler
+from pipeline.geometry.scaffold import make_scaffold, pool_noise
+from pipeline.sampling.conditioning import PromptEmbeds, repeat_tokens
+from pipeline.sampling.sampler import generate
+from pipeline.sampling.schedule import make_scheduler
 from pipeline.spec import RenderSpec
-from pipeline.text_encode import a1111_emphasis, clip_specials, encode_sdxl_prompt
+from pipeline.text.prompt import WINDOW, Parsed, chunk_prompt, parse_prompt
+from pipeline.text.text_encode import a1111_emphasis, clip_specials, encode_sdxl_prompt
 
 # (prompt, runs) per ComfyUI's comfy/sd1_clip.py token_weights: (x) x1.1 per level, (x:w) sets w
 COMFY = [
@@ -307,7 +307,7 @@ def test_the_render_encodes_once_in_the_spec_style_and_logs_the_counts(small_spe
     from dataclasses import replace
 
     from farm.executor import LocalExecutor, prepare
-    from pipeline.clock import Clock
+    from pipeline.graph.clock import Clock
     from pipeline.render import start
 
     spec = replace(small_spec, prompt="a lighthouse BREAK (at dawn:1.2)", negative="", prompt_style="a1111")

@@ -4,11 +4,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-from pipeline.chess import chess_grid
-from pipeline.chess_pass import RefineSettings, crops, refine_tiles, tile_noise
-from pipeline.sampler import generate, refine
-from pipeline.scaffold import make_scaffold, pool_noise
-from pipeline.schedule import make_scheduler, refine_schedule, schedule_length
+from pipeline.geometry.chess import chess_grid
+from pipeline.geometry.scaffold import make_scaffold, pool_noise
+from pipeline.sampling.chess_pass import RefineSettings, crops, refine_tiles, tile_noise
+from pipeline.sampling.sampler import generate, refine
+from pipeline.sampling.schedule import make_scheduler, refine_schedule, schedule_length
 
 
 def refine_batch(denoiser, cond, settings, tiles, canvas, scaffold):
@@ -128,8 +128,8 @@ def test_batched_tiles_match_tiles_refined_alone(tiny_model):
 
 
 def test_a_held_mask_is_a_lower_denoise_there_and_nothing_elsewhere(tiny_model):
-    from pipeline.conditioning import Hold
-    from pipeline.schedule import held_steps
+    from pipeline.sampling.conditioning import Hold
+    from pipeline.sampling.schedule import held_steps
 
     g = torch.Generator().manual_seed(4)
     latents, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)

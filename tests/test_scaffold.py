@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.scaffold import make_scaffold, noise_slice, pool_noise
+from pipeline.geometry.scaffold import make_scaffold, noise_slice, pool_noise
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])

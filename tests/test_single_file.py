@@ -9,8 +9,8 @@ from ldm_layout import sdxl_pipeline_to_checkpoint
 from safetensors.torch import save_file
 
 from farm.tiny_models import build_tiny_sdxl
-from pipeline.model_file import inspect_file
-from pipeline.models import inspect_diffusion_model, load_diffusion_model
+from pipeline.loading.model_file import inspect_file
+from pipeline.loading.models import inspect_diffusion_model, load_diffusion_model
 
 CPU = torch.device("cpu")
 
@@ -103,7 +103,7 @@ def test_v_prediction_markers_set_the_scheduler(sdxl_pair, tmp_path, no_network)
     scheduler = load_diffusion_model(vpred, CPU, torch.float32).pipe.scheduler
     assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.config.rescale_betas_zero_snr is True
-    from pipeline.schedule import make_scheduler
+    from pipeline.sampling.schedule import make_scheduler
 
     for sampler in ("dpmpp_2m_karras", "euler"):  # the render's own samplers keep both
         mine = make_scheduler(sampler, dict(scheduler.config))
@@ -131,7 +131,7 @@ def test_full_size_sdxl_header_gives_the_released_configs():
     from ldm_layout import clip_g_to_openclip, unet_to_ldm, vae_to_ldm
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from pipeline.single_file_configs import clip_config, sdxl_unet_config, vae_config
+    from pipeline.loading.single_file_configs import clip_config, sdxl_unet_config, vae_config
 
     released_unet = dict(
         block_out_channels=[320, 640, 1280],

@@ -6,10 +6,10 @@ import random
 import torch
 
 from farm.executor import LocalExecutor
-from pipeline.checkpoint import Checkpointed
-from pipeline.chess import cover_grid
-from pipeline.feather import composite_pass
-from pipeline.stream import Fixed, Graph, TiledCanvas, add_tiled
+from pipeline.geometry.chess import cover_grid
+from pipeline.geometry.feather import composite_pass
+from pipeline.graph.checkpoint import Checkpointed
+from pipeline.graph.stream import Fixed, Graph, TiledCanvas, add_tiled
 
 
 def test_a_canvas_composited_as_tiles_arrive_equals_the_whole_composite():
@@ -123,9 +123,9 @@ class AnyOrder:
 def _encode_blend_decode(image):
     from diffusers import EulerDiscreteScheduler
 
-    from pipeline.blend import add_blend
-    from pipeline.chess import batches, chess_grid
-    from pipeline.chess_pass import RefineSettings
+    from pipeline.geometry.chess import batches, chess_grid
+    from pipeline.sampling.blend import add_blend
+    from pipeline.sampling.chess_pass import RefineSettings
 
     graph = Graph()
     latents = add_tiled(graph, "encode", "halve", Fixed(image), cover_grid(40, 56, 12, 4), 1, 1, 4)
@@ -149,8 +149,8 @@ def test_every_task_waits_for_all_it_reads_in_any_order():
 
 
 def test_the_graphs_layer_by_layer_decode_equals_the_stage_by_stage_one(tiny_worker):
-    from pipeline.stream import add_tiled_exact_norm
-    from pipeline.tiling import run_tiled_exact_norm
+    from pipeline.geometry.tiling import run_tiled_exact_norm
+    from pipeline.graph.stream import add_tiled_exact_norm
 
     latents = torch.randn(1, 4, 40, 48, generator=torch.Generator().manual_seed(6))
     ex = LocalExecutor(tiny_worker)

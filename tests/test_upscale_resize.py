@@ -1,9 +1,9 @@
 import torch
 
 from farm.executor import LocalExecutor
-from pipeline.chess import cover_grid
-from pipeline.resize import cover_size, fit_exact
-from pipeline.tiling import run_tiled
+from pipeline.geometry.chess import cover_grid
+from pipeline.geometry.resize import cover_size, fit_exact
+from pipeline.geometry.tiling import run_tiled
 
 
 def test_tiled_upscale_matches_whole_image_away_from_seams(tiny_worker):
@@ -42,7 +42,7 @@ def test_fit_exact_keeps_aspect_and_crops_the_centre():
 
 
 def test_tiled_decode_matches_whole_decode_in_tile_interiors(tiny_worker):
-    from pipeline import vae
+    from pipeline.sampling import vae
 
     latents = torch.randn(1, 4, 48, 64, generator=torch.Generator().manual_seed(1))
     whole = vae.decode(tiny_worker.model.vae, latents, tiled=False)

@@ -1,5 +1,5 @@
-"""Tiled VAE decode and encode with GroupNorm statistics shared by all tiles (pipeline.groupnorm): the encode
-pools them with one barrier, the decode layer by layer (pipeline.tiling.run_tiled_exact_norm)."""
+"""Tiled VAE decode and encode with GroupNorm statistics shared by all tiles (pipeline.sampling.groupnorm): the encode
+pools them with one barrier, the decode layer by layer (pipeline.geometry.tiling.run_tiled_exact_norm)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 from vae_seams import even_odd, shifted_latent, texture_ratios  # noqa: E402
 
 from farm.executor import LocalExecutor  # noqa: E402
-from pipeline import vae  # noqa: E402
-from pipeline.chess import cover_grid  # noqa: E402
-from pipeline.groupnorm import combine_stats, core_moments  # noqa: E402
-from pipeline.tiling import core_box, run_tiled, run_tiled_exact_norm, run_tiled_shared_norm  # noqa: E402
+from pipeline.geometry.chess import cover_grid  # noqa: E402
+from pipeline.geometry.tiling import core_box, run_tiled, run_tiled_exact_norm, run_tiled_shared_norm  # noqa: E402
+from pipeline.sampling import vae  # noqa: E402
+from pipeline.sampling.groupnorm import combine_stats, core_moments  # noqa: E402
 
 F = 8  # the tiny VAE's factor
 SIZE, TILE, OVERLAP = 32, 14, 4  # latents: 256 px in 3 x 3 tiles of 112 px
@@ -111,7 +111,7 @@ def test_shared_statistics_give_every_encode_tile_the_same_texture(encoded):
 
 def test_half_precision_activations_keep_float32_statistics():
     """A bf16 GroupNorm records float64 moments and normalises in float32, returning bf16."""
-    from pipeline.groupnorm import apply_stats, record_stats
+    from pipeline.sampling.groupnorm import apply_stats, record_stats
 
     norm = torch.nn.GroupNorm(4, 8).to(torch.bfloat16)
     torch.nn.init.normal_(norm.weight)

@@ -1,0 +1,303 @@
+"""The render as one task graph: every tiled stage's tasks wait only for the tiles they read.
+
+    upscale tiles -> encode statistics -> encode tiles -> blended refine steps -> decode tiles
+
+Each tiled stage writes into a canvas that is composited cell by cell (pipeline.geometry.cells) as its tiles
+arrive: a cell is blended from the tiles over it, in tile-id order, once all of them are in, so the
+canvas is the same whatever order the tiles finish in, and nothing is left to composite after the
+last tile. A task of the next stage reads a box of that canvas and waits for exactly the tiles that
+cover the box, so on a farm the first refine steps start while the last encode tiles run, and the
+first decode tiles while the refine finishes. The driver keeps each canvas once, in a compact form:
+pixels in float16 (they come from an image and go into the VAE), latents in float32, and tile
+results only until every cell under them is composited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.geometry.cells import Cell, grid_cells
+from pipeline.geometry.chess import Tile, TileGrid
+from pipeline.geometry.feather import feather_mask
+from pipeline.graph.taskgraph import GRAPH_STAGE, Executor, Task
+from pipeline.sampling.groupnorm import combine_stats
+
+Box = tuple[int, int, int, int]  # (y, x, h, w)
+
+
+class Source(Protocol):
+    """What a stage reads: a box of a canvas, and the tasks that must be done before the box is final."""
+
+    def read(self, box: Box) -> torch.Tensor: ...
+
+    def deps(self, box: Box) -> frozenset[int]: ...
+
+
+@dataclass
+class Fixed:
+    """A canvas finished before the graph runs (the base's latents, the detailer's pixels)."""
+
+    canvas: torch.Tensor
+
+    def read(self, box: Box) -> torch.Tensor:
+        y, x, h, w = box
+        return self.canvas[..., y : y + h, x : x + w].float().contiguous()
+
+    def deps(self, box: Box) -> frozenset[int]:
+        return frozenset()
+
+
+def _overlap(tile: Tile, box: Box) -> bool:
+    y, x, h, w = box
+    return tile.y < y + h and y < tile.y + tile.h and tile.x < x + w and x < tile.x + tile.w
+
+
+def _scaled(box: Box, scale: int) -> Box:
+    return tuple(v * scale for v in box)  # type: ignore[return-value]
+
+
+class TiledCanvas:
+    """A tiled stage's output [1, C, H, W] in `dtype`, composited cell by cell as its tiles arrive.
+
+    `grid` is in output units. Each cell is sum_i w_i x_i / sum_i w_i over the tiles i covering it, with
+    the feather weights w (DESIGN rule 3; the "paste" composite of pipeline.geometry.feather), in tile-id order."""
+
+    def __init__(self, grid: TileGrid, channels: int, dtype: torch.dtype, on_tile=None):
+        self.grid = grid
+        self.canvas = torch.zeros(1, channels, grid.canvas_h, grid.canvas_w, dtype=dtype)
+        self.tiles = {tile.id: tile for tile in grid.tiles}
+        self.cells = grid_cells(grid)
+        self.under: dict[int, list[int]] = {tile.id: [] for tile in grid.tiles}
+        for i, cell in enumerate(self.cells):
+            for tile_id in cell.tiles:
+                self.under[tile_id].append(i)
+        self.task_of: dict[int, int] = {}  # tile id -> the task that makes it
+        self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # tile id -> (result, feather weights)
+        self.pending: dict[int, int] = {}  # tile id -> cells under it still to composite
+        self.arrived: set[int] = set()
+        self.on_tile = on_tile  # called with each tile id once its cells that can be are composited
+
+    def add(self, tile_id: int, value: torch.Tensor) -> None:
+        """Take one tile's output and composite every cell it completes."""
+        self.results[tile_id] = (value, feather_mask(self.grid, self.tiles[tile_id]))
+        self.pending[tile_id] = len(self.under[tile_id])
+        self.arrived.add(tile_id)
+        for i in self.under[tile_id]:
+            if all(t in self.arrived for t in self.cells[i].tiles):
+                self._composite(self.cells[i])
+        if self.on_tile:
+            self.on_tile(tile_id)
+
+    def _composite(self, cell: Cell) -> None:
+        acc = torch.zeros(1, self.canvas.shape[1], cell.h, cell.w)
+        weight = torch.zeros(cell.h, cell.w)
+        for tile_id in cell.tiles:  # tile-id order: a fixed summation order keeps results bit-stable
+            rows, cols = cell.within(self.tiles[tile_id])
+            value, mask = self.results[tile_id]
+            acc += value[..., rows, cols].float() * mask[rows, cols]
+            weight += mask[rows, cols]
+            self.pending[tile_id] -= 1
+            if not self.pending[tile_id]:
+                del self.results[tile_id], self.pending[tile_id]
+        self.canvas[cell.box] = (acc / weight).to(self.canvas.dtype)
+
+    def read(self, box: Box) -> torch.Tensor:
+        y, x, h, w = box
+        return self.canvas[..., y : y + h, x : x + w].float().contiguous()
+
+    def deps(self, box: Box) -> frozenset[int]:
+        return frozenset(self.task_of[t.id] for t in self.grid.tiles if _overlap(t, box))
+
+    def tiles_over(self, box: Box) -> set[int]:
+        return {t.id for t in self.grid.tiles if _overlap(t, box)}
+
+
+@dataclass
+class Graph:
+    """Tasks of several stages with one id order (stage by stage), and what to do with each result."""
+
+    tasks: list[Task] = field(default_factory=list)
+    handlers: dict[int, Any] = field(default_factory=dict)
+
+    def add(
+        self,
+        stage: str,
+        method: str,
+        args,
+        deps=frozenset(),
+        boxes=(),
+        units: int = 1,
+        keep: bool = False,
+        on_result=None,
+        group: str = "",
+    ) -> int:
+        """Append a task; returns its id. `on_result(value)` receives its result as it is accepted."""
+        task_id = len(self.tasks)
+        self.tasks.append(
+            Task(task_id, method, args, frozenset(deps), group or stage, units, boxes, keep=keep, stage=stage)
+        )
+        if on_result:
+            self.handlers[task_id] = on_result
+        return task_id
+
+    def run(self, ex: Executor) -> dict[int, Any]:
+        def accept(task: Task, value: Any) -> None:
+            if task.id in self.handlers:
+                self.handlers[task.id](value)
+
+        return ex.run(GRAPH_STAGE, self.tasks, on_result=accept)
+
+
+def _read(source: Source, box: Box, extra, done) -> tuple:
+    return (source.read(box), *(e(done) if callable(e) else e for e in extra))
+
+
+def _box(tile: Tile, scale: int = 1) -> Box:
+    return _scaled((tile.y, tile.x, tile.h, tile.w), scale)
+
+
+def _boxes(tile: Tile) -> tuple:
+    return ((tile.id, tile.y, tile.x, tile.h, tile.w),)
+
+
+def add_tiled(
+    graph: Graph,
+    stage: str,
+    method: str,
+    source: Source,
+    grid: TileGrid,
+    scale_in: int,
+    scale_out: int,
+    channels: int,
+    dtype: torch.dtype = torch.float32,
+    extra=(),
+    extra_deps=frozenset(),
+) -> TiledCanvas:
+    """`method(crop, *extra)` on each tile of `grid` (in units of scale_in source px), its outputs composited
+    into a TiledCanvas scale_out x the grid; an `extra` that is callable is given the finished results."""
+    out = TiledCanvas(_scaled_grid(grid, scale_out), channels, dtype)
+    for tile in grid.tiles:
+        box = _box(tile, scale_in)
+        out.task_of[tile.id] = graph.add(
+            stage,
+            method,
+            partial(_read, source, box, extra),
+            deps=source.deps(box) | extra_deps,
+            boxes=_boxes(tile),
+            on_result=partial(out.add, tile.id),
+        )
+    return out
+
+
+def add_tiled_shared_norm(
+    graph: Graph,
+    stage: str,
+    stats_method: str,
+    method: str,
+    source: Source,
+    grid: TileGrid,
+    scale_in: int,
+    scale_out: int,
+    channels: int,
+    dtype: torch.dtype = torch.float32,
+) -> TiledCanvas:
+    """add_tiled with GroupNorm statistics pooled over every tile's core
+    (pipeline.geometry.tiling.run_tiled_shared_norm):
+    the statistics tasks read the source like the tiles; each tile waits for all of them (the one barrier)."""
+    from pipeline.geometry.tiling import core_box
+
+    stats = [
+        graph.add(
+            f"{stage} stats",
+            stats_method,
+            partial(_read, source, _box(tile, scale_in), (core_box(grid, tile),)),
+            deps=source.deps(_box(tile, scale_in)),
+            boxes=_boxes(tile),
+            keep=True,  # the tiles read them
+        )
+        for tile in grid.tiles
+    ]
+    pooled = Pooled(tuple(stats))
+    return add_tiled(
+        graph, stage, method, source, grid, scale_in, scale_out, channels, dtype, (pooled,), frozenset(stats)
+    )
+
+
+class LayerStats:
+    """Pooled GroupNorm statistics found layer by layer (pipeline.geometry.tiling.run_tiled_exact_norm): each layer's
+    from its graph's task results, in task-id order, once; `before(name)` gives every earlier layer's."""
+
+    def __init__(self, layers: list[str]):
+        self.layers = layers
+        self.tasks: dict[str, tuple[int, ...]] = {}
+        self.pooled: dict[str, torch.Tensor] = {}
+
+    def _layer(self, name: str, done: dict[int, Any]) -> torch.Tensor:
+        if name not in self.pooled:
+            self.pooled[name] = combine_stats([done[i] for i in self.tasks[name]])[name]
+        return self.pooled[name]
+
+    def before(self, name: str | None):
+        """A callable done -> {layer: pooled} for the layers before `name` (all of them for None)."""
+        earlier = self.layers if name is None else self.layers[: self.layers.index(name)]
+        return lambda done: {n: self._layer(n, done) for n in earlier}
+
+
+def add_tiled_exact_norm(
+    graph: Graph,
+    stage: str,
+    stats_method: str,
+    method: str,
+    source: Source,
+    grid: TileGrid,
+    scale_in: int,
+    scale_out: int,
+    channels: int,
+    layers: list[str],
+    dtype: torch.dtype = torch.float32,
+) -> TiledCanvas:
+    """add_tiled with every GroupNorm layer's statistics pooled over the image layer by layer, as an untiled
+    forward has them (pipeline.geometry.tiling.run_tiled_exact_norm): a statistics task per tile and layer, reading
+    the tile as soon as it is final and waiting for the previous layer's tasks; each tile waits for the last."""
+    from pipeline.geometry.tiling import core_box
+
+    stats, previous = LayerStats(layers), frozenset()
+    for name in layers:
+        ids = tuple(
+            graph.add(
+                f"{stage} stats",
+                stats_method,
+                partial(_read, source, _box(tile, scale_in), (core_box(grid, tile), stats.before(name), name)),
+                deps=source.deps(_box(tile, scale_in)) | previous,
+                boxes=_boxes(tile),
+                keep=True,  # the next layer's tasks read them
+            )
+            for tile in grid.tiles
+        )
+        stats.tasks[name] = ids
+        previous = frozenset(ids)
+    extra = (stats.before(None),)
+    return add_tiled(graph, stage, method, source, grid, scale_in, scale_out, channels, dtype, extra, previous)
+
+
+class Pooled:
+    """The pooled statistics of the given tasks' results, computed once (in task-id order: bit-stable)."""
+
+    def __init__(self, task_ids: tuple[int, ...]):
+        self.task_ids = task_ids
+        self.value = None
+
+    def __call__(self, done: dict[int, Any]):
+        if self.value is None:
+            self.value = combine_stats([done[i] for i in self.task_ids])
+        return self.value
+
+
+def _scaled_grid(grid: TileGrid, scale: int) -> TileGrid:
+    from pipeline.geometry.tiling import scaled_grid
+
+    return scaled_grid(grid, scale)

@@ -1,0 +1,1 @@
+"""Denoising tiles: samplers, schedules, conditioning, the chess and blended passes, the tiled VAE."""
