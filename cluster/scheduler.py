@@ -164,7 +164,9 @@ class PullScheduler:
         results: dict[int, Any] = {}
         total = len(tasks)
         try:
-            while len(results) < total:
+
+            def dispatch() -> None:
+                """Hand ready tasks to free actors, smallest id first."""
                 while ready:
                     actor = lease.take()
                     if actor is None:
@@ -182,6 +184,9 @@ class PullScheduler:
                     entry = Dispatch(place[0], tid, actor, *payload(args[tid]))
                     self.log.append(entry)
                     in_flight[ref] = (tid, actor, entry, time.perf_counter())
+
+            while len(results) < total:
+                dispatch()
                 if not in_flight and not lease.alive():
                     raise WorkersLost(self._lost_message(stage, len(results), total), results)
                 probes = lease.probes()
@@ -224,6 +229,9 @@ class PullScheduler:
                     heapq.heappush(ready, tid)  # once more, on the next free actor
                     continue
                 results[tid] = value if by_id[tid].keep else None
+                # the freed actor takes its next task before the driver works on this result (on_result may be
+                # slow: composites, canvas steps); tasks it makes ready wait for the next free actor
+                dispatch()
                 args.pop(tid, None)
                 self._record(
                     stage, by_id[tid], actor, started[tid], tries[tid], "retried" if errors[tid] else "ok", errors[tid]
