@@ -162,7 +162,7 @@ def test_seams_bench_smoke_prints_every_mode_and_writes_the_strip(tiny_sdxl, tin
     assert names == ["start", "reference", *TILINGS, "usdu"]
     for name in names:
         assert f"| {name} |" in out
-    assert "| untiled decode |" in out and "| tiled decode (decode_canvas) |" in out
+    assert "| reference: untiled decode |" in out and "| blend: tiled decode (decode_canvas) |" in out
     ran = [row for row in result["rows"] if row.name in TILINGS and row.note != "not available"]
     assert ran and all(row.band_core_lat > 0 and row.work > 1 for row in ran)
     reference = result["rows"][1]
