@@ -140,20 +140,26 @@ def measure_render(worker: TileWorker, spec: RenderSpec, repeats: int) -> dict:
     worker.clock, worker.model.denoiser.clock = clock, clock.model
     log = CallLog(stage=lambda: clock.current)
     captured = {}
-    encode_canvas = render_module.encode_canvas
+    encode_canvas, encode_graph = render_module.encode_canvas, render_module.encode_graph
 
     def keep_pixels(plan, ex, pixels, *args):
         captured["pixels"] = pixels  # the upscaled image: the baseline refines the same one
         return encode_canvas(plan, ex, pixels, *args)
 
+    def keep_source(plan, graph, pixels, *args):
+        captured["source"] = pixels  # the graph fills it as the upscale tiles arrive; read after the render
+        return encode_graph(plan, graph, pixels, *args)
+
     undo = record_worker(worker, log)
-    render_module.encode_canvas = keep_pixels
+    render_module.encode_canvas, render_module.encode_graph = keep_pixels, keep_source
     try:
-        result = render(plan, LocalExecutor(worker), clock)
+        result = render(plan, StagedExecutor(worker, clock), clock)
     finally:
         undo()
-        render_module.encode_canvas = encode_canvas
+        render_module.encode_canvas, render_module.encode_graph = encode_canvas, encode_graph
         worker.clock = worker.model.denoiser.clock = None
+    if "source" in captured:
+        captured["pixels"] = captured["source"].read((0, 0, spec.height, spec.width))
     isolated = {key: time_call(kind, repeats) for key, kind in log.kinds.items()}
     flops = {key: count_flops(kind) for key, kind in log.kinds.items() if kind.model == "unet"}
     stages = {}
@@ -188,6 +194,37 @@ def measure_render(worker: TileWorker, spec: RenderSpec, repeats: int) -> dict:
         input_seam_ratio=seam_ratio(captured["pixels"], *grid_boundaries(grid, plan.f)),
         pixels=captured["pixels"],
     )
+
+
+# the render graph's task stages -> the stages this bench reports
+TASK_STAGES = {
+    "upscale": "upscale",
+    "encode stats": "encode",
+    "encode": "encode",
+    "blend": "refine",
+    "decode stats": "decode",
+    "decode": "decode",
+}
+
+
+class StagedExecutor(LocalExecutor):
+    """Times each task of a render graph (pipeline.graph.stream) under its stage, so the tables keep their
+    per-stage rows when the tiled stages run as one graph."""
+
+    def __init__(self, worker: TileWorker, clock: StageClock):
+        super().__init__(worker)
+        self.clock = clock
+
+    def _run_task(self, stage, task, args, place):
+        name = TASK_STAGES.get(task.stage)
+        if not name:
+            return super()._run_task(stage, task, args, place)
+        outer = self.clock.current
+        try:
+            with self.clock.stage(name):
+                return super()._run_task(stage, task, args, place)
+        finally:
+            self.clock.current = outer
 
 
 def measure_baseline(worker: TileWorker, spec: RenderSpec, pixels: torch.Tensor, args) -> dict:

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None):
         "--steps", type=int, default=None, help="blended sampler: steps the tile work is split into (20; --quick: 8)"
     )
     parser.add_argument("--only-tiling", action="store_true", help="only the chess vs blend table")
+    parser.add_argument("--tiling-actors", type=_ints, default=[1, 2, 4, 8], help="actor counts of that table")
     whole = parser.add_argument_group("whole render (--whole-render)")
     whole.add_argument("--whole-render", action="store_true", help="the whole render on simulated actors")
     whole.add_argument("--sizes", type=_ints, default=[8192], help="square target sizes in px, comma-separated")
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None):
         print(f"\nblended sampler: {args.steps} steps of {len(every)} batches; a tile-step costs cost / steps")
         print("| actors | chess span s | blend s | blend / chess | target <= 1.10 |")
         print("|---:|---:|---:|---:|---:|")
-        for n in (1, 2, 4, 8):
+        for n in args.tiling_actors:
             span, _, _ = measure_and_stop(actors(n, args.cost))
             made, _ = actors(n, args.cost / args.steps)
             try:

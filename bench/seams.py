@@ -164,7 +164,9 @@ class Outcome:
     note: str = ""
 
 
-def bench_spec(g: Geometry, model: str, upscaler: str, steps: int, denoise: float, seed: int) -> RenderSpec:
+def bench_spec(
+    g: Geometry, model: str, upscaler: str, steps: int, denoise: float, seed: int, decode_norm: str = "exact"
+) -> RenderSpec:
     """`farm demo`'s settings (CFG 5, 256 px native) at the geometry."""
     from farm.cli import DEMO_PROMPT
     from farm.tiny_models import TINY_NATIVE_PX
@@ -172,7 +174,7 @@ def bench_spec(g: Geometry, model: str, upscaler: str, steps: int, denoise: floa
     return RenderSpec(
         model=model, upscaler=upscaler, prompt=DEMO_PROMPT, negative="blurry, low quality", width=g.width,
         height=g.height, seed=seed, steps=steps, base_steps=8, cfg=5.0, denoise=denoise, tile=g.tile,
-        native=min(TINY_NATIVE_PX, g.width, g.height), upscale_tile=128,
+        native=min(TINY_NATIVE_PX, g.width, g.height), upscale_tile=128, decode_norm=decode_norm,
     ).validate()  # fmt: skip
 
 
@@ -292,7 +294,7 @@ def decode_rows(outcomes: list[Outcome], grid: TileGrid, f: int) -> list[Row]:
 
 def bench_geometry(g: Geometry, args, worker: TileWorker, ex: LocalExecutor) -> dict:
     """Run every mode, the reference and USDU on one geometry; print its tables and write its PNG."""
-    spec = bench_spec(g, args.model, args.upscaler, args.steps or g.steps, args.denoise, args.seed)
+    spec = bench_spec(g, args.model, args.upscaler, args.steps or g.steps, args.denoise, args.seed, args.decode_norm)
     plan = make_plan(spec, inspect_diffusion_model(spec.model))
     f, lh, lw = plan.f, plan.latent_h, plan.latent_w
     s = start(plan, ex, Clock())
@@ -361,6 +363,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=1024, help="px side of the measured window (default 1024)")
     p.add_argument("--ref-window", type=int, default=2048, help="px side of the untiled reference (default 2048)")
     p.add_argument("--no-usdu", action="store_true", help="skip the Ultimate SD Upscale baseline")
+    p.add_argument("--decode-norm", default="exact", choices=("exact", "tile"), help="the tiled decode measured")
     p.add_argument("--model", help="SDXL folder (default: the tiny random-weight one)")
     p.add_argument("--upscaler", help="upscaler file (default: the tiny 4x one)")
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "out"), help="where the PNGs go")

@@ -108,7 +108,7 @@ class SimTileWorker:
         self._cost("detail", pixels.shape, settings.steps, settings.cfg > 1)
         return pixels.clone()
 
-    def decode_stats(self, latents: torch.Tensor, core) -> dict[str, torch.Tensor]:
+    def decode_stats(self, latents: torch.Tensor, core, known=None, until=None) -> dict[str, torch.Tensor]:
         self._cost("decode_stats", latents.shape)
         return _stats(latents.shape[0])
 

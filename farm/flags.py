@@ -59,8 +59,8 @@ SPEC_FLAGS = {
     "--decode-norm": (
         "decode_norm",
         str,
-        "exact (default: every decode tile normalises with the image's GroupNorm statistics, found layer by "
-        "layer, as an untiled decode does) or tile (each tile its own: one pass, a slight texture step between tiles)",
+        "tile (default: each decode tile normalises with its own GroupNorm statistics: one pass) or exact (the "
+        "image's statistics, found layer by layer as an untiled decode has them: a statistics pass per layer)",
     ),
     "--grid": ("grid", str, "chess (seed 002, default) or fit (fewer tiles, sized to the canvas)"),
     "--fit-overlap": ("fit_overlap", int, "with --grid fit: minimum overlap between tiles in px (default 128)"),

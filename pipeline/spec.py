@@ -18,7 +18,7 @@ GRIDS = ("chess", "fit")
 # how tiles become one picture (DESIGN rule 6): blend = one sampler over the canvas with the tiles'
 # predictions blended at every step; chess = even tiles, then odd tiles whose overlaps stay pinned to
 # the even result; chess-original = seed 002's even/odd passes, odd tiles refined again and feathered
-DECODE_NORMS = ("exact", "tile")  # the tiled decode's GroupNorm statistics: each tile's own, or the image's
+DECODE_NORMS = ("tile", "exact")  # the tiled decode's GroupNorm statistics: each tile's own, or the image's
 TILINGS = ("blend", "chess", "chess-original")  # seed 002's round(canvas/tile) + 1 tiles, or tiles sized to the canvas
 MAX_PIXEL_UPSCALE = 8
 # top-down: seed 002 (plan at the target, refine in chess tiles); two-pass: seeds 000 and 003 (base,
@@ -67,7 +67,7 @@ class RenderSpec:
     lora_strength: float = 1.0  # LoRA strength on the denoiser (UNet or Flux transformer)
     lora_text_strength: float = 1.0  # LoRA strength on the text encoder(s)
     tiling: str = "blend"  # one of TILINGS
-    decode_norm: str = "exact"  # one of DECODE_NORMS
+    decode_norm: str = "tile"  # one of DECODE_NORMS
     grid: str = "chess"  # "fit": fewest tiles near `tile` px, sized to the canvas (less tile area)
     fit_overlap: int = 128  # with grid "fit": minimum overlap between neighbouring tiles, px
     base_cfg: float = 0.0  # guidance of the base pass; 0 = the same as cfg

@@ -106,7 +106,7 @@ FLUX_PARTS["--t5-tokenizer"] = "{t5_tok}"
 # (case id, flags replacing the good ones, text the message must contain)
 CASES = [
     ("tiling-unknown", {"--tiling": "mosaic"}, ["tiling 'mosaic'", "blend, chess, chess-original"]),
-    ("decode-norm-unknown", {"--decode-norm": "pooled"}, ["decode_norm 'pooled'", "exact, tile"]),
+    ("decode-norm-unknown", {"--decode-norm": "pooled"}, ["decode_norm 'pooled'", "tile, exact"]),
     ("sd15-checkpoint", {"--model": "{sd15}"}, ["{sd15}", "Stable Diffusion 1.x/2.x", "SDXL and Flux models only"]),
     ("model-not-safetensors", {"--model": "{fake_st}"}, ["{fake_st}", "not a readable .safetensors"]),
     ("model-pickle-checkpoint", {"--model": "{ckpt}"}, ["{ckpt}", "not .safetensors", "can run code"]),
