@@ -51,9 +51,10 @@ class Fixed:
         return frozenset()
 
 
-def _overlap(tile: Tile, box: Box) -> bool:
+def meets(piece, box: Box) -> bool:
+    """Whether a tile or cell shares a pixel with a (y, x, h, w) box."""
     y, x, h, w = box
-    return tile.y < y + h and y < tile.y + tile.h and tile.x < x + w and x < tile.x + tile.w
+    return piece.y < y + h and y < piece.y + piece.h and piece.x < x + w and x < piece.x + piece.w
 
 
 def _scaled(box: Box, scale: int) -> Box:
@@ -110,10 +111,10 @@ class TiledCanvas:
         return self.canvas[..., y : y + h, x : x + w].float().contiguous()
 
     def deps(self, box: Box) -> frozenset[int]:
-        return frozenset(self.task_of[t.id] for t in self.grid.tiles if _overlap(t, box))
+        return frozenset(self.task_of[t.id] for t in self.grid.tiles if meets(t, box))
 
     def tiles_over(self, box: Box) -> set[int]:
-        return {t.id for t in self.grid.tiles if _overlap(t, box)}
+        return {t.id for t in self.grid.tiles if meets(t, box)}
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pipeline.geometry.cells import grid_bands
 from pipeline.geometry.chess import Tile, TileGrid
 from pipeline.geometry.feather import coverage, feather_mask
 from pipeline.graph.progress import stage_bar
-from pipeline.graph.stream import Fixed, Graph, Source
+from pipeline.graph.stream import Fixed, Graph, Source, meets
 from pipeline.graph.taskgraph import Executor
 from pipeline.sampling.chess_pass import Batches, RefineSettings, crops
 from pipeline.sampling.flux import flow_sigmas, shift_mu
@@ -186,7 +186,7 @@ class CanvasStepper:
         """The last step's tasks with a tile over a band that meets `box`: once they are in, the box is final
         (a band takes its last step when every tile over it, anywhere along it, has predicted)."""
         last = len(self.timesteps) - 1
-        tiles = {t for cell in self.cells if _overlap_box(cell, box) for t in cell.tiles}
+        tiles = {t for cell in self.cells if meets(cell, box) for t in cell.tiles}
         return frozenset(
             self.task_of[last, b] for b, batch in enumerate(self.batch_tiles) if any(t.id in tiles for t in batch)
         )
@@ -194,12 +194,6 @@ class CanvasStepper:
 
 def _cell_box(cell) -> tuple[int, int, int, int]:
     return (cell.y, cell.x, cell.h, cell.w)
-
-
-def _overlap_box(piece, box) -> bool:
-    """Whether a tile or cell shares a pixel with a (y, x, h, w) box."""
-    y, x, h, w = box
-    return piece.y < y + h and y < piece.y + piece.h and piece.x < x + w and x < piece.x + piece.w
 
 
 def _predict_args(stepper: CanvasStepper, batch: tuple[Tile, ...], t, cond, cfg: float, done) -> tuple:
