@@ -163,3 +163,46 @@ def test_the_graphs_layer_by_layer_decode_equals_the_stage_by_stage_one(tiny_wor
     assert torch.equal(out.canvas, staged)
     per_layer = [t for t in graph.tasks if t.stage == "decode stats"]
     assert len(per_layer) == len(layers) * len(grid.tiles)
+
+
+class Recording(LocalExecutor):
+    """The local executor, keeping each task graph it runs."""
+
+    def __init__(self, worker):
+        super().__init__(worker)
+        self.graphs: list[list] = []
+
+    def run(self, stage, tasks, on_result=None):
+        self.graphs.append(tasks)
+        return super().run(stage, tasks, on_result)
+
+
+def _ancestors(tasks) -> dict[int, set[int]]:
+    """Task id -> every task it waits for, directly or not."""
+    out: dict[int, set[int]] = {}
+    for task in sorted(tasks, key=lambda t: t.id):
+        out[task.id] = set(task.deps).union(*(out[d] for d in task.deps))
+    return out
+
+
+def test_the_renders_stages_wait_for_the_tiles_they_read_not_for_each_other(tiny_worker, small_spec):
+    from dataclasses import replace
+
+    from farm.executor import prepare
+    from pipeline.render import render
+
+    ex = Recording(tiny_worker)
+    render(prepare(replace(small_spec, tiling="blend")), ex)
+    tasks = next(g for g in ex.graphs if any(t.stage == "decode" for t in g))
+    waits = _ancestors(tasks)
+
+    def stage(name):
+        return {t.id for t in tasks if t.stage == name}
+
+    encode, blend, decode = stage("encode"), stage("blend"), stage("decode")
+    assert encode and blend and decode
+    # no barrier: a refine step may run while encode tiles remain, a decode tile while refine steps remain
+    assert any(not encode <= waits[b] for b in blend)
+    assert any(not blend <= waits[d] for d in decode)
+    # and each does wait for what it reads
+    assert all(stage("upscale") & waits[e] for e in encode) and all(blend & waits[d] for d in decode)
