@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from cluster.wire import from_wire, to_wire
+from cluster.wire import from_wire, reply
 
 
 class SimWorker:
@@ -16,7 +16,7 @@ class SimWorker:
     def run(self, method: str, *args, crash: str = ""):
         tiles, latents = from_wire(args[:2])  # the same transport as the real actor
         time.sleep(self.cost * self.slowdown * len(tiles))
-        return to_wire({t.id: latents[i : i + 1] for i, t in enumerate(tiles)})
+        return reply({t.id: latents[i : i + 1] for i, t in enumerate(tiles)}, crash)
 
     def set_cost(self, cost: float) -> None:
         self.cost = cost

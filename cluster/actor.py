@@ -7,8 +7,7 @@ import socket
 
 import ray
 
-from cluster.wire import from_wire, to_wire
-from pipeline.graph.health import poison
+from cluster.wire import from_wire, reply
 from pipeline.graph.worker import TileWorker, WorkerConfig
 
 
@@ -27,7 +26,7 @@ class GpuWorker:
         if crash == "exit":
             os._exit(1)
         value = getattr(self.worker, method)(*from_wire(args))
-        return to_wire(poison(value) if crash == "nan" else value)
+        return reply(value, crash)
 
     def info(self) -> dict:
         ctx = ray.get_runtime_context()

@@ -26,9 +26,8 @@ import ray
 
 from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue
 from cluster.scheduler import Lease
-from cluster.wire import from_wire, to_wire
+from cluster.wire import from_wire, reply
 from pipeline.errors import RenderError, UserError
-from pipeline.graph.health import poison
 from pipeline.graph.progress import Bar
 from pipeline.graph.worker import TileWorker, WorkerConfig
 
@@ -76,7 +75,7 @@ class FarmWorker:
         if crash == "exit":
             os._exit(1)
         value = getattr(self._models(config, render_id), method)(*from_wire(args))
-        return to_wire(poison(value) if crash == "nan" else value)
+        return reply(value, crash)
 
     def info(self) -> dict:
         ctx = ray.get_runtime_context()

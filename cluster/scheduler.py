@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from cluster.wire import WireTensor, from_wire, to_wire
-from pipeline.graph.health import ATTEMPTS, bad_result_error, nonfinite, now, task_row
+from pipeline.graph.health import ATTEMPTS, bad_result_error, now, task_row
 from pipeline.graph.taskgraph import OnResult, Task, check_graph, stage_positions
 
 
@@ -219,8 +219,9 @@ class PullScheduler:
                 lease.give(actor)
                 if tid in results:
                     continue  # a duplicate: the first result stands
-                value = value if isinstance(value, FloatingPointError) else from_wire(value)
-                if isinstance(value, FloatingPointError) or nonfinite(value):
+                # a result only the graph's handlers read (keep=False) is used in place: no copy on the driver
+                value = value if isinstance(value, FloatingPointError) else from_wire(value, copy=by_id[tid].keep)
+                if isinstance(value, FloatingPointError):  # the actor checked its result (cluster.wire.reply)
                     errors[tid].append(f"NaN/Inf on actor {actor}")
                     bad[tid].append(self._name(actor))
                     if len(bad[tid]) >= ATTEMPTS:

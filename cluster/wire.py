@@ -7,12 +7,17 @@ Plain numpy arrays (the shared scaffold) pass untouched.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.graph.health import nonfinite, poison
 from pipeline.graph.tree import walk
+
+# torch warns that it cannot protect a read-only array from writes; copy=False is only used where none happen
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 class WireTensor:
@@ -28,8 +33,13 @@ class WireTensor:
     def __reduce__(self):
         return (_rebuild, (self.array, self.dtype))
 
-    def tensor(self) -> torch.Tensor:
-        array = self.array if self.array.flags.writeable else self.array.copy()
+    def tensor(self, copy: bool = True) -> torch.Tensor:
+        """The tensor; with copy=False a read-only array (Ray's zero-copy view of the object store) is used
+        as it is: for values nothing writes to (results the driver only composites)."""
+        if self.array.flags.writeable or not copy:
+            array = self.array
+        else:
+            array = self.array.copy()
         return torch.from_numpy(array).to(self.dtype)
 
 
@@ -44,6 +54,17 @@ def to_wire(value: Any) -> Any:
     return walk(value, lambda v: WireTensor(v) if isinstance(v, torch.Tensor) else v)
 
 
-def from_wire(value: Any) -> Any:
-    """The inverse of to_wire."""
-    return walk(value, lambda v: v.tensor() if isinstance(v, WireTensor) else v)
+def from_wire(value: Any, copy: bool = True) -> Any:
+    """The inverse of to_wire; copy=False keeps read-only arrays uncopied (see WireTensor.tensor)."""
+    return walk(value, lambda v: v.tensor(copy) if isinstance(v, WireTensor) else v)
+
+
+def reply(value: Any, crash: str = "") -> Any:
+    """An actor's result, checked and ready to travel: a NaN/Inf result raises FloatingPointError in the actor
+    (the scheduler runs the task once more elsewhere), so the driver never scans a tile for NaN itself.
+    `crash="nan"` is fault injection: the result is spoiled first, as an fp16 overflow would spoil it."""
+    if crash == "nan":
+        value = poison(value)
+    if nonfinite(value):
+        raise FloatingPointError("NaN/Inf in the result")
+    return to_wire(value)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pipeline.detail.detailer import detail, plan_jobs
 from pipeline.detail.detection import choose
 from pipeline.geometry.chess import cover_grid
-from pipeline.geometry.resize import describe_fit, fit_exact, resize
+from pipeline.geometry.resize import describe_fit, doubling_factor, fit_exact, resize
 from pipeline.geometry.scaffold import make_scaffold, pool_noise
 from pipeline.geometry.tiling import run_tiled, run_tiled_exact_norm, run_tiled_shared_norm
 from pipeline.graph.clock import Clock
@@ -36,6 +36,7 @@ from pipeline.graph.progress import Progress, no_progress, stage_bar, task_progr
 from pipeline.graph.stream import (
     Fixed,
     Graph,
+    Resized,
     Source,
     TiledCanvas,
     add_tiled,
@@ -121,15 +122,21 @@ def encode_canvas(plan: RenderPlan, ex: Executor, pixels: torch.Tensor, tile_px:
 
 def upscale_graph(
     plan: RenderPlan, graph: Graph, image: Source, size: tuple[int, int], scale: int, height: int, width: int
-) -> TiledCanvas | None:
-    """The upscale model's tiles over `image` (h, w = size) added to the graph, when they make exactly
-    height x width; None otherwise (a resize follows, which reads the whole image: run it as a stage)."""
+) -> Source | None:
+    """`image` (h, w = size) made height x width in the graph: the upscale model's tiles (when there is one
+    and the image is smaller), then, where those fall short by a power of two, a resize block by block as
+    the encode reads it (Resized: bit-equal to resizing the whole image). None when the graph cannot make
+    it exactly: the caller runs upscale_pixels as a stage (its resize reads the whole image)."""
     h, w = size
-    if not scale or (h * scale, w * scale) != (height, width):
-        return None
-    grid = cover_grid(h, w, plan.spec.upscale_tile, UPSCALE_OVERLAP)
-    # float16 pixels: the canvas is an image (8 bits would do) that the VAE reads; half the driver's memory
-    return add_tiled(graph, "upscale", "upscale_tile", image, grid, 1, scale, 3, torch.float16)
+    if scale and h < height:
+        grid = cover_grid(h, w, plan.spec.upscale_tile, UPSCALE_OVERLAP)
+        # float16 pixels: the canvas is an image (8 bits would do) that the VAE reads; half the driver's memory
+        image = add_tiled(graph, "upscale", "upscale_tile", image, grid, 1, scale, 3, torch.float16)
+        h, w = h * scale, w * scale
+    if (h, w) == (height, width):
+        return image
+    k = doubling_factor(h, height)
+    return Resized(image, (h, w), k, 3) if k and k == doubling_factor(w, width) else None
 
 
 def encode_graph(plan: RenderPlan, graph: Graph, pixels: Source, height: int, width: int, tile_px: int | None):
@@ -333,7 +340,8 @@ def render_two_pass(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
             upscaled = upscale_graph(plan, graph, decoded, decoded.canvas.shape[-2:], s.facts.upscale, ph, pw)
         with clock.stage("tiles"):
             run_graph(plan, ex, graph, stepper, bar)
-        canvas, image = stepper.latents, (upscaled or decoded).canvas.float()
+        out = upscaled or decoded  # a Resized upscale resizes its blocks as the whole image is read
+        canvas, image = stepper.latents, out.read((0, 0, *out.canvas.shape[-2:]))
     else:
         with clock.stage("refine"):  # over tiles; one tile when the canvas fits in one
             canvas = chess_stage(plan, ex, s, canvas)

@@ -9,7 +9,7 @@ from farm.executor import LocalExecutor
 from pipeline.geometry.chess import cover_grid
 from pipeline.geometry.feather import composite_pass
 from pipeline.graph.checkpoint import Checkpointed
-from pipeline.graph.stream import Fixed, Graph, TiledCanvas, add_tiled
+from pipeline.graph.stream import Fixed, Graph, Resized, TiledCanvas, add_tiled
 
 
 def test_a_canvas_composited_as_tiles_arrive_equals_the_whole_composite():
@@ -128,7 +128,9 @@ def _encode_blend_decode(image):
     from pipeline.sampling.chess_pass import RefineSettings
 
     graph = Graph()
-    latents = add_tiled(graph, "encode", "halve", Fixed(image), cover_grid(40, 56, 12, 4), 1, 1, 4)
+    small = add_tiled(graph, "upscale", "halve", Fixed(image), cover_grid(20, 28, 8, 2), 1, 1, 4)
+    pixels = Resized(small, (20, 28), 2, 4, block=16)  # enlarged 2x block by block as the encode reads it
+    latents = add_tiled(graph, "encode", "halve", pixels, cover_grid(40, 56, 12, 4), 1, 1, 4)
     grid = chess_grid(40, 56, 16)
     noise = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(5))
     config = dict(EulerDiscreteScheduler().config)
@@ -139,7 +141,7 @@ def _encode_blend_decode(image):
 
 
 def test_every_task_waits_for_all_it_reads_in_any_order():
-    image = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(4))
+    image = torch.rand(1, 4, 20, 28, generator=torch.Generator().manual_seed(4)) * 2
     graph, reference = _encode_blend_decode(image)
     graph.run(LocalExecutor(Toy()))  # id order
     for seed in range(3):
@@ -206,3 +208,38 @@ def test_the_renders_stages_wait_for_the_tiles_they_read_not_for_each_other(tiny
     assert any(not blend <= waits[d] for d in decode)
     # and each does wait for what it reads
     assert all(stage("upscale") & waits[e] for e in encode) and all(blend & waits[d] for d in decode)
+
+
+def test_a_resized_source_equals_resizing_the_whole_image_in_any_box():
+    from pipeline.geometry.resize import resize
+
+    rng = random.Random(0)
+    for k, (h, w), block in [(2, (100, 77), 64), (4, (33, 50), 48)]:
+        image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(k))
+        whole = resize(image, h * k, w * k).half()
+        resized = Resized(Fixed(image), (h, w), k, 3, block)
+        for _ in range(12):
+            y, x = rng.randrange(h * k), rng.randrange(w * k)
+            box = (y, x, rng.randrange(1, h * k - y + 1), rng.randrange(1, w * k - x + 1))
+            assert torch.equal(resized.read(box), whole[..., y : y + box[2], x : x + box[3]].float())
+        assert resized.read((0, 0, h * k, w * k)).equal(whole.float())
+
+
+def test_an_upscale_short_of_the_target_by_two_is_resized_in_the_graph(tiny_worker, small_spec):
+    from dataclasses import replace
+
+    from farm.executor import prepare
+    from pipeline.graph.clock import Clock
+    from pipeline.render import render
+
+    # a 128 x 64 base, the 4x model to 512 x 256, then 2x to 1024 x 512 block by block as the encode reads it
+    plan = prepare(replace(small_spec, tiling="blend", width=1024, height=512, tile=256, steps=1))
+    ex, clock = Recording(tiny_worker), Clock()
+    image = render(plan, ex, clock).image
+    assert "upscale" not in clock.stages  # no stage of its own: its tiles are the graph's
+    tasks = next(g for g in ex.graphs if any(t.stage == "decode" for t in g))
+    waits = _ancestors(tasks)
+    upscale = {t.id for t in tasks if t.stage == "upscale"}
+    encode = [t.id for t in tasks if t.stage == "encode stats"]
+    assert upscale and any(not upscale <= waits[e] for e in encode)  # each reads the blocks over its tile
+    assert image.shape[-2:] == (512, 1024) and image.std() > 0.01

@@ -15,6 +15,22 @@ def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(image, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
 
+RESIZE_MARGIN = 4  # input px read beyond a span: the bicubic kernel's support is 2 px when enlarging
+
+
+def doubling_factor(src: int, dst: int) -> int:
+    """k when dst = k x src for a power of two k >= 2 (an enlargement a crop reproduces bit for bit: every
+    sample position (i + 0.5) / k - 0.5 is exact in binary), else 0."""
+    k = dst // src if src and dst % src == 0 else 0
+    return k if k >= 2 and k & (k - 1) == 0 else 0
+
+
+def source_span(start: int, length: int, k: int, size: int) -> tuple[int, int]:
+    """The input rows [a, b) a k-times bicubic enlargement reads for its output rows [start, start + length),
+    with the kernel's support (PyTorch's upsample_bicubic2d_aa) and a margin; clipped to the input's size."""
+    return max(0, start // k - RESIZE_MARGIN), min(size, -(-(start + length) // k) + RESIZE_MARGIN)
+
+
 def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
     """The smallest size with the input's aspect ratio that covers the target on both axes."""
     scale = max(target_h / height, target_w / width)

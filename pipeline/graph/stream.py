@@ -23,6 +23,7 @@ import torch
 from pipeline.geometry.cells import Cell, grid_cells
 from pipeline.geometry.chess import Tile, TileGrid
 from pipeline.geometry.feather import feather_mask
+from pipeline.geometry.resize import resize, source_span
 from pipeline.graph.taskgraph import GRAPH_STAGE, Executor, Task
 from pipeline.sampling.groupnorm import combine_stats
 
@@ -151,6 +152,49 @@ class Graph:
                 self.handlers[task.id](value)
 
         return ex.run(GRAPH_STAGE, self.tasks, on_result=accept)
+
+
+class Resized:
+    """A source enlarged `factor` times (a power of two: pipeline.geometry.resize.doubling_factor) with the
+    render's bicubic resize, block by block as boxes are read: each block is resized from its input span
+    and a margin, so the canvas equals resize() of the finished source bit for bit, and a task reading a
+    box waits only for the source tiles under its blocks (no stage reads the whole image)."""
+
+    def __init__(self, source: Source, size: tuple[int, int], factor: int, channels: int, block: int = 256):
+        self.source, self.factor, self.block = source, factor, block
+        self.in_h, self.in_w = size
+        # float16 pixels, as the upscale canvas: an image the VAE reads
+        self.canvas = torch.zeros(1, channels, self.in_h * factor, self.in_w * factor, dtype=torch.float16)
+        self.ready: set[tuple[int, int]] = set()
+
+    def _blocks(self, box: Box) -> list[tuple[int, int]]:
+        y, x, h, w = box
+        b = self.block
+        return [(by, bx) for by in range(y // b, -(-(y + h) // b)) for bx in range(x // b, -(-(x + w) // b))]
+
+    def _span(self, block: tuple[int, int]) -> tuple[Box, Box]:
+        """(the block's output box, the input box it is resized from)."""
+        b, k = self.block, self.factor
+        y, x = block[0] * b, block[1] * b
+        h, w = min(b, self.canvas.shape[-2] - y), min(b, self.canvas.shape[-1] - x)
+        y0, y1 = source_span(y, h, k, self.in_h)
+        x0, x1 = source_span(x, w, k, self.in_w)
+        return (y, x, h, w), (y0, x0, y1 - y0, x1 - x0)
+
+    def read(self, box: Box) -> torch.Tensor:
+        for block in self._blocks(box):
+            if block not in self.ready:
+                (y, x, h, w), (y0, x0, ih, iw) = self._span(block)
+                k = self.factor
+                out = resize(self.source.read((y0, x0, ih, iw)), ih * k, iw * k)
+                top, left = y - y0 * k, x - x0 * k
+                self.canvas[..., y : y + h, x : x + w] = out[..., top : top + h, left : left + w]
+                self.ready.add(block)
+        y, x, h, w = box
+        return self.canvas[..., y : y + h, x : x + w].float().contiguous()
+
+    def deps(self, box: Box) -> frozenset[int]:
+        return frozenset().union(*(self.source.deps(self._span(block)[1]) for block in self._blocks(box)))
 
 
 def _read(source: Source, box: Box, extra, done) -> tuple:
