@@ -128,8 +128,8 @@ class _Counter(Bar):
 class Running:
     """A render in flight: its stop flag, why it was stopped, and its progress per stage."""
 
-    def __init__(self, priority: int = 0):
-        self.priority = priority
+    def __init__(self, priority: int = 0, render_id: int = 0):
+        self.priority, self.render_id = priority, render_id  # the id ranks equals by submit order in the lease
         self.stop = threading.Event()
         self.reason = ""
         self.progress: dict[str, list[int]] = {}  # stage -> [done, total]
@@ -145,27 +145,57 @@ WANT_S = 0.1  # a render that asked for a worker this recently still wants one (
 
 
 class PriorityLease(Lease):
-    """The workers shared by the running renders, handed out by priority: while a render of higher priority
-    is asking for a worker, a free one goes to it, not to a render of lower priority. A render that asks for
-    none (in a serial stage, its base) leaves the workers to the others, so none stands idle."""
+    """The workers shared by the running renders, handed out by priority, then fair share, then submit time:
+    while a render that ranks higher is asking for a worker, a free one goes to it. Among renders of equal
+    priority the one holding the fewest workers now ranks higher (max-min fairness, research warm_farm.md §4),
+    ties to the earlier submitted (lower render id). A render that asks for none (in a serial stage, its
+    base) leaves the workers to the others, so none stands idle."""
 
     def __init__(self, count: int, want_s: float = WANT_S):
         super().__init__(count, shared=True)
         self.want_s = want_s
         self.local = threading.local()  # the render this thread runs (its `priority` may change while it runs)
-        self.wanting: dict[int, tuple[int, float]] = {}  # render -> (priority, when it last asked in vain)
+        self.wanting: dict[int, tuple[int, int, float]] = {}  # render -> (priority, id, when it last asked in vain)
+        self.holder: dict[int, int] = {}  # worker -> the render holding it
+        self.held: dict[int, int] = {}  # render -> how many workers it holds now
+
+    def _rank(self, who: int, priority: int, order: int) -> tuple[int, int, int]:
+        """Lower ranks first: priority (higher first), then workers held now, then submit order."""
+        return (-priority, self.held.get(who, 0), order)
 
     def take(self) -> int | None:
         owner, now = getattr(self.local, "owner", None), time.monotonic()
-        me, mine = id(owner) if owner is not None else threading.get_ident(), getattr(owner, "priority", 0)
+        me = id(owner) if owner is not None else threading.get_ident()
+        mine, order = getattr(owner, "priority", 0), getattr(owner, "render_id", 0)
         with self.lock:
-            self.wanting = {who: (p, t) for who, (p, t) in self.wanting.items() if now - t < self.want_s}
-            outranked = any(p > mine for who, (p, _) in self.wanting.items() if who != me)
+            self.wanting = {who: w for who, w in self.wanting.items() if now - w[2] < self.want_s}
+            rank = self._rank(me, mine, order)
+            outranked = any(self._rank(who, p, o) < rank for who, (p, o, _) in self.wanting.items() if who != me)
             if self.idle and not outranked:
                 self.wanting.pop(me, None)
-                return self.idle.popleft()
-            self.wanting[me] = (mine, now)
+                actor = self.idle.popleft()
+                self.holder[actor] = me
+                self.held[me] = self.held.get(me, 0) + 1
+                return actor
+            self.wanting[me] = (mine, order, now)
             return None
+
+    def _release(self, actor: int) -> None:
+        who = self.holder.pop(actor, None)
+        if who is not None:
+            self.held[who] -= 1
+            if not self.held[who]:
+                del self.held[who]
+
+    def give(self, actor: int) -> None:
+        with self.lock:
+            self._release(actor)  # whichever thread gives it back (a probe of another render's loop)
+            self.idle.append(actor)
+
+    def died(self, actor: int, probe, max_failures: int) -> None:
+        with self.lock:
+            self._release(actor)  # a dead worker is no render's: it comes back through give, or never
+        super().died(actor, probe, max_failures)
 
 
 class Controller:
@@ -304,7 +334,7 @@ class Controller:
                 if record is None:
                     self.wake.wait(POLL_S)
                     continue
-                self.running[record["id"]] = Running(record["priority"])
+                self.running[record["id"]] = Running(record["priority"], record["id"])
                 self.queue.update(record["id"], state=RUNNING, started=time.time())
             threading.Thread(target=self._render, args=(record,), name=f"render-{record['id']}", daemon=True).start()
 
