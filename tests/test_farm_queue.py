@@ -67,3 +67,46 @@ def test_priority_comes_before_fair_share_and_a_dead_worker_is_nobodys():
     lease.want_s = 0.0  # a render that stopped asking holds nothing up
     lease.give(0)
     assert take_as(low) == 0 and lease.held == {id(low): 1}
+
+
+GiB = 2**30
+
+
+def test_the_least_recently_used_model_sets_go_until_the_weights_fit_the_budget():
+    from pipeline.budget.memory import HEADROOM, Budget, sets_to_evict
+
+    def budget(gib: float, overhead: float = 0) -> Budget:
+        return Budget(int(gib * GiB), "GPU (test)", int(overhead * GiB))
+
+    sizes = [4 * GiB, 3 * GiB, 2 * GiB]  # oldest first
+    assert sets_to_evict(sizes, 3 * GiB, budget(100), 4) == 0  # 12 GiB x 1.2 fits 100
+    assert sets_to_evict(sizes, 3 * GiB, budget(12), 4) == 1  # 14.4 does not fit 12; without the 4: 9.6 does
+    assert sets_to_evict(sizes, 3 * GiB, budget(12, overhead=3), 4) == 2  # 9.6 + 3 > 12; 6 + 3 fits
+    assert sets_to_evict(sizes, 3 * GiB, budget(3 * HEADROOM), 4) == 3  # room for the new set alone
+    assert sets_to_evict(sizes, 20 * GiB, budget(12), 4) == 3  # not even alone: all go (the pre-flight refuses)
+    assert sets_to_evict(sizes, 1, budget(100), 2) == 2  # the count still bounds them: one stays with the new
+    assert sets_to_evict([], 20 * GiB, budget(1), 1) == 0
+
+
+def test_a_farm_worker_keeps_the_model_sets_that_fit_its_memory(tiny_sdxl, tiny_upscaler):
+    from cluster.farm import FarmWorker
+    from pipeline.budget.memory import HEADROOM
+    from pipeline.budget.preflight import worker_memory
+    from pipeline.graph.worker import WorkerConfig
+
+    with_upscaler = WorkerConfig(str(tiny_sdxl), str(tiny_upscaler), "", "fp32", "cpu")
+    without = WorkerConfig(str(tiny_sdxl), "", "", "fp32", "cpu")
+    (a, _), (b, _) = worker_memory(with_upscaler), worker_memory(without)
+    assert a > b > 0
+    worker = FarmWorker(max_models=2, memory_bytes=int(HEADROOM * (a + b)) - 1)  # room for either, not both
+    first = worker._models(with_upscaler, render_id=1)
+    assert worker._models(with_upscaler, render_id=2) is first and len(worker.loads) == 1  # resident: no load
+    worker._models(without, render_id=3)
+    assert list(worker.resident) == [without] and worker.evicted == [str(tiny_sdxl)]
+    worker.memory_bytes = int(HEADROOM * (a + b))  # room for both: the count (2) is the bound again
+    worker._models(with_upscaler, render_id=4)
+    assert list(worker.resident) == [without, with_upscaler] and len(worker.loads) == 3
+    assert worker.weights == {without: b, with_upscaler: a}
+    device = FarmWorker(max_models=2)  # the budget is the host's available RAM, as the pre-flight's on a CPU
+    device._models(with_upscaler, 5), device._models(without, 6)
+    assert list(device.resident) == [with_upscaler, without] and device.evicted == []
