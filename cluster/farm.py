@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ray
 
-from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue
+from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue, expire_results
 from cluster.scheduler import Lease
 from cluster.wire import from_wire, to_wire
 from pipeline.errors import RenderError, UserError
@@ -36,6 +36,8 @@ NAMESPACE = "tilefarm"
 CONTROLLER = "controller"
 WORKER_PREFIX = "worker-"
 POLL_S = 0.2  # how often the dispatcher looks for queued renders when nothing woke it
+RESULT_TTL_H = 24.0  # hours a finished render's PNG is kept (farm up --result-ttl)
+SWEEP_S = 60.0  # how often the dispatcher deletes expired PNGs
 
 
 class FarmWorker:
@@ -101,6 +103,15 @@ class FarmWorker:
             "loads": list(self.loads),
             "evicted": list(self.evicted),
         }
+
+
+def expired_message(record: dict) -> str:
+    """What a client is told about a render whose PNG the farm deleted (farm up --result-ttl)."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["expired"]))
+    return (
+        f"render {record['id']} expired: the farm deleted its image at {when}, older than the farm's result "
+        "lifetime (`farm up --result-ttl HOURS`, 0 keeps images); render its spec again for a new one"
+    )
 
 
 class Canceled(Exception):
@@ -221,8 +232,11 @@ class Controller:
         gpus_per_worker: float | None,
         max_running: int = 2,
         max_models: int = 2,
+        result_ttl_h: float = RESULT_TTL_H,
     ):
         from cluster.executor import gpus_per_worker_for, worker_count
+
+        self.result_ttl_s = result_ttl_h * 3600  # 0: images are kept until removed by hand
 
         self.state_dir = Path(state_dir)
         self.results = self.state_dir / "results"
@@ -318,6 +332,8 @@ class Controller:
         record = self.queue.get(render_id)
         if record is None or record["state"] != DONE:
             return None
+        if record["expired"]:
+            raise UserError(expired_message(record))
         return Path(record["result"]).read_bytes()
 
     def drain(self, timeout: float = 60.0) -> list[int]:
@@ -336,7 +352,14 @@ class Controller:
     # --- the controller's own threads ---------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        swept = 0.0
         while True:
+            if time.time() - swept >= SWEEP_S:
+                swept = time.time()
+                try:
+                    expire_results(self.queue, self.result_ttl_s, swept)
+                except OSError:  # a PNG that cannot be deleted: the next sweep tries again; the queue goes on
+                    traceback.print_exc()
             with self.wake:
                 record = None if self.draining else self.queue.next_queued()
                 if record is not None and len(self.running) >= self.max_running:

@@ -2,7 +2,7 @@
 
     POST   /v1/renders               {"spec": {...}, "priority": 0, "metadata": true} -> 201 {"id", "seed"}
     GET    /v1/renders/{id}          state, progress per stage, timings
-    GET    /v1/renders/{id}/image    the PNG (409 until the render is done)
+    GET    /v1/renders/{id}/image    the PNG (409 until the render is done, 410 once it expired)
     DELETE /v1/renders/{id}          cancel (a running render stops at its next task)
 
 With an API key configured every request needs `Authorization: Bearer KEY`; the farm refuses to listen
@@ -17,7 +17,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from cluster.farm import CONTROLLER, NAMESPACE
+from cluster.farm import CONTROLLER, NAMESPACE, expired_message
 from cluster.remote_spec import Forbidden, check_remote_spec
 from pipeline.errors import UserError
 
@@ -96,6 +96,8 @@ class FarmApi:
         record = await self._record(render_id)
         if record["state"] != "done":
             raise HTTPException(409, f"render {render_id} is {record['state']}: the image comes when it is done")
+        if record.get("expired"):
+            raise HTTPException(410, expired_message(record))
         data = await self._controller().image.remote(render_id)
         return Response(data, media_type="image/png")
 

@@ -110,3 +110,37 @@ def test_a_farm_worker_keeps_the_model_sets_that_fit_its_memory(tiny_sdxl, tiny_
     device = FarmWorker(max_models=2)  # the budget is the host's available RAM, as the pre-flight's on a CPU
     device._models(with_upscaler, 5), device._models(without, 6)
     assert list(device.resident) == [with_upscaler, without] and device.evicted == []
+
+
+def test_results_older_than_the_ttl_are_deleted_and_their_renders_marked_expired(tmp_path):
+    import sqlite3
+
+    from cluster.queue import SCHEMA, RenderQueue, expire_results
+
+    old_schema = SCHEMA.replace(",  -- seconds per stage", "  -- seconds per stage").split("    expired REAL")[0]
+    assert "expired" not in old_schema
+    sqlite3.connect(tmp_path / "queue.sqlite").executescript(old_schema + ")")  # a queue from before expiry
+    queue = RenderQueue(tmp_path / "queue.sqlite")
+    hour, pngs = 3600.0, [tmp_path / f"{i}.png" for i in range(3)]
+    ids = [queue.add({"prompt": str(i)}, {}) for i in range(4)]
+    for render_id, png, finished in zip(ids[:3], pngs, (1000.0, 1000.0 + hour, 0.0), strict=True):
+        png.write_bytes(b"png")
+        queue.update(render_id, state="done", finished=finished, result=str(png))
+    queue.update(ids[2], state="failed", result="")  # no image: nothing to expire
+    queue.update(ids[3], state="running")
+    assert expire_results(queue, 0, now=1e12) == []  # a TTL of 0 keeps every image
+    assert expire_results(queue, hour, now=1000.0 + hour) == []  # not older than the TTL yet
+    assert expire_results(queue, hour, now=1000.0 + hour + 1) == [ids[0]]
+    assert [p.exists() for p in pngs] == [False, True, True]
+    first = queue.get(ids[0])
+    assert first["state"] == "done" and first["result"] == "" and first["expired"] == 1000.0 + hour + 1
+    assert queue.get(ids[1])["expired"] is None
+    assert expire_results(queue, hour, now=1e12) == [ids[1]]  # the next sweep takes the next one, once
+    assert expire_results(queue, hour, now=1e12) == [] and not pngs[1].exists()
+
+
+def test_a_negative_result_ttl_is_refused(capsys):
+    from farm.cli import main
+
+    assert main(["up", "--result-ttl", "-1"]) == 2
+    assert "--result-ttl -1: must be 0" in capsys.readouterr().err
