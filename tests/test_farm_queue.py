@@ -108,7 +108,8 @@ def test_a_farm_worker_keeps_the_model_sets_that_fit_its_memory(tiny_sdxl, tiny_
     assert list(worker.resident) == [without, with_upscaler] and len(worker.loads) == 3
     assert worker.weights == {without: b, with_upscaler: a}
     device = FarmWorker(max_models=2)  # the budget is the host's available RAM, as the pre-flight's on a CPU
-    device._models(with_upscaler, 5), device._models(without, 6)
+    device._models(with_upscaler, 5)
+    device._models(without, 6)
     assert list(device.resident) == [with_upscaler, without] and device.evicted == []
 
 
