@@ -251,7 +251,6 @@ def test_http_api_submit_status_image_with_a_key(farm, spec, local_png, tiny_dir
     assert [e["state"] for e in events] == sorted((e["state"] for e in events), key=order.index)
     assert events[-1]["state"] == "done" and events[-1]["stats"]["stages"]
     counts = [[sum(c[i] for c in e["progress"].values()) for i in (0, 1)] for e in events if e["state"] == "running"]
-    print("events:", [(e["state"], e["progress"]) for e in events])
     assert counts and counts[-1][0] > 0, events  # seen running, tiles done
     for (done, total), (more_done, more_total) in zip(counts, counts[1:], strict=False):  # only what changed
         assert done <= more_done and total <= more_total and (done, total) != (more_done, more_total), counts
