@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ray
 
-from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue, expire_results
+from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue, expire_results, expired_message
 from cluster.scheduler import Lease
 from cluster.wire import from_wire, to_wire
 from pipeline.errors import RenderError, UserError
@@ -103,15 +103,6 @@ class FarmWorker:
             "loads": list(self.loads),
             "evicted": list(self.evicted),
         }
-
-
-def expired_message(record: dict) -> str:
-    """What a client is told about a render whose PNG the farm deleted (farm up --result-ttl)."""
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["expired"]))
-    return (
-        f"render {record['id']} expired: the farm deleted its image at {when}, older than the farm's result "
-        "lifetime (`farm up --result-ttl HOURS`, 0 keeps images); render its spec again for a new one"
-    )
 
 
 class Canceled(Exception):

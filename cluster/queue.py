@@ -106,9 +106,7 @@ class RenderQueue:
             rows = self.db.execute(
                 "SELECT id, result FROM renders WHERE state = ? AND result != '' AND finished < ?", (DONE, before)
             ).fetchall()
-            self.db.executemany(
-                "UPDATE renders SET result = '', expired = ? WHERE id = ?", [(now, r[0]) for r in rows]
-            )
+            self.db.executemany("UPDATE renders SET result = '', expired = ? WHERE id = ?", [(now, r[0]) for r in rows])
         return [(r[0], r[1]) for r in rows]
 
     def close(self) -> None:
@@ -126,6 +124,15 @@ def expire_results(queue: RenderQueue, ttl_s: float, now: float) -> list[int]:
     for _, path in expired:
         Path(path).unlink(missing_ok=True)
     return [render_id for render_id, _ in expired]
+
+
+def expired_message(record: dict) -> str:
+    """What a client is told about a render whose PNG the farm deleted (farm up --result-ttl)."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["expired"]))
+    return (
+        f"render {record['id']} expired: the farm deleted its image at {when}, older than the farm's result "
+        "lifetime (`farm up --result-ttl HOURS`, 0 keeps images); render its spec again for a new one"
+    )
 
 
 def _record(row: sqlite3.Row) -> dict:

@@ -128,7 +128,7 @@ def run_farm_command(args: argparse.Namespace) -> int:
         record = _known(farm_client.call(ctl.status, args.id), args.id)
         print(describe(record))
         if record.get("expired"):
-            from cluster.farm import expired_message
+            from cluster.queue import expired_message
 
             raise UserError(expired_message(record))
         return 0 if record["state"] != "failed" else 1

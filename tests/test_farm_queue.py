@@ -54,6 +54,7 @@ def test_between_renders_of_equal_priority_holding_as_many_the_earlier_submitted
     lease.give(2)  # c's: a and b hold one each
     assert take_as(b) is None and take_as(a) == 2
 
+
 def test_priority_comes_before_fair_share_and_a_dead_worker_is_nobodys():
     lease = PriorityLease(2, want_s=600.0)
     take_as = taker(lease)
