@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ray
 
-from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue
+from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue, expire_results, expired_message
 from cluster.scheduler import Lease
 from cluster.wire import from_wire, reply
 from pipeline.errors import RenderError, UserError
@@ -35,25 +35,40 @@ NAMESPACE = "tilefarm"
 CONTROLLER = "controller"
 WORKER_PREFIX = "worker-"
 POLL_S = 0.2  # how often the dispatcher looks for queued renders when nothing woke it
+RESULT_TTL_H = 24.0  # hours a finished render's PNG is kept (farm up --result-ttl)
+SWEEP_S = 60.0  # how often the dispatcher deletes expired PNGs
 
 
 class FarmWorker:
-    """A worker actor holding the models of up to `max_models` model sets (least recently used goes first).
+    """A worker actor holding the models of up to `max_models` model sets, as many as fit its device's memory
+    by the pre-flight's weight estimates (least recently used goes first).
 
     Every call names its model set, so renders with different models can share the worker task by task."""
 
-    def __init__(self, max_models: int = 2):
+    def __init__(self, max_models: int = 2, memory_bytes: int = 0):
         self.max_models = max(1, max_models)
+        self.memory_bytes = memory_bytes  # what the model sets may share; 0 = what the device has (plus theirs)
         self.resident: OrderedDict[WorkerConfig, TileWorker] = OrderedDict()
+        self.weights: dict[WorkerConfig, int] = {}  # each resident set's estimated weights
         self.loads: list[dict] = []  # one entry per model load: model, seconds, the render that caused it
+        self.evicted: list[str] = []  # the model of each set dropped, in order
 
     def _models(self, config: WorkerConfig, render_id: int) -> TileWorker:
+        from pipeline.budget.memory import sets_to_evict
+        from pipeline.budget.preflight import check_worker, worker_memory
+
         worker = self.resident.get(config)
         if worker is not None:
             self.resident.move_to_end(config)
             return worker
-        while len(self.resident) >= self.max_models:
-            _, dropped = self.resident.popitem(last=False)
+        new, budget = worker_memory(config)
+        sizes = [self.weights[c] for c in self.resident]
+        # the device's free memory counts without the resident sets: they hold what dropping them gives back
+        budget = replace(budget, available=self.memory_bytes or budget.available + sum(sizes))
+        for _ in range(sets_to_evict(sizes, new, budget, self.max_models)):
+            old, dropped = self.resident.popitem(last=False)
+            self.weights.pop(old)
+            self.evicted.append(old.model)
             device = dropped.device
             del dropped
             gc.collect()  # the models' memory is free before the next set loads
@@ -61,13 +76,12 @@ class FarmWorker:
                 import torch
 
                 torch.cuda.empty_cache()
-        from pipeline.budget.preflight import check_worker
-
         check_worker(config)  # its own GPU, before loading: a clear error instead of an out-of-memory mid-load
         start = time.perf_counter()
         worker = TileWorker(config)
         self.loads.append({"model": config.model, "seconds": time.perf_counter() - start, "render": render_id})
         self.resident[config] = worker
+        self.weights[config] = new
         return worker
 
     def run(self, config: WorkerConfig, render_id: int, method: str, *args, crash: str = ""):
@@ -86,6 +100,7 @@ class FarmWorker:
             "device": str(next(iter(self.resident.values())).device) if self.resident else "",
             "resident": [c.model for c in self.resident],
             "loads": list(self.loads),
+            "evicted": list(self.evicted),
         }
 
 
@@ -127,8 +142,8 @@ class _Counter(Bar):
 class Running:
     """A render in flight: its stop flag, why it was stopped, and its progress per stage."""
 
-    def __init__(self, priority: int = 0):
-        self.priority = priority
+    def __init__(self, priority: int = 0, render_id: int = 0):
+        self.priority, self.render_id = priority, render_id  # the id ranks equals by submit order in the lease
         self.stop = threading.Event()
         self.reason = ""
         self.progress: dict[str, list[int]] = {}  # stage -> [done, total]
@@ -144,27 +159,57 @@ WANT_S = 0.1  # a render that asked for a worker this recently still wants one (
 
 
 class PriorityLease(Lease):
-    """The workers shared by the running renders, handed out by priority: while a render of higher priority
-    is asking for a worker, a free one goes to it, not to a render of lower priority. A render that asks for
-    none (in a serial stage, its base) leaves the workers to the others, so none stands idle."""
+    """The workers shared by the running renders, handed out by priority, then fair share, then submit time:
+    while a render that ranks higher is asking for a worker, a free one goes to it. Among renders of equal
+    priority the one holding the fewest workers now ranks higher (max-min fairness, research warm_farm.md §4),
+    ties to the earlier submitted (lower render id). A render that asks for none (in a serial stage, its
+    base) leaves the workers to the others, so none stands idle."""
 
     def __init__(self, count: int, want_s: float = WANT_S):
         super().__init__(count, shared=True)
         self.want_s = want_s
         self.local = threading.local()  # the render this thread runs (its `priority` may change while it runs)
-        self.wanting: dict[int, tuple[int, float]] = {}  # render -> (priority, when it last asked in vain)
+        self.wanting: dict[int, tuple[int, int, float]] = {}  # render -> (priority, id, when it last asked in vain)
+        self.holder: dict[int, int] = {}  # worker -> the render holding it
+        self.held: dict[int, int] = {}  # render -> how many workers it holds now
+
+    def _rank(self, who: int, priority: int, order: int) -> tuple[int, int, int]:
+        """Lower ranks first: priority (higher first), then workers held now, then submit order."""
+        return (-priority, self.held.get(who, 0), order)
 
     def take(self) -> int | None:
         owner, now = getattr(self.local, "owner", None), time.monotonic()
-        me, mine = id(owner) if owner is not None else threading.get_ident(), getattr(owner, "priority", 0)
+        me = id(owner) if owner is not None else threading.get_ident()
+        mine, order = getattr(owner, "priority", 0), getattr(owner, "render_id", 0)
         with self.lock:
-            self.wanting = {who: (p, t) for who, (p, t) in self.wanting.items() if now - t < self.want_s}
-            outranked = any(p > mine for who, (p, _) in self.wanting.items() if who != me)
+            self.wanting = {who: w for who, w in self.wanting.items() if now - w[2] < self.want_s}
+            rank = self._rank(me, mine, order)
+            outranked = any(self._rank(who, p, o) < rank for who, (p, o, _) in self.wanting.items() if who != me)
             if self.idle and not outranked:
                 self.wanting.pop(me, None)
-                return self.idle.popleft()
-            self.wanting[me] = (mine, now)
+                actor = self.idle.popleft()
+                self.holder[actor] = me
+                self.held[me] = self.held.get(me, 0) + 1
+                return actor
+            self.wanting[me] = (mine, order, now)
             return None
+
+    def _release(self, actor: int) -> None:
+        who = self.holder.pop(actor, None)
+        if who is not None:
+            self.held[who] -= 1
+            if not self.held[who]:
+                del self.held[who]
+
+    def give(self, actor: int) -> None:
+        with self.lock:
+            self._release(actor)  # whichever thread gives it back (a probe of another render's loop)
+            self.idle.append(actor)
+
+    def died(self, actor: int, probe, max_failures: int) -> None:
+        with self.lock:
+            self._release(actor)  # a dead worker is no render's: it comes back through give, or never
+        super().died(actor, probe, max_failures)
 
 
 class Controller:
@@ -177,8 +222,11 @@ class Controller:
         gpus_per_worker: float | None,
         max_running: int = 2,
         max_models: int = 2,
+        result_ttl_h: float = RESULT_TTL_H,
     ):
         from cluster.executor import gpus_per_worker_for, worker_count
+
+        self.result_ttl_s = result_ttl_h * 3600  # 0: images are kept until removed by hand
 
         self.state_dir = Path(state_dir)
         self.results = self.state_dir / "results"
@@ -274,6 +322,8 @@ class Controller:
         record = self.queue.get(render_id)
         if record is None or record["state"] != DONE:
             return None
+        if record["expired"]:
+            raise UserError(expired_message(record))
         return Path(record["result"]).read_bytes()
 
     def drain(self, timeout: float = 60.0) -> list[int]:
@@ -292,7 +342,14 @@ class Controller:
     # --- the controller's own threads ---------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        swept = 0.0
         while True:
+            if time.time() - swept >= SWEEP_S:
+                swept = time.time()
+                try:
+                    expire_results(self.queue, self.result_ttl_s, swept)
+                except OSError:  # a PNG that cannot be deleted: the next sweep tries again; the queue goes on
+                    traceback.print_exc()
             with self.wake:
                 record = None if self.draining else self.queue.next_queued()
                 if record is not None and len(self.running) >= self.max_running:
@@ -303,7 +360,7 @@ class Controller:
                 if record is None:
                     self.wake.wait(POLL_S)
                     continue
-                self.running[record["id"]] = Running(record["priority"])
+                self.running[record["id"]] = Running(record["priority"], record["id"])
                 self.queue.update(record["id"], state=RUNNING, started=time.time())
             threading.Thread(target=self._render, args=(record,), name=f"render-{record['id']}", daemon=True).start()
 

@@ -2,26 +2,33 @@
 
     POST   /v1/renders               {"spec": {...}, "priority": 0, "metadata": true} -> 201 {"id", "seed"}
     GET    /v1/renders/{id}          state, progress per stage, timings
-    GET    /v1/renders/{id}/image    the PNG (409 until the render is done)
+    GET    /v1/renders/{id}/events   Server-Sent Events: `data: {json}` at each change of state or progress,
+                                     the last one done, failed or canceled
+    GET    /v1/renders/{id}/image    the PNG (409 until the render is done, 410 once it expired)
     DELETE /v1/renders/{id}          cancel (a running render stops at its next task)
 
 With an API key configured every request needs `Authorization: Bearer KEY`; the farm refuses to listen
 anywhere but the loopback without one. Specs may only name files under the farm's model roots.
 """
 
+import asyncio
 import hmac
+import json
 from pathlib import Path
 
 import ray
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from cluster.farm import CONTROLLER, NAMESPACE
+from cluster.queue import FINAL, expired_message
 from cluster.remote_spec import Forbidden, check_remote_spec
 from pipeline.errors import UserError
 
 APP_NAME = "tilefarm-api"
+EVENTS_POLL_S = 0.2  # how often an event stream asks the controller how its render is going
+EVENT_KEYS = ("id", "state", "priority", "progress", "error", "started", "finished", "expired")
 app = FastAPI(title="tilefarm", description=__doc__)
 
 
@@ -90,12 +97,43 @@ class FarmApi:
         record.pop("result", None)  # a path on the farm's node: of no use to a remote client
         return record
 
+    @app.get("/v1/renders/{render_id}/events")
+    async def events(self, render_id: int, request: Request) -> StreamingResponse:
+        self._check_key(request)
+        await self._record(render_id)  # 404 before the stream starts
+
+        async def stream():
+            last = None
+            while not await request.is_disconnected():
+                try:
+                    record = await self._controller().status.remote(render_id)
+                except ray.exceptions.RayActorError:  # the controller restarts: its queue comes back with it
+                    await asyncio.sleep(EVENTS_POLL_S)
+                    continue
+                except HTTPException as err:  # the farm went down
+                    yield f"event: error\ndata: {json.dumps({'id': render_id, 'error': err.detail})}\n\n"
+                    return
+                event = {k: record.get(k) for k in EVENT_KEYS}
+                if event != last:
+                    if record["state"] in FINAL:
+                        event["stats"] = record["stats"]
+                    yield f"data: {json.dumps(event)}\n\n"
+                    last = event
+                if record["state"] in FINAL:
+                    return
+                await asyncio.sleep(EVENTS_POLL_S)
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies pass events on at once
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
     @app.get("/v1/renders/{render_id}/image")
     async def image(self, render_id: int, request: Request) -> Response:
         self._check_key(request)
         record = await self._record(render_id)
         if record["state"] != "done":
             raise HTTPException(409, f"render {render_id} is {record['state']}: the image comes when it is done")
+        if record.get("expired"):
+            raise HTTPException(410, expired_message(record))
         data = await self._controller().image.remote(render_id)
         return Response(data, media_type="image/png")
 

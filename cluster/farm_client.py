@@ -8,7 +8,7 @@ import time
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from cluster.farm import CONTROLLER, NAMESPACE, Controller
+from cluster.farm import CONTROLLER, NAMESPACE, RESULT_TTL_H, Controller
 from pipeline.errors import UserError
 
 GONE_TIMEOUT_S = 30.0  # how long `farm down` waits for Ray to report the killed actors gone
@@ -67,6 +67,7 @@ def up(
     gpus_per_worker: float | None = None,
     max_running: int = 2,
     max_models: int = 2,
+    result_ttl_h: float = RESULT_TTL_H,
 ) -> dict:
     """Start the farm (the controller on this node, where its queue file lives) or report the running one."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -94,7 +95,7 @@ def up(
             num_cpus=0,
             scheduling_strategy=here,
         )
-        .remote(state_dir, workers, gpus_per_worker, max_running, max_models)
+        .remote(state_dir, workers, gpus_per_worker, max_running, max_models, result_ttl_h)
     )
     return call(handle.ready) | {"already": False}
 

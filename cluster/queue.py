@@ -29,9 +29,11 @@ CREATE TABLE IF NOT EXISTS renders (
     finished REAL,
     error TEXT NOT NULL DEFAULT '',
     result TEXT NOT NULL DEFAULT '',   -- the PNG's path on the head
-    stats TEXT NOT NULL DEFAULT '{}'   -- seconds per stage, model load seconds, workers used
+    stats TEXT NOT NULL DEFAULT '{}',  -- seconds per stage, model load seconds, workers used
+    expired REAL                       -- when its PNG was deleted (older than the farm's result TTL)
 )
 """
+COLUMNS = {"expired": "REAL"}  # added since the first schema: a queue file written before gets them
 
 
 class RenderQueue:
@@ -46,6 +48,10 @@ class RenderQueue:
         with self.lock:
             self.db.execute("PRAGMA journal_mode=WAL")  # a reader (farm ls) never waits for a writer
             self.db.executescript(SCHEMA)
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(renders)")}
+            for name, kind in COLUMNS.items():
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE renders ADD COLUMN {name} {kind}")
 
     def add(self, spec: dict, options: dict, priority: int = 0) -> int:
         with self.lock:
@@ -93,9 +99,40 @@ class RenderQueue:
             self.db.execute("UPDATE renders SET state = ?, started = NULL WHERE state = ?", (QUEUED, RUNNING))
         return ids
 
+    def expire(self, before: float, now: float) -> list[tuple[int, str]]:
+        """Done renders finished before `before` that still have a PNG: marked expired at `now`, result cleared.
+        Returns (id, the PNG's path) for each, to delete."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT id, result FROM renders WHERE state = ? AND result != '' AND finished < ?", (DONE, before)
+            ).fetchall()
+            self.db.executemany("UPDATE renders SET result = '', expired = ? WHERE id = ?", [(now, r[0]) for r in rows])
+        return [(r[0], r[1]) for r in rows]
+
     def close(self) -> None:
         with self.lock:
             self.db.close()
+
+
+def expire_results(queue: RenderQueue, ttl_s: float, now: float) -> list[int]:
+    """Delete the PNGs of renders done more than `ttl_s` seconds before `now` (0 = keep them forever); their
+    records stay, marked expired. Marked first: a sweep cut short leaves a stray file, never a record whose
+    image is gone without saying so. Returns the ids expired."""
+    if ttl_s <= 0:
+        return []
+    expired = queue.expire(now - ttl_s, now)
+    for _, path in expired:
+        Path(path).unlink(missing_ok=True)
+    return [render_id for render_id, _ in expired]
+
+
+def expired_message(record: dict) -> str:
+    """What a client is told about a render whose PNG the farm deleted (farm up --result-ttl)."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["expired"]))
+    return (
+        f"render {record['id']} expired: the farm deleted its image at {when}, older than the farm's result "
+        "lifetime (`farm up --result-ttl HOURS`, 0 keeps images); render its spec again for a new one"
+    )
 
 
 def _record(row: sqlite3.Row) -> dict:

@@ -36,6 +36,13 @@ def add_commands(sub) -> None:
         default=2,
         help="model sets a worker keeps loaded, least recently used dropped first (default 2)",
     )
+    up.add_argument(
+        "--result-ttl",
+        type=float,
+        default=24.0,
+        metavar="HOURS",
+        help="delete a finished render's PNG this many hours after it finished (default 24; 0 = keep them)",
+    )
     up.add_argument("--http-port", type=int, help="also serve the HTTP API on this port (Ray Serve)")
     up.add_argument("--http-host", default="127.0.0.1", help="the HTTP API's address (default 127.0.0.1)")
     up.add_argument("--api-key-file", help="a file holding the key HTTP clients must send (needed off 127.0.0.1)")
@@ -85,10 +92,18 @@ def run_farm_command(args: argparse.Namespace) -> int:
                 raise UserError(f"{flag} {value}: must be at least 1")
         if args.workers is not None and args.workers < 1:
             raise UserError(f"--workers {args.workers}: must be at least 1")
+        if not args.result_ttl >= 0:  # NaN too
+            raise UserError(f"--result-ttl {args.result_ttl:g}: must be 0 (keep images) or more hours")
         state = Path(args.state_dir or _default_state_dir()).expanduser().resolve()
         key = _read_key(args.api_key_file) if args.api_key_file else ""
         ready = farm_client.up(
-            args.address, str(state), args.workers, args.gpus_per_worker, args.max_running, args.models_per_worker
+            args.address,
+            str(state),
+            args.workers,
+            args.gpus_per_worker,
+            args.max_running,
+            args.models_per_worker,
+            args.result_ttl,
         )
         was = "was already up" if ready["already"] else "is up"
         print(
@@ -112,6 +127,10 @@ def run_farm_command(args: argparse.Namespace) -> int:
     if args.command == "status":
         record = _known(farm_client.call(ctl.status, args.id), args.id)
         print(describe(record))
+        if record.get("expired"):
+            from cluster.queue import expired_message
+
+            raise UserError(expired_message(record))
         return 0 if record["state"] != "failed" else 1
     if args.command == "cancel":
         was = _known(farm_client.call(ctl.cancel, args.id), args.id)
@@ -177,6 +196,8 @@ def describe(record: dict) -> str:
         lines.append(f"  model loads: {stats.get('loads', 0)} ({stats.get('load_seconds', 0.0):.2f} s)")
     if record["result"]:
         lines.append(f"  image (on the farm's node): {record['result']}")
+    if record.get("expired"):
+        lines.append("  image: expired (deleted by the farm)")
     if record["error"]:
         lines.append(f"  error: {record['error']}")
     return "\n".join(lines)

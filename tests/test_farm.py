@@ -1,6 +1,7 @@
 """The warm farm on a real local Ray with fake GPUs: warm workers across renders, the image of a local render,
 cancel, down and up again. Tests run in file order over one farm (module scope)."""
 
+import json
 import time
 from dataclasses import fields, replace
 
@@ -9,7 +10,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from cluster import farm_client  # noqa: E402
-from cluster.queue import RenderQueue  # noqa: E402
+from cluster.queue import RenderQueue, expire_results  # noqa: E402
 from farm.cli import main  # noqa: E402
 from farm.executor import prepare  # noqa: E402
 from pipeline.spec import RenderSpec  # noqa: E402
@@ -240,13 +241,31 @@ def test_http_api_submit_status_image_with_a_key(farm, spec, local_png, tiny_dir
     created = requests.post(url, json=body, headers=auth, timeout=60)
     assert created.status_code == 201 and created.json()["seed"] == spec.seed
     render_id = created.json()["id"]
-    end = time.monotonic() + WAIT_S
-    while (state := requests.get(f"{url}/{render_id}", headers=auth, timeout=60).json()["state"]) != "done":
-        assert state in ("queued", "running") and time.monotonic() < end
-        time.sleep(0.2)
+    assert requests.get(f"{url}/{render_id}/events", timeout=60).status_code == 401
+    with requests.get(f"{url}/{render_id}/events", headers=auth, stream=True, timeout=WAIT_S) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in stream.iter_lines(decode_unicode=True) if line]  # ends with the render
+    assert all(line.startswith("data: ") for line in lines)
+    events = [json.loads(line.removeprefix("data: ")) for line in lines]
+    order = ("queued", "running", "done")
+    assert [e["state"] for e in events] == sorted((e["state"] for e in events), key=order.index)
+    assert events[-1]["state"] == "done" and events[-1]["stats"]["stages"]
+    counts = [[sum(c[i] for c in e["progress"].values()) for i in (0, 1)] for e in events if e["state"] == "running"]
+    assert counts and counts[-1][0] > 0, events  # seen running, tiles done
+    for (done, total), (more_done, more_total) in zip(counts, counts[1:], strict=False):  # only what changed
+        assert done <= more_done and total <= more_total and (done, total) != (more_done, more_total), counts
     image = requests.get(f"{url}/{render_id}/image", headers=auth, timeout=60)
     assert image.headers["content-type"] == "image/png" and image.content == local_png
     assert requests.get(f"{url}/9999", headers=auth, timeout=60).status_code == 404
+    assert requests.get(f"{url}/9999/events", headers=auth, timeout=60).status_code == 404
+    # a day later (the sweep's clock, not a wait): every image done by now expires, this one with the others
+    assert render_id in expire_results(RenderQueue(farm / "queue.sqlite"), 24 * 3600, time.time() + 24 * 3600 + 1)
+    gone = requests.get(f"{url}/{render_id}/image", headers=auth, timeout=60)
+    assert gone.status_code == 410 and f"render {render_id} expired" in gone.json()["detail"]
+    capsys.readouterr()
+    assert main(["status", str(render_id)]) == 2
+    out, err = capsys.readouterr()
+    assert "image: expired" in out and f"render {render_id} expired" in err and "Traceback" not in err
 
 
 def test_a_killed_controller_restarts_and_the_render_gives_the_same_image(farm, spec, local_png):

@@ -248,6 +248,17 @@ def decide(estimate: Estimate, budget: Budget, tile_batch: int) -> Decision:
     return Decision(batch, vae_tile, notes=tuple(notes))
 
 
+def sets_to_evict(resident: list[int], new: int, budget: Budget, max_sets: int) -> int:
+    """How many of the resident model sets (weights in bytes, least recently used first) a worker drops before
+    loading one of `new` bytes: at most `max_sets` stay with it, and their weights fit `budget` with the
+    pre-flight's margin (need, research real_models.md 5d). `budget` is what the sets may share: the device's
+    available memory plus what the resident sets hold. All go when `new` alone does not fit."""
+    drop = max(0, len(resident) + 1 - max(1, max_sets))
+    while drop < len(resident) and need(Estimate(sum(resident[drop:]) + new, ()), None, budget) > budget.available:
+        drop += 1
+    return drop
+
+
 WEIGHTS_FIX = (
     "Use half precision (--precision fp16 or bf16, on a GPU), a device with more memory, or --cluster with "
     "GPUs that hold the model"

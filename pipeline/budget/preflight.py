@@ -74,13 +74,24 @@ def memory_report(plan: RenderPlan, device_name: str, cluster: bool = False) -> 
     return "\n".join([head] + [f"  {line}" for line in estimate.describe(budget)])
 
 
-def worker_refusal(config: WorkerConfig, dtype_bytes: int, budget: Budget) -> str:
-    """Why a worker's weights (the VAE in fp32 where it upcasts) cannot fit `budget`; '' when they fit."""
+def worker_weight_bytes(config: WorkerConfig, dtype_bytes: int) -> int:
+    """A worker's resident weights (the VAE in fp32 where it upcasts, the part files beside a model), from headers."""
     weights = model_weight_bytes(
         inspect_diffusion_model(config.model).path, config.model_config, config.upscaler, dtype_bytes
     )
-    weights += part_parameters((config.vae, config.clip_l, config.t5)) * dtype_bytes
-    return decide(Estimate(weights, ()), budget, 1).refusal
+    return weights + part_parameters((config.vae, config.clip_l, config.t5)) * dtype_bytes
+
+
+def worker_memory(config: WorkerConfig) -> tuple[int, Budget]:
+    """A model set's weights on the worker's device, at the dtype it runs in, and what that device has now."""
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.precision, device, inspect_diffusion_model(config.model).family)
+    return worker_weight_bytes(config, dtype.itemsize), device_budget(device)
+
+
+def worker_refusal(config: WorkerConfig, dtype_bytes: int, budget: Budget) -> str:
+    """Why a worker's weights (the VAE in fp32 where it upcasts) cannot fit `budget`; '' when they fit."""
+    return decide(Estimate(worker_weight_bytes(config, dtype_bytes), ()), budget, 1).refusal
 
 
 def check_worker(config: WorkerConfig) -> None:
