@@ -23,6 +23,8 @@ from cluster.wire import WireTensor, from_wire, to_wire
 from pipeline.graph.health import ATTEMPTS, bad_result_error, now, task_row
 from pipeline.graph.taskgraph import OnResult, Task, check_graph, stage_positions
 
+FAULT_MODES = ("nan", "slow")  # fault injection beyond a crash: cluster.wire.reply
+
 
 class WorkersLost(RuntimeError):
     """Every actor died; `results` holds what was finished."""
@@ -118,8 +120,7 @@ class PullScheduler:
     actors: list
     max_failures: int = 3  # deaths of one actor before it is given up (Ray restarts it in between)
     # fault injection: (stage, n) crashes the actor on the first run of the stage's n-th task (pipeline.graph.taskgraph.
-    # stage_positions); (stage, n, "nan")
-    # makes its first result NaN
+    # stage_positions); (stage, n, "nan") makes its first result NaN; (stage, n, "slow") makes it a straggler
     faults: set[tuple] = field(default_factory=set)
     record: Callable[[dict], None] | None = None  # receives a ledger row per finished task
     info: dict[int, dict] = field(default_factory=dict)  # actor -> host, device (for the ledger)
@@ -175,9 +176,9 @@ class PullScheduler:
                     if tid not in args:
                         args[tid] = to_wire(by_id[tid].args(results))
                     place = places[tid]  # faults name a task by its stage and place in it
-                    crash = "exit" if place in self.faults else "nan" if (*place, "nan") in self.faults else ""
-                    self.faults.discard(place)
-                    self.faults.discard((*place, "nan"))
+                    crash = next((m for m in FAULT_MODES if (*place, m) in self.faults), "")
+                    crash = "exit" if place in self.faults else crash
+                    self.faults -= {place, *((*place, m) for m in FAULT_MODES)}
                     ref = self.actors[actor].run.remote(by_id[tid].method, *args[tid], crash=crash)
                     tries[tid] += 1
                     started.setdefault(tid, now())

@@ -7,6 +7,7 @@ Plain numpy arrays (the shared scaffold) pass untouched.
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any
 
@@ -18,6 +19,9 @@ from pipeline.graph.tree import walk
 
 # torch warns that it cannot protect a read-only array from writes; copy=False is only used where none happen
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
+
+STRAGGLER_S = 3.0  # how long a "slow" fault holds a result back
 
 
 class WireTensor:
@@ -62,9 +66,12 @@ def from_wire(value: Any, copy: bool = True) -> Any:
 def reply(value: Any, crash: str = "") -> Any:
     """An actor's result, checked and ready to travel: a NaN/Inf result raises FloatingPointError in the actor
     (the scheduler runs the task once more elsewhere), so the driver never scans a tile for NaN itself.
-    `crash="nan"` is fault injection: the result is spoiled first, as an fp16 overflow would spoil it."""
+    `crash` is fault injection: "nan" spoils the result first, as an fp16 overflow would; "slow" holds it back
+    STRAGGLER_S, as a slow or throttled GPU would."""
     if crash == "nan":
         value = poison(value)
+    if crash == "slow":
+        time.sleep(STRAGGLER_S)
     if nonfinite(value):
         raise FloatingPointError("NaN/Inf in the result")
     return to_wire(value)

@@ -49,8 +49,14 @@ def blend_plan(small_spec):
 
 
 @pytest.fixture(scope="module")
-def blend_local(blend_plan):
-    return run_local(blend_plan).result.image
+def blend_local_rows(blend_plan):
+    rows = []
+    return run_local(blend_plan, record=rows.append).result.image, rows
+
+
+@pytest.fixture(scope="module")
+def blend_local(blend_local_rows):
+    return blend_local_rows[0]
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
@@ -63,15 +69,28 @@ def test_blended_steps_give_the_same_pixels_as_the_local_executor(local_ray, ble
     assert len(steps) == blend_plan.spec.steps * len(blend_plan.blend_batches) + len(faults)
 
 
-def test_actors_killed_in_the_encode_and_decode_change_nothing(local_ray, blend_plan, blend_local):
-    rows = []
+def test_stages_overlap_and_actors_killed_in_the_encode_and_decode_change_nothing(
+    local_ray, blend_plan, blend_local_rows
+):
+    image, local_rows = blend_local_rows
+    count = {
+        stage: sum(r["stage"] == stage for r in local_rows if r["kind"] == "task") for stage in ("encode", "blend")
+    }
     faults = {("encode", 3), ("decode", 2)}  # an actor's process dies on an encode tile, another on a decode tile
+    # and the last encode tile and the last refine task are stragglers: what does not read them goes on
+    faults |= {("encode", count["encode"] - 1, "slow"), ("blend", count["blend"] - 1, "slow")}
+    rows = []
     run = run_cluster(blend_plan, workers=3, faults=faults, record=rows.append)
-    assert torch.equal(run.result.image, blend_local)
+    assert torch.equal(run.result.image, image)
     assert sum(run.executor.scheduler.failures.values()) == 2
-    # the ledger names each task's stage (which stages overlap is timing: tests/test_stream.py checks the waits)
-    stages = {row["stage"] for row in rows if row["kind"] == "task"}
-    assert {"upscale", "encode stats", "encode", "blend", "decode"} <= stages
+    spans = {}
+    for row in rows:
+        if row["kind"] == "task":
+            spans.setdefault(row["stage"], []).append((row["start"], row["end"]))
+    assert {"upscale", "encode stats", "encode", "blend", "decode"} <= spans.keys()
+    # one graph, no barrier between stages: the refine starts before the encode ends, the decode before the refine
+    assert min(start for start, _ in spans["blend"]) < max(end for _, end in spans["encode"])
+    assert min(start for start, _ in spans["decode"]) < max(end for _, end in spans["blend"])
 
 
 def test_actors_killed_in_the_even_and_odd_pass_change_nothing(local_ray, cluster_plan, local_image):
