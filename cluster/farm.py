@@ -23,8 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError
 
+from cluster.farm_pool import WorkerPool
 from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue
 from cluster.scheduler import Lease
 from cluster.wire import from_wire, to_wire
@@ -37,9 +37,6 @@ NAMESPACE = "tilefarm"
 CONTROLLER = "controller"
 WORKER_PREFIX = "worker-"
 POLL_S = 0.2  # how often the dispatcher looks for queued renders when nothing woke it
-GROW_S = 2.0  # how often the controller looks for GPUs that joined the cluster
-PING_S = 10.0  # how long a worker may take to answer before it counts as not there
-JOIN_S = 120.0  # how long a worker started for a joined GPU may take to start before it is given up
 
 
 class FarmWorker:
@@ -172,7 +169,7 @@ class PriorityLease(Lease):
             return None
 
 
-class Controller:
+class Controller(WorkerPool):
     """The farm's controller actor: queue, dispatcher, render threads, worker actors."""
 
     def __init__(
@@ -193,18 +190,13 @@ class Controller:
         self.resumed = self.queue.queued()
         self.gpus = gpus_per_worker_for(gpus_per_worker)
         self.max_running = max(1, max_running)
-        self.max_models = max_models
-        self.requested = workers  # a cap on the workers, or None: one per GPU, whenever GPUs join
-        count = worker_count(workers, self.gpus)
-        self.workers = [self._worker(i) for i in range(count)]
-        self.joining: list = []  # workers started for GPUs that joined, not yet handed to renders
-        self.joining_since = 0.0
+        count = self.start_workers(worker_count(workers, self.gpus), workers, max_models)
         self.lease = PriorityLease(count)
         self.running: dict[int, Running] = {}
         self.draining = False
         self.wake = threading.Condition()
         threading.Thread(target=self._dispatch, name="farm-dispatch", daemon=True).start()
-        threading.Thread(target=self._watch, name="farm-grow", daemon=True).start()
+        threading.Thread(target=self.watch, name="farm-grow", daemon=True).start()
 
     def ready(self) -> dict:
         return {
@@ -216,106 +208,10 @@ class Controller:
             "pid": os.getpid(),
         }
 
-    def worker_infos(self) -> list[dict]:
-        """Each worker's info; one that Ray is starting again (its process or node died) answers with an error at
-        once, and is listed with `down` set and nothing loaded, so a render's end never waits on it or fails."""
-        infos = []
-        for ref in [w.info.remote() for w in self.workers]:
-            try:
-                infos.append(ray.get(ref))
-            except RayActorError as err:
-                infos.append({"node": "", "host": "", "pid": 0, "device": "", "resident": [], "loads": []})
-                infos[-1]["down"] = type(err).__name__
-        return infos
-
     def idle_workers(self) -> int:
         """Workers no render holds (all of them when nothing runs)."""
         with self.lease.lock:
             return len(self.lease.idle)
-
-    def worker_health(self) -> dict:
-        """What the shared lease knows of worker deaths: deaths per worker, workers given up, workers restarting."""
-        with self.lease.lock:
-            return {
-                "failures": {int(k): v for k, v in self.lease.failures.items()},
-                "lost": sorted(self.lease.lost),
-                "reviving": sorted(self.lease.reviving.values()),
-            }
-
-    # --- workers: one per GPU, on every node --------------------------------------------------------------
-
-    def _worker(self, index: int):
-        """The detached worker actor `worker-<index>`: found again by name after a controller restart; Ray starts
-        it again (its models reload) when its process or node dies, as soon as a GPU is free for it."""
-        return (
-            ray.remote(FarmWorker)
-            .options(
-                name=f"{WORKER_PREFIX}{index}",
-                namespace=NAMESPACE,
-                lifetime="detached",  # a restarted controller finds its workers, models still loaded
-                get_if_exists=True,
-                max_restarts=-1,
-                num_gpus=self.gpus,
-                num_cpus=0 if self.gpus else 1,
-                scheduling_strategy="SPREAD",  # with fewer workers than GPUs, over as many nodes as can be
-            )
-            .remote(self.max_models)
-        )
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(GROW_S)
-            try:
-                self.grow()
-            except Exception:  # a bug here must not end the thread: the farm keeps its workers
-                traceback.print_exc()
-
-    def grow(self) -> int:
-        """Workers for GPUs the cluster gained since the farm started (a node joined, or came back with more GPUs
-        than it had): started, and handed to renders once they answer while no render runs (a running render
-        knows only the workers it started with). Returns how many joined."""
-        from cluster.executor import worker_count
-
-        if self.gpus <= 0 or self.draining:
-            return 0
-        if not self.joining:
-            missing = worker_count(self.requested, self.gpus) - len(self.workers)
-            if missing <= 0 or self.running or not self._all_answer():
-                return 0  # a worker Ray is starting again takes a returning GPU first: start none meanwhile
-            free = int(ray.available_resources().get("GPU", 0) / self.gpus + 1e-9)  # GPUs no one else holds
-            first = len(self.workers)
-            self.joining = [self._worker(i) for i in range(first, first + min(missing, free))]
-            self.joining_since = time.monotonic()
-            if not self.joining:
-                return 0
-        ready, _ = ray.wait([w.info.remote() for w in self.joining], num_returns=len(self.joining), timeout=PING_S)
-        if len(ready) < len(self.joining):
-            if time.monotonic() - self.joining_since > JOIN_S:  # its GPU went to someone else: none waits on it
-                for handle in self.joining:
-                    ray.kill(handle, no_restart=True)
-                self.joining = []
-            return 0
-        with self.wake:
-            if self.running:
-                return 0  # added after the running renders end
-            first = len(self.workers)
-            self.workers += self.joining
-            with self.lease.lock:
-                self.lease.count = len(self.workers)
-                self.lease.idle.extend(range(first, len(self.workers)))
-            joined, self.joining = len(self.joining), []
-        return joined
-
-    def _all_answer(self) -> bool:
-        refs = [w.info.remote() for w in self.workers]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PING_S)
-        if len(ready) < len(refs):
-            return False
-        try:
-            ray.get(ready)
-        except RayActorError:  # restarting, or its node is gone
-            return False
-        return True
 
     # --- the clients' calls -------------------------------------------------------------------------------
 
