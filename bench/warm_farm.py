@@ -47,6 +47,7 @@ class Row:
     total: float  # seconds from start or submit to the render's end
     load: float  # seconds this render spent loading models (workers in parallel: one load's wall time)
     loads: int  # model loads it caused (one per worker that loaded)
+    ends_at: float  # seconds from the first render's start or submit to this one's end
 
 
 def specs(model: Path, upscaler: Path, count: int, size: int) -> list:
@@ -74,7 +75,7 @@ def per_render_actors(plans: list, workers: int) -> list[Row]:
     from cluster.executor import ActorPool, run_cluster
     from pipeline.graph.worker import WorkerConfig
 
-    rows = []
+    rows, first_start = [], time.perf_counter()
     for i, plan in enumerate(plans, 1):
         seen: dict = {}
 
@@ -92,7 +93,7 @@ def per_render_actors(plans: list, workers: int) -> list[Row]:
         finally:
             pool.close()
         end = time.perf_counter()
-        rows.append(Row(i, seen["first"] - start, end - start, load, len(actors)))
+        rows.append(Row(i, seen["first"] - start, end - start, load, len(actors), end - first_start))
         print(f"  (a) render {i}: {end - start:.2f} s", file=sys.stderr)
     return rows
 
@@ -113,9 +114,11 @@ def warm_farm(plans: list, state: Path) -> tuple[list[Row], float, float]:
         submitted[render_id] = time.perf_counter()
     first: dict[int, float] = {}
     ended: dict[int, dict] = {}
-    while len(ended) < len(plans):
-        for render_id in submitted:
-            if render_id in ended:
+    while len(ended) < len(plans):  # one `list` and a `status` per running render a look: the client's own load
+        time.sleep(0.1)
+        states = {r["id"]: r["state"] for r in farm_client.call(ctl.list, 2 * len(plans)) if r["id"] in submitted}
+        for render_id, state in states.items():
+            if render_id in ended or state == "queued":
                 continue
             record = farm_client.call(ctl.status, render_id)
             now = time.perf_counter()
@@ -127,7 +130,6 @@ def warm_farm(plans: list, state: Path) -> tuple[list[Row], float, float]:
                 ended[render_id] = record | {"seen_end": now}
                 first.setdefault(render_id, now)  # it went from none to all tiles between two looks
                 print(f"  (b) render {render_id}: {now - submitted[render_id]:.2f} s", file=sys.stderr)
-        time.sleep(0.05)
     wall = max(r["seen_end"] for r in ended.values()) - start
     rows = []
     for i, render_id in enumerate(submitted, 1):
@@ -135,29 +137,33 @@ def warm_farm(plans: list, state: Path) -> tuple[list[Row], float, float]:
         loads = stats.get("loads", 0)
         t0 = submitted[render_id]
         load = stats.get("load_seconds", 0.0) / loads if loads else 0.0
-        rows.append(Row(i, first[render_id] - t0, ended[render_id]["seen_end"] - t0, load, loads))
+        end = ended[render_id]["seen_end"]
+        rows.append(Row(i, first[render_id] - t0, end - t0, load, loads, end - min(submitted.values())))
     farm_client.down("auto")
     return rows, up_s, wall
 
 
 def table(title: str, rows: list[Row], wall: float, parallel: bool) -> list[str]:
-    """Markdown rows; the `all` row adds the real loads to the wall time one after another, or once when the renders
-    that load run at the same time on different workers (`parallel`, the warm farm's first renders)."""
+    """Markdown rows. With real models each render that loads pays one load (its workers load in parallel); renders
+    one after another (a) add up their loads, while on the warm farm (`parallel`) the workers load once, at the same
+    time, before any render ends: every render ends that one load later."""
     real = list(REAL_LOAD_S)
-    head = ["render", "first tile s", "total s", "load s (tiny)", "loads"]
+    head = ["render", "first tile s", "total s", "ends at s", "load s (tiny)", "loads"]
     head += [f"+ {name} load s" for name in real] + [f"total with {name} s" for name in real]
     lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     add = {name: 0.0 for name in real}
+    wave = {name: REAL_LOAD_S[name] if any(r.loads for r in rows) else 0.0 for name in real}
     for r in rows:
         extra = {name: REAL_LOAD_S[name] if r.loads else 0.0 for name in real}
         for name in real:
             add[name] += extra[name]
-        cells = [r.render, f"{r.first_tile:.2f}", f"{r.total:.2f}", f"{r.load:.2f}", r.loads]
-        cells += [f"{extra[n]:.1f}" for n in real] + [f"{r.total + extra[n]:.2f}" for n in real]
+        delay = wave if parallel else extra
+        cells = [r.render, f"{r.first_tile:.2f}", f"{r.total:.2f}", f"{r.ends_at:.2f}", f"{r.load:.2f}", r.loads]
+        cells += [f"{extra[n]:.1f}" for n in real] + [f"{r.total + delay[n]:.2f}" for n in real]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    totals = ["all", "", f"{wall:.2f} (wall)", f"{sum(r.load for r in rows):.2f}", sum(r.loads for r in rows)]
-    if parallel:
-        add = {name: REAL_LOAD_S[name] if any(r.loads for r in rows) else 0.0 for name in real}
+    loads = sum(r.loads for r in rows)
+    totals = ["all", "", "", f"{wall:.2f} (wall)", f"{sum(r.load for r in rows):.2f}", loads]
+    add = wave if parallel else add
     totals += [f"{add[n]:.1f}" for n in real] + [f"{wall + add[n]:.2f}" for n in real]
     lines.append("| " + " | ".join(str(c) for c in totals) + " |")
     return lines
