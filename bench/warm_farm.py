@@ -18,6 +18,7 @@ would be ~13 s and ~61 s, 1 GbE NFS ~63 s and ~5 min). Workers load in parallel,
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -182,11 +183,14 @@ def main(argv: list[str] | None = None) -> dict:
     ray.init(
         num_cpus=2, num_gpus=args.gpus, include_dashboard=False, log_to_driver=False, configure_logging=False
     )  # a Ray of its own: the farm is started and ended here
+    load = [os.getloadavg()[0]]  # other work on the machine: the walls below move with it
     try:
         start = time.perf_counter()
         a = per_render_actors(plans, args.gpus)
         a_wall = time.perf_counter() - start
+        load.append(os.getloadavg()[0])
         b, up_s, b_wall = warm_farm(plans, Path(args.state_dir) / time.strftime("%Y%m%d-%H%M%S"))
+        load.append(os.getloadavg()[0])
     finally:
         ray.shutdown()
     print(f"{args.renders} renders of {args.size} px (tiny SDXL, 2 + 2 steps, 64 px tiles, one per task), "
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"load s: (a) from the render's start until its actors answer (actor processes start, imports, models load); "
         f"(b) the render's model loads on the farm's workers (FarmWorker.loads; in parallel, one load's time). "
         f"`farm up` took {up_s:.2f} s (in the (b) wall time, which ends with the last render; (a)'s wall includes "
-        f"ending its actors). Walls: (a) {a_wall:.2f} s, (b) {b_wall:.2f} s"
+        f"ending its actors). Walls: (a) {a_wall:.2f} s, (b) {b_wall:.2f} s. Load average (1 min) at the start of "
+        f"(a), of (b) and at the end: {', '.join(f'{x:.1f}' for x in load)}"
     )
     return {"a": a, "b": b, "a_wall": a_wall, "b_wall": b_wall, "up": up_s}
 
