@@ -8,8 +8,8 @@
 Per render: time to its first refined tile and to its end, counted from when it was started (a) or submitted
 (b), and the model load it paid, measured with the tiny models on a local Ray with fake GPUs. The last columns add
 what one load of the real models would cost each render that loads: SDXL fp16 6.9 GB and Flux.1-dev ~33.5 GB (incl.
-T5) read from local NVMe, ~2.3 s and ~11 s (docs/research: warm_farm.md section 3, [est] from NVMe 3-7 GB/s; SATA
-would be ~13 s and ~61 s, 1 GbE NFS ~63 s and ~5 min). Workers load in parallel, one load per render counts once.
+T5) read from local NVMe at 3 GB/s, ~2.3 s and ~11 s (an estimate: a cold load is disk-bound, invoke-ai/InvokeAI#9548;
+SATA would be ~13 s and ~61 s, 1 GbE NFS ~63 s and ~5 min). Workers load in parallel: a render's loads count once.
 
     python bench/warm_farm.py                  # 10 renders of 256 px, 2 fake GPUs
     python bench/warm_farm.py --renders 3 --size 128
@@ -36,7 +36,7 @@ from farm.tiny_models import ensure_tiny_models  # noqa: E402
 from pipeline.graph.progress import Bar  # noqa: E402
 from pipeline.spec import RenderSpec  # noqa: E402
 
-# one load of the real models from local NVMe, seconds (warm_farm.md section 3: 6.9 GB and 33.5 GB at 3-7 GB/s)
+# one load of the real models from local NVMe, seconds: 6.9 GB and 33.5 GB read at 3 GB/s
 REAL_LOAD_S = {"SDXL": 2.3, "Flux": 11.0}
 TILE_STAGE = "chess"  # progress groups of the refine pass ('chess even', 'chess odd'): its tiles
 
