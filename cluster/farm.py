@@ -4,7 +4,8 @@ One farm per Ray cluster, in the namespace `tilefarm`: a detached, named, restar
 owns the queue (SQLite on its node, cluster/queue.py) and runs up to `max_running` renders at once,
 each with the same render() and ClusterExecutor a `--cluster` render uses, over one shared set of
 detached worker actors (one per GPU) and one shared Lease, so each worker runs one task at a time
-whichever render it belongs to. A worker keeps the models of the last few model sets resident
+whichever render it belongs to (cluster/farm_pool.py starts the workers, and more when GPUs join the cluster;
+Ray starts a dead one again). A worker keeps the models of the last few model sets resident
 (LRU), so only a render with new models loads anything. The PNG is written on the controller's node
 with the same save_png a local render uses; clients fetch its bytes (cluster/farm_client.py).
 """
