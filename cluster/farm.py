@@ -4,7 +4,8 @@ One farm per Ray cluster, in the namespace `tilefarm`: a detached, named, restar
 owns the queue (SQLite on its node, cluster/queue.py) and runs up to `max_running` renders at once,
 each with the same render() and ClusterExecutor a `--cluster` render uses, over one shared set of
 detached worker actors (one per GPU) and one shared Lease, so each worker runs one task at a time
-whichever render it belongs to. A worker keeps the models of the last few model sets resident
+whichever render it belongs to (cluster/farm_pool.py starts the workers, and more when GPUs join the cluster;
+Ray starts a dead one again). A worker keeps the models of the last few model sets resident
 (LRU), so only a render with new models loads anything. The PNG is written on the controller's node
 with the same save_png a local render uses; clients fetch its bytes (cluster/farm_client.py).
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import ray
 
+from cluster.farm_pool import WorkerPool
 from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue, expire_results, expired_message
 from cluster.scheduler import Lease
 from cluster.wire import from_wire, reply
@@ -212,7 +214,7 @@ class PriorityLease(Lease):
         super().died(actor, probe, max_failures)
 
 
-class Controller:
+class Controller(WorkerPool):
     """The farm's controller actor: queue, dispatcher, render threads, worker actors."""
 
     def __init__(
@@ -236,25 +238,13 @@ class Controller:
         self.resumed = self.queue.queued()
         self.gpus = gpus_per_worker_for(gpus_per_worker)
         self.max_running = max(1, max_running)
-        count = worker_count(workers, self.gpus)
-        cls = ray.remote(FarmWorker)
-        self.workers = [
-            cls.options(
-                name=f"{WORKER_PREFIX}{i}",
-                namespace=NAMESPACE,
-                lifetime="detached",  # a restarted controller finds its workers, models still loaded
-                get_if_exists=True,
-                max_restarts=-1,
-                num_gpus=self.gpus,
-                num_cpus=0 if self.gpus else 1,
-            ).remote(max_models)
-            for i in range(count)
-        ]
+        count = self.start_workers(worker_count(workers, self.gpus), workers, max_models)
         self.lease = PriorityLease(count)
         self.running: dict[int, Running] = {}
         self.draining = False
         self.wake = threading.Condition()
         threading.Thread(target=self._dispatch, name="farm-dispatch", daemon=True).start()
+        threading.Thread(target=self.watch, name="farm-grow", daemon=True).start()
 
     def ready(self) -> dict:
         return {
@@ -265,9 +255,6 @@ class Controller:
             "resumed": self.resumed,
             "pid": os.getpid(),
         }
-
-    def worker_infos(self) -> list[dict]:
-        return ray.get([w.info.remote() for w in self.workers])
 
     def idle_workers(self) -> int:
         """Workers no render holds (all of them when nothing runs)."""
@@ -421,4 +408,5 @@ class Controller:
             "load_seconds": sum(e["seconds"] for e in loads),
             "loads": len(loads),
             "workers": used,
+            "progress": {k: list(v) for k, v in live.progress.items()},  # each task counted once: done == total
         }
