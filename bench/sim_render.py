@@ -72,10 +72,10 @@ class SimTileWorker:
         self._cost("base_latents", noise.shape, steps, cfg > 1)
         return torch.zeros_like(noise)
 
-    def upscale_tile(self, patch: torch.Tensor) -> torch.Tensor:
+    def upscale_tile(self, patch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         self._cost("upscale_tile", patch.shape)
         b, c, h, w = patch.shape
-        return torch.zeros(b, c, h * SCALE, w * SCALE)
+        return torch.zeros(b, c, h * SCALE, w * SCALE, dtype=dtype)
 
     def encode(self, pixels: torch.Tensor, tile: int = 0) -> torch.Tensor:
         self._cost("encode", pixels.shape)

@@ -131,7 +131,7 @@ def upscale_graph(
     if scale and h < height:
         grid = cover_grid(h, w, plan.spec.upscale_tile, UPSCALE_OVERLAP)
         # float16 pixels: the canvas is an image (8 bits would do) that the VAE reads; half the driver's memory
-        image = add_tiled(graph, "upscale", "upscale_tile", image, grid, 1, scale, 3, torch.float16)
+        image = add_tiled(graph, "upscale", "upscale_tile", image, grid, 1, scale, 3, torch.float16, (torch.float16,))
         h, w = h * scale, w * scale
     if (h, w) == (height, width):
         return image
@@ -341,7 +341,7 @@ def render_two_pass(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
         with clock.stage("tiles"):
             run_graph(plan, ex, graph, stepper, bar)
         out = upscaled or decoded  # a Resized upscale resizes its blocks as the whole image is read
-        canvas, image = stepper.latents, out.read((0, 0, *out.canvas.shape[-2:]))
+        canvas, image = stepper.latents, out.read((0, 0, *out.canvas.shape[-2:])).float()
     else:
         with clock.stage("refine"):  # over tiles; one tile when the canvas fits in one
             canvas = chess_stage(plan, ex, s, canvas)

@@ -108,8 +108,9 @@ class TiledCanvas:
         self.canvas[cell.box] = (acc / weight).to(self.canvas.dtype)
 
     def read(self, box: Box) -> torch.Tensor:
+        """A box of the canvas in its own dtype (float16 pixels travel to the next stage's tasks as they are)."""
         y, x, h, w = box
-        return self.canvas[..., y : y + h, x : x + w].float().contiguous()
+        return self.canvas[..., y : y + h, x : x + w].contiguous()
 
     def deps(self, box: Box) -> frozenset[int]:
         return frozenset(self.task_of[t.id] for t in self.grid.tiles if meets(t, box))
@@ -186,12 +187,12 @@ class Resized:
             if block not in self.ready:
                 (y, x, h, w), (y0, x0, ih, iw) = self._span(block)
                 k = self.factor
-                out = resize(self.source.read((y0, x0, ih, iw)), ih * k, iw * k)
+                out = resize(self.source.read((y0, x0, ih, iw)).float(), ih * k, iw * k)
                 top, left = y - y0 * k, x - x0 * k
                 self.canvas[..., y : y + h, x : x + w] = out[..., top : top + h, left : left + w]
                 self.ready.add(block)
         y, x, h, w = box
-        return self.canvas[..., y : y + h, x : x + w].float().contiguous()
+        return self.canvas[..., y : y + h, x : x + w].contiguous()
 
     def deps(self, box: Box) -> frozenset[int]:
         return frozenset().union(*(self.source.deps(self._span(block)[1]) for block in self._blocks(box)))

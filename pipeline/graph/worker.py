@@ -167,11 +167,13 @@ class TileWorker:
         """txt2img from the pooled scaffold, kept as latents (the two-pass workflow upscales them)."""
         return generate(self.model.denoiser, noise, cond, cfg, steps, sampler).float().cpu()
 
-    def upscale_tile(self, patch: torch.Tensor) -> torch.Tensor:
+    def upscale_tile(self, patch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The upscale model on one patch; `dtype` float16 where it lands in a float16 canvas (half the bytes
+        on the wire)."""
         param = next(self.upscaler.descriptor.model.parameters())
         with self._timed("upscaler"), torch.no_grad():
-            out = self.upscaler.descriptor(patch.to(param.device, param.dtype))
-        return out.float().clamp(0, 1).cpu()
+            out = self.upscaler.descriptor(patch.float().to(param.device, param.dtype))
+        return out.float().clamp(0, 1).to(dtype).cpu()
 
     def encode(self, pixels: torch.Tensor, tile: int = 0) -> torch.Tensor:
         """Pixels -> latents in the VAE's own tiles, or in `tile` px tiles when smaller (0 = the VAE's)."""

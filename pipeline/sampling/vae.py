@@ -64,7 +64,7 @@ def _normalising(vae, stats: dict[str, torch.Tensor] | None):
 
 def _pixels_in(vae, pixels: torch.Tensor) -> torch.Tensor:
     param = next(vae.parameters())
-    return (pixels * 2 - 1).to(param.device, param.dtype)
+    return (pixels.float() * 2 - 1).to(param.device, param.dtype)  # float16 pixels (a graph's canvas) exactly
 
 
 def _latents_in(vae, latents: torch.Tensor) -> torch.Tensor:
