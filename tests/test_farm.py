@@ -176,7 +176,7 @@ def test_a_free_worker_goes_to_the_render_of_higher_priority_that_asks_for_one()
     import threading
     from types import SimpleNamespace
 
-    from cluster.farm import PriorityLease
+    from cluster.farm_lease import PriorityLease
 
     lease = PriorityLease(1, want_s=600.0)  # a busy machine's thread switches never outlast a request
     low, high = SimpleNamespace(priority=0), SimpleNamespace(priority=5)

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from cluster.farm import PriorityLease  # noqa: E402
+from cluster.farm_lease import PriorityLease  # noqa: E402
 
 
 def taker(lease: PriorityLease):
