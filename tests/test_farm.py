@@ -3,19 +3,17 @@ cancel, down and up again. Tests run in file order over one farm (module scope).
 
 import json
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
+from farm_helpers import WAIT_S, controller, render_locally, submit, wait_for, write_toml  # noqa: E402
+
 from cluster import farm_client  # noqa: E402
 from cluster.queue import RenderQueue, expire_results  # noqa: E402
 from farm.cli import main  # noqa: E402
-from farm.executor import prepare  # noqa: E402
-from pipeline.spec import RenderSpec  # noqa: E402
-
-WAIT_S = 240.0  # a bound for a render on a busy 2-core machine; a render here takes seconds
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +24,6 @@ def local_ray():
         farm_client.down("auto")  # a failed test leaves no detached actors behind
     finally:
         ray.shutdown()
-
-
-def write_toml(spec: RenderSpec, path):
-    """The spec's fields that differ from the defaults, as a TOML spec file."""
-    default = RenderSpec()
-    lines = []
-    for f in fields(RenderSpec):
-        value = getattr(spec, f.name)
-        if value == getattr(default, f.name):
-            continue
-        if isinstance(value, bool):
-            value = str(value).lower()
-        lines.append(f'{f.name} = "{value}"' if isinstance(value, str) else f"{f.name} = {value}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -56,35 +39,9 @@ def farm(local_ray, tmp_path_factory):
     return state
 
 
-def controller():
-    return farm_client.controller("auto")
-
-
-def wait_for(render_id: int, states=("done", "failed", "canceled")) -> dict:
-    end = time.monotonic() + WAIT_S
-    while time.monotonic() < end:
-        record = farm_client.call(controller().status, render_id)
-        if record["state"] in states:
-            return record
-        time.sleep(0.1)
-    raise AssertionError(f"render {render_id} still {record['state']} after {WAIT_S} s")
-
-
-def submit(spec: RenderSpec, priority: int = 0) -> int:
-    import torch
-
-    plan = prepare(spec, "cpu", cluster=True)
-    options = {"cpu_threads": torch.get_num_threads(), "metadata": True}
-    return farm_client.call(controller().submit, plan.spec.to_dict(), options, priority)
-
-
 @pytest.fixture(scope="module")
 def local_png(spec, tmp_path_factory):
-    """The same spec rendered locally by `farm render`: the bytes a farm render must match."""
-    folder = tmp_path_factory.mktemp("local")
-    out = folder / "local.png"
-    assert main(["render", str(write_toml(spec, folder / "spec.toml")), "--out", str(out), "--quiet"]) == 0
-    return out.read_bytes()
+    return render_locally(spec, tmp_path_factory.mktemp("local"))
 
 
 def test_two_renders_back_to_back_share_warm_workers_and_match_a_local_render(farm, spec, local_png, tmp_path):
@@ -170,41 +127,6 @@ def test_remote_specs_name_only_files_under_the_model_roots(small_spec, tiny_dir
     for change, roots, error, message in cases:
         with pytest.raises(error, match=message):
             check_remote_spec(good | change, roots)
-
-
-def test_a_free_worker_goes_to_the_render_of_higher_priority_that_asks_for_one():
-    import threading
-    from types import SimpleNamespace
-
-    from cluster.farm_lease import PriorityLease
-
-    lease = PriorityLease(1, want_s=600.0)  # a busy machine's thread switches never outlast a request
-    low, high = SimpleNamespace(priority=0), SimpleNamespace(priority=5)
-
-    def take_as(owner) -> int | None:  # each render runs in its own thread
-        got = []
-
-        def run():
-            lease.local.owner = owner
-            got.append(lease.take())
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        thread.join()
-        return got[0]
-
-    assert take_as(low) == 0
-    assert take_as(high) is None  # none free: the high one now waits for a worker
-    lease.give(0)
-    assert take_as(low) is None  # the worker the low render gave back goes to the high one ...
-    assert take_as(high) == 0
-    lease.give(0)
-    assert take_as(low) == 0  # ... which, holding what it asked for, no longer stands in the way
-    lease.give(0)
-    assert take_as(high) == 0 and take_as(low) is None
-    lease.give(0)
-    lease.want_s = 0.0  # a render that stopped asking (it finished, or is in its base) holds nothing up
-    assert take_as(low) == 0
 
 
 def free_port() -> int:

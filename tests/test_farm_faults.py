@@ -7,18 +7,16 @@ of a local render of the same spec, with each task counted once."""
 import os
 import signal
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
+from farm_helpers import WAIT_S, controller, render_locally, submit, wait_for  # noqa: E402
+
 from cluster import farm_client  # noqa: E402
 from farm.cli import main  # noqa: E402
-from farm.executor import prepare  # noqa: E402
-from pipeline.spec import RenderSpec  # noqa: E402
-
-WAIT_S = 240.0  # a bound for a render on a busy 2-core machine; a render here takes seconds
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +47,7 @@ def spec(small_spec):
 
 @pytest.fixture(scope="module")
 def local_png(spec, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("local")
-    out = folder / "local.png"
-    assert main(["render", str(write_toml(spec, folder / "spec.toml")), "--out", str(out), "--quiet"]) == 0
-    return out.read_bytes()
+    return render_locally(spec, tmp_path_factory.mktemp("local"))
 
 
 @pytest.fixture(scope="module")
@@ -60,40 +55,6 @@ def farm(cluster, tmp_path_factory):
     state = tmp_path_factory.mktemp("farm-state")
     assert main(["up", "--state-dir", str(state), "--max-running", "1"]) == 0
     return state
-
-
-def controller():
-    return farm_client.controller("auto")
-
-
-def write_toml(spec: RenderSpec, path):
-    """The spec's fields that differ from the defaults, as a TOML spec file."""
-    default, lines = RenderSpec(), []
-    for f in fields(RenderSpec):
-        value = getattr(spec, f.name)
-        if value != getattr(default, f.name):
-            value = str(value).lower() if isinstance(value, bool) else value
-            lines.append(f'{f.name} = "{value}"' if isinstance(value, str) else f"{f.name} = {value}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def submit(spec: RenderSpec) -> int:
-    import torch
-
-    plan = prepare(spec, "cpu", cluster=True)
-    options = {"cpu_threads": torch.get_num_threads(), "metadata": True}
-    return farm_client.call(controller().submit, plan.spec.to_dict(), options, 0)
-
-
-def wait_for(render_id: int, states=("done", "failed", "canceled")) -> dict:
-    end = time.monotonic() + WAIT_S
-    while time.monotonic() < end:
-        record = farm_client.call(controller().status, render_id)
-        if record["state"] in states:
-            return record
-        time.sleep(0.05)
-    raise AssertionError(f"render {render_id} still {record['state']} after {WAIT_S} s")
 
 
 def wait_mid_render(render_id: int) -> dict:

@@ -29,6 +29,24 @@ def taker(lease: PriorityLease):
     return take_as
 
 
+def test_a_free_worker_goes_to_the_render_of_higher_priority_that_asks_for_one():
+    lease = PriorityLease(1, want_s=600.0)  # a busy machine's thread switches never outlast a request
+    low, high = SimpleNamespace(priority=0), SimpleNamespace(priority=5)
+    take_as = taker(lease)  # each render runs in its own thread
+    assert take_as(low) == 0
+    assert take_as(high) is None  # none free: the high one now waits for a worker
+    lease.give(0)
+    assert take_as(low) is None  # the worker the low render gave back goes to the high one ...
+    assert take_as(high) == 0
+    lease.give(0)
+    assert take_as(low) == 0  # ... which, holding what it asked for, no longer stands in the way
+    lease.give(0)
+    assert take_as(high) == 0 and take_as(low) is None
+    lease.give(0)
+    lease.want_s = 0.0  # a render that stopped asking (it finished, or is in its base) holds nothing up
+    assert take_as(low) == 0
+
+
 def test_a_free_worker_goes_to_the_render_of_equal_priority_holding_the_fewest():
     lease = PriorityLease(4, want_s=600.0)  # a busy machine's thread switches never outlast a request
     take_as = taker(lease)
