@@ -8,7 +8,8 @@ import time
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from cluster.farm import CONTROLLER, NAMESPACE, RESULT_TTL_H, Controller
+from cluster.farm import CONTROLLER, RESULT_TTL_H, Controller
+from cluster.farm_pool import NAMESPACE
 from pipeline.errors import UserError
 
 GONE_TIMEOUT_S = 30.0  # how long `farm down` waits for Ray to report the killed actors gone

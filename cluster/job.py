@@ -36,8 +36,9 @@ def farm_is_up() -> bool:
     """Whether the cluster this job runs on has a warm farm's controller (`farm up`)."""
     import ray
 
-    from cluster.farm import CONTROLLER, NAMESPACE
+    from cluster.farm import CONTROLLER
     from cluster.farm_client import join
+    from cluster.farm_pool import NAMESPACE
 
     joined_here = not ray.is_initialized()
     join("auto")

@@ -75,6 +75,34 @@ def test_a_ray_job_is_a_client_of_the_farm_when_one_is_up(farm, spec, local_png,
     assert out.read_bytes() == local_png
 
 
+def test_a_client_that_disconnects_mid_render_leaves_the_render_to_finish(farm, spec, tmp_path):
+    import subprocess
+    import sys
+
+    long = replace(spec, width=512, height=512, native=128, tile=128)  # 5 x 5 chess tiles
+    toml, out = write_toml(long, tmp_path / "long.toml"), tmp_path / "client.png"
+    before = {r["id"] for r in farm_client.call(controller().list, 1000)}
+    client = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "render", str(toml), "--farm", "auto", "--out", str(out), "--quiet"]
+    )
+    try:
+        end, record = time.monotonic() + WAIT_S, None
+        while time.monotonic() < end and not (record and record["progress"]):
+            mine = [r["id"] for r in farm_client.call(controller().list, 1000) if r["id"] not in before]
+            record = farm_client.call(controller().status, mine[0]) if mine else None
+            assert client.poll() is None, "the client ended before its render made progress"
+            time.sleep(0.05)
+    finally:
+        client.kill()  # the client's process is gone mid-render, as a laptop that goes to sleep
+        client.wait()
+    assert record["state"] == "running" and not out.exists()
+    finished = wait_for(record["id"])
+    assert finished["state"] == "done"
+    again = wait_for(submit(long))  # the same spec from a client that stays: the same picture
+    image = farm_client.call(controller().image, record["id"])
+    assert image == farm_client.call(controller().image, again["id"])
+
+
 def test_bad_input_is_refused_before_anything_is_sent(farm, spec, tmp_path, capsys):
     before = len(farm_client.call(controller().list, 1000))
     toml = write_toml(replace(spec, width=100, height=100), tmp_path / "bad.toml")
