@@ -50,10 +50,35 @@ def _reachable(address: str) -> None:
         ) from None
 
 
+PACKAGES = ("farm", "pipeline", "cluster")  # tilefarm's top-level packages
+
+
+def shadowing_folders(folder: Path) -> list[str]:
+    """Folders in `folder` named like tilefarm's packages that are not them. Ray starts the actors a driver
+    creates in the driver's working directory, first on their sys.path, where such a folder hides the
+    installed package (a namespace package found first beats an editable install's import hook)."""
+    root = Path(__file__).resolve().parents[1]
+    return [name for name in PACKAGES if (folder / name).is_dir() and (folder / name).resolve() != root / name]
+
+
+def check_working_dir(command: str) -> None:
+    """Refuse, before Ray starts any actor, to run where a folder would hide tilefarm's packages from them."""
+    found = shadowing_folders(Path.cwd())
+    if found:
+        names = " and ".join(f"`{name}/`" for name in found)
+        raise UserError(
+            f"{command}: this folder ({Path.cwd()}) holds {names}; Ray runs the actors this command starts in "
+            f"this folder, with it first on Python's path, where {'they' if len(found) > 1 else 'it'} would hide "
+            f"tilefarm's own package of that name and every task would fail. Run the command from another folder "
+            f"(paths on the command line may be absolute) or rename the folder."
+        )
+
+
 def connect(address: str) -> None:
     """Join the cluster at `address`; 'auto' joins a running one (RAY_ADDRESS or local) or starts one here."""
     import ray
 
+    check_working_dir("--cluster")
     if address != "auto":
         _reachable(address)
     if ray.is_initialized():

@@ -73,6 +73,9 @@ def up(
     """Start the farm (the controller on this node, where its queue file lives) or report the running one."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from cluster.executor import check_working_dir
+
+    check_working_dir("farm up")  # the farm's actors run in this folder
     join(address)
     try:
         existing = ray.get_actor(CONTROLLER, namespace=NAMESPACE)

@@ -304,3 +304,19 @@ def test_resume_of_an_unknown_run_or_of_last_with_none_interrupted(tmp_path, mon
     assert "--resume last: no interrupted run in" in err and str(tmp_path / "state") in err
     assert main(["ledger", "nosuchrun"]) == 2
     assert "farm ledger nosuchrun: no run with that id" in capsys.readouterr().err
+
+
+def test_a_folder_that_would_hide_a_package_from_the_actors_is_refused(tiny_sdxl, tmp_path, monkeypatch, capsys):
+    # Ray runs the actors a driver starts in the driver's folder, first on their path: a `pipeline/` or `farm/`
+    # there (a project's own, or a state folder) would be imported instead of tilefarm's
+    (tmp_path / "farm").mkdir()
+    (tmp_path / "pipeline").mkdir()
+    monkeypatch.chdir(tmp_path)
+    render = ["render", "--model", str(tiny_sdxl), "--prompt", "x", "--size", "128x128", "--native", "64"]
+    render += ["--tile", "128"]
+    for argv in (["up"], [*render, "--out", "x.png", "--cluster", "auto"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "holds `farm/` and `pipeline/`" in err and "Run the command from another folder" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()

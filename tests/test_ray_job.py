@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -103,15 +104,21 @@ def _write_spec(folder: Path, tiny_sdxl: Path, tiny_upscaler: Path, out: Path) -
     return path
 
 
+@dataclass(frozen=True)
+class Head:
+    dashboard: str  # where `ray job submit --address` goes
+    address: str  # the GCS, for `farm up --address`
+
+
 @pytest.fixture(scope="module")
 def recipe_head():
     """The README's head: `.venv/bin/ray start --head --port=... --dashboard-host=...`, venv not on PATH."""
     temp = tempfile.mkdtemp(prefix="tf-ray-")
     dashboard = _free_port()
     command = [str(VENV_BIN / "ray"), "start", "--head", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
-    _start_head(command, _plain_env(), temp)
+    gcs = _start_head(command, _plain_env(), temp)
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        yield Head(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}")
     finally:
         _stop_head(temp)
 
@@ -126,7 +133,7 @@ def test_readme_recipe_renders_end_to_end(recipe_head, tiny_sdxl, tiny_upscaler,
     out = tmp_path / "job.png"
     spec = _write_spec(tmp_path, tiny_sdxl, tiny_upscaler, out)
     # the README's entrypoint, `"$PWD/.venv/bin/python" -m cluster.job spec.toml`, with $PWD expanded
-    proc = _submit(recipe_head, [str(VENV_BIN / "python"), "-m", "cluster.job", str(spec)])
+    proc = _submit(recipe_head.dashboard, [str(VENV_BIN / "python"), "-m", "cluster.job", str(spec)])
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-3000:]
     assert "succeeded" in logs
@@ -137,10 +144,36 @@ def test_readme_recipe_renders_end_to_end(recipe_head, tiny_sdxl, tiny_upscaler,
     assert 0 <= seed < 2**32 and f"seed: {seed}" in logs
 
 
+def _farm(head: Head, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`.venv/bin/farm ARGS --address HEAD` in the user's plain shell."""
+    command = [str(VENV_BIN / "farm"), *args, "--address", head.address]
+    return subprocess.run(command, env=_plain_env(), capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_two_jobs_against_a_warm_farm_load_the_models_once(recipe_head, tiny_sdxl, tiny_upscaler, tmp_path):
+    up = _farm(recipe_head, "up", "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    assert up.returncode == 0, up.stderr[-3000:]
+    try:
+        for i in (1, 2):  # the README's job recipe, twice: each job is a client of the farm
+            folder = tmp_path / f"job{i}"
+            folder.mkdir()
+            spec = _write_spec(folder, tiny_sdxl, tiny_upscaler, folder / "job.png")
+            proc = _submit(recipe_head.dashboard, [str(VENV_BIN / "python"), "-m", "cluster.job", str(spec)])
+            assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+            assert (folder / "job.png").exists()
+        first, second = (_farm(recipe_head, "status", str(i), cwd=tmp_path).stdout for i in (1, 2))
+        # the farm's one worker loaded the models for the first job and served the second with them
+        assert "done" in first and "model loads: 1 " in first, first
+        assert "done" in second and "model loads: 0 " in second, second
+    finally:
+        down = _farm(recipe_head, "down", cwd=tmp_path)
+        assert down.returncode == 0, down.stderr[-3000:]
+
+
 @pytest.mark.skipif(SYSTEM_PYTHON is None, reason="no python3 on /usr/bin:/bin")
 def test_bare_python_entrypoint_names_the_fix(recipe_head, tmp_path):
     # the head's PATH finds the system python3, which has no torch: the job says so instead of a traceback
-    proc = _submit(recipe_head, ["python3", "-m", "cluster.job", str(tmp_path / "spec.toml")])
+    proc = _submit(recipe_head.dashboard, ["python3", "-m", "cluster.job", str(tmp_path / "spec.toml")])
     logs = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "failed" in logs
     assert f"cluster.job: {SYSTEM_PYTHON} cannot import" in logs, logs[-3000:]
