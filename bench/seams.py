@@ -64,10 +64,19 @@ from pipeline.geometry.chess import TileGrid, chess_grid, cover_grid  # noqa: E4
 from pipeline.geometry.scaffold import pool_noise  # noqa: E402
 from pipeline.geometry.tiling import core_bounds  # noqa: E402
 from pipeline.graph.clock import Clock  # noqa: E402
+from pipeline.graph.stream import Fixed, Graph  # noqa: E402
 from pipeline.graph.worker import TileWorker, WorkerConfig  # noqa: E402
 from pipeline.loading.models import inspect_diffusion_model  # noqa: E402
 from pipeline.plan import RenderPlan, make_plan  # noqa: E402
-from pipeline.render import Start, chess_stage, decode_canvas, start, upscale_to_target  # noqa: E402
+from pipeline.render import (  # noqa: E402
+    Start,
+    blend_graph,
+    chess_stage,
+    decode_canvas,
+    run_graph,
+    start,
+    upscale_to_target,
+)
 from pipeline.sampling.chess_pass import RefineSettings  # noqa: E402
 from pipeline.spec import TILINGS, RenderSpec, parse_size  # noqa: E402
 
@@ -193,13 +202,17 @@ def start_canvas(plan: RenderPlan, ex: LocalExecutor, s: Start, how: str, untile
 
 
 def run_mode(plan: RenderPlan, ex: LocalExecutor, s: Start, canvas: torch.Tensor, tiling: str) -> Outcome:
-    """Refine the canvas with one tiling mode through chess_stage; a mode not built yet is noted."""
+    """Refine the canvas with one tiling mode as the render does: the chess modes through chess_stage, blend
+    through its graph (blend_graph)."""
     mode_plan = make_plan(replace(plan.spec, tiling=tiling), plan.model)
     began = time.perf_counter()
-    try:
+    if tiling == "blend":  # the render runs it as graph tasks, not as a chess stage
+        graph, bar = Graph(), []
+        stepper = blend_graph(mode_plan, graph, s, Fixed(canvas), None, bar)
+        run_graph(mode_plan, ex, graph, stepper, bar)
+        out = stepper.latents.float()
+    else:
         out = chess_stage(mode_plan, ex, s, canvas)
-    except NotImplementedError:
-        return Outcome(tiling, note="not available")
     return Outcome(tiling, canvas=out, seconds=time.perf_counter() - began, work=mode_plan.grid.work_multiplier)
 
 

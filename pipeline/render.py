@@ -245,6 +245,8 @@ def chess_stage(plan: RenderPlan, ex: Executor, s: Start, canvas: torch.Tensor, 
     """The refine over tiles in seed 002's chess passes (pinned or original); the blended refine is a graph
     stage (blend_graph)."""
     spec = plan.spec
+    if spec.tiling not in ("chess", "chess-original"):
+        raise ValueError(f"chess_stage runs the chess tilings, not {spec.tiling!r} (blend: blend_graph)")
     settings = RefineSettings(spec.cfg, spec.steps, spec.denoise, spec.sampler, spec.detail_chess_denoise)
     grid, even, odd = plan.grid, plan.even_batches, plan.odd_batches
     pinned = spec.tiling == "chess"
