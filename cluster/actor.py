@@ -21,21 +21,25 @@ class GpuWorker:
         self.worker = TileWorker(config)
 
     def run(self, method: str, *args, crash: str = ""):
-        """Run one unit of work. `crash` is fault injection: "exit" kills the process as a lost GPU or node
-        would; "nan" spoils the result as an fp16 overflow would."""
-        if crash == "exit":
-            os._exit(1)
-        value = getattr(self.worker, method)(*from_wire(args))
-        return reply(value, crash)
+        return run_on(self.worker, method, args, crash)
 
     def info(self) -> dict:
-        ctx = ray.get_runtime_context()
-        return {
-            "node": ctx.get_node_id(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "device": str(self.worker.device),
-        }
+        return where(str(self.worker.device))
+
+
+def run_on(worker: TileWorker, method: str, args: tuple, crash: str = ""):
+    """One unit of work on a worker, as an actor runs it: arguments off the wire, the result checked and back on
+    it. `crash` is fault injection: "exit" kills the process as a lost GPU or node would; "nan" and "slow" as in
+    cluster.wire.reply."""
+    if crash == "exit":
+        os._exit(1)
+    return reply(getattr(worker, method)(*from_wire(args)), crash)
+
+
+def where(device: str) -> dict:
+    """The actor's node, host, process and device, for the ledger and for health checks."""
+    ctx = ray.get_runtime_context()
+    return {"node": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(), "device": device}
 
 
 def start_actors(config: WorkerConfig, count: int, gpus: float, max_restarts: int) -> list:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import time
 import traceback
 from collections import OrderedDict
@@ -19,7 +18,7 @@ from dataclasses import replace
 import ray
 from ray.exceptions import RayActorError
 
-from cluster.wire import from_wire, reply
+from cluster.actor import run_on, where
 from pipeline.graph.worker import TileWorker, WorkerConfig
 
 NAMESPACE = "tilefarm"  # the farm's Ray namespace: its controller and workers are found there by name
@@ -76,23 +75,15 @@ class FarmWorker:
         return worker
 
     def run(self, config: WorkerConfig, render_id: int, method: str, *args, crash: str = ""):
-        """One unit of work on `config`'s models (loaded first if not resident); `crash` as in GpuWorker.run."""
+        """One unit of work on `config`'s models (loaded first if not resident); `crash` as in run_on."""
         if crash == "exit":
-            os._exit(1)
-        value = getattr(self._models(config, render_id), method)(*from_wire(args))
-        return reply(value, crash)
+            os._exit(1)  # before any load: a lost process, not a slow one
+        return run_on(self._models(config, render_id), method, args, crash)
 
     def info(self) -> dict:
-        ctx = ray.get_runtime_context()
-        return {
-            "node": ctx.get_node_id(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "device": str(next(iter(self.resident.values())).device) if self.resident else "",
-            "resident": [c.model for c in self.resident],
-            "loads": list(self.loads),
-            "evicted": list(self.evicted),
-        }
+        device = str(next(iter(self.resident.values())).device) if self.resident else ""
+        resident = [c.model for c in self.resident]
+        return where(device) | {"resident": resident, "loads": list(self.loads), "evicted": list(self.evicted)}
 
 
 class WorkerPool:
