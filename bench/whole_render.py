@@ -36,9 +36,10 @@ DEFINITIONS = """\
 Definitions: wall = render() from start to image, driver included. speedup = wall(1) / wall(N).
 Karp-Flatt serial fraction e = (1/speedup - 1/N) / (1 - 1/N): the serial share Amdahl's law implies
 from the measured speedup (Karp & Flatt 1990). "< N busy" = share of the wall during which fewer than
-N actors run a task (ledger rows, first dispatch to result accepted). "driver s" = wall outside the
-executor's task graphs (composites, resizes, sampler steps between graphs): serial by construction.
-Busy s per stage = sum of the stage's task durations in the ledger (dispatch to result accepted).
+N actors run a task (ledger rows: from dispatch, or for a call queued behind another on its actor
+from that one's result, to result accepted). "driver s" = wall outside the executor's task graphs
+(composites, resizes, sampler steps between graphs): serial by construction.
+Busy s per stage = sum of the stage's task durations in the ledger (as above).
 Amdahl fit: the one s with wall(N) = wall(1) (s + (1 - s) / N) closest over all N (least squares).
 Driver peak = high-water mark of the driver process's resident set (VmHWM, reset through
 /proc/self/clear_refs before each render; tracemalloc would miss torch's tensor memory); in brackets

@@ -7,6 +7,7 @@ share the workers evenly; pre-emption happens only at task boundaries.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -23,7 +24,7 @@ class PriorityLease(Lease):
     base) leaves the workers to the others, so none stands idle."""
 
     def __init__(self, count: int, want_s: float = WANT_S):
-        super().__init__(count, shared=True)
+        super().__init__(count, shared=True, depth=1)  # one call per worker: a queued call would outlast a pre-emption
         self.want_s = want_s
         self.local = threading.local()  # the render this thread runs (its `priority` may change while it runs)
         self.wanting: dict[int, tuple[int, int, float]] = {}  # render -> (priority, id, when it last asked in vain)
@@ -63,7 +64,7 @@ class PriorityLease(Lease):
             self._release(actor)  # whichever thread gives it back (a probe of another render's loop)
             self.idle.append(actor)
 
-    def died(self, actor: int, probe, max_failures: int) -> None:
+    def died(self, actor: int, probe, max_failures: int, sent: float = math.inf) -> None:
         with self.lock:
             self._release(actor)  # a dead worker is no render's: it comes back through give, or never
-        super().died(actor, probe, max_failures)
+        super().died(actor, probe, max_failures, sent)

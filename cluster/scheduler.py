@@ -9,6 +9,7 @@ change the image. A task whose actor dies is put back and runs on the next free 
 from __future__ import annotations
 
 import heapq
+import math
 import threading
 import time
 from collections import defaultdict, deque
@@ -22,6 +23,7 @@ from ray.exceptions import RayActorError
 from cluster.wire import WireTensor, from_wire, to_wire
 from pipeline.graph.health import ATTEMPTS, bad_result_error, now, task_row
 from pipeline.graph.taskgraph import OnResult, Task, check_graph, stage_positions
+from pipeline.graph.tree import leaves
 
 FAULT_MODES = ("nan", "slow")  # fault injection beyond a crash: cluster.wire.reply
 
@@ -49,7 +51,7 @@ class Dispatch:
 def payload(args: tuple) -> tuple[tuple, int]:
     """(ObjectRefs among args, bytes of the tensors and arrays passed by value)."""
     refs, size = [], 0
-    for arg in args:
+    for arg in leaves(args):  # tensors inside dataclasses too (an Enlarge's span)
         if isinstance(arg, ray.ObjectRef):
             refs.append(arg)
         elif isinstance(arg, WireTensor):
@@ -61,18 +63,25 @@ def payload(args: tuple) -> tuple[tuple, int]:
     return tuple(refs), size
 
 
-class Lease:
-    """Which actors are free, restarting or lost: shared by every render on the same actors (a batch with
-    several renders in flight), so an actor runs one task at a time whichever render it belongs to."""
+DEPTH = 2  # calls queued on each actor: the next task's arguments travel while the current one runs
 
-    def __init__(self, count: int, shared: bool = False):
+
+class Lease:
+    """Which actors have a free slot, are restarting or lost: shared by every render on the same actors (a batch
+    with several renders in flight). Each actor has `depth` slots: with 2, its next task is sent while it runs
+    one, so it does not stand idle while its result comes back and the driver picks the next (the actor runs
+    its calls one at a time, in order)."""
+
+    def __init__(self, count: int, shared: bool = False, depth: int = DEPTH):
         self.count = count
         self.shared = shared  # other renders take and give actors too: never block on our own calls alone
+        self.depth = depth
         self.lock = threading.Lock()
-        self.idle = deque(range(count))
+        self.idle = deque(a for _ in range(depth) for a in range(count))  # one slot per actor before the second
         self.failures: dict[int, int] = defaultdict(int)
         self.lost: set[int] = set()
         self.reviving: dict = {}  # probe ref -> actor being restarted (outlives one run and one render)
+        self.back_at: dict[int, float] = {}  # actor -> when it last came back from a restart
 
     def take(self) -> int | None:
         with self.lock:
@@ -80,11 +89,16 @@ class Lease:
 
     def give(self, actor: int) -> None:
         with self.lock:
-            self.idle.append(actor)
+            if actor not in self.lost and actor not in self.reviving.values():  # a revived actor gets fresh slots
+                self.idle.append(actor)
 
-    def died(self, actor: int, probe, max_failures: int) -> None:
-        """An actor's process died: Ray restarts it; `probe()` returns once it is back (or fails for good)."""
+    def died(self, actor: int, probe, max_failures: int, sent: float = math.inf) -> None:
+        """An actor's process died: Ray restarts it; `probe()` returns once it is back (or fails for good). A
+        call `sent` (time.perf_counter) before it last came back died with its previous process: no new death."""
         with self.lock:
+            if actor in self.lost or actor in self.reviving.values() or sent < self.back_at.get(actor, -math.inf):
+                return
+            self.idle = deque(a for a in self.idle if a != actor)
             self.failures[actor] += 1
             if self.failures[actor] >= max_failures:
                 self.lost.add(actor)
@@ -103,7 +117,9 @@ class Lease:
             return  # another render's loop took care of it
         try:
             ray.get(ref)
-            self.give(actor)
+            with self.lock:
+                self.back_at[actor] = time.perf_counter()
+                self.idle.extend([actor] * self.depth)
         except RayActorError:
             with self.lock:
                 self.lost.add(actor)
@@ -150,6 +166,7 @@ class PullScheduler:
         tries: dict[int, int] = defaultdict(int)
         bad: dict[int, list[str]] = defaultdict(list)  # per task: the workers that returned NaN/Inf
         started: dict[int, float] = {}
+        free_at: dict[int, float] = {}  # actor -> when its last result came in
         by_id = {t.id: t for t in tasks}
         places = stage_positions(tasks, stage)
         waiting = {t.id: set(t.deps) for t in tasks}
@@ -212,12 +229,15 @@ class PullScheduler:
                     errors[tid].append(f"actor {actor} died")
                     # Ray restarts it (models reload); a probe that Ray retries returns once it is back
                     probe = self.actors[actor].info.options(max_task_retries=-1).remote
-                    lease.died(actor, probe, self.max_failures)
+                    lease.died(actor, probe, self.max_failures, sent=start)
                     if tid not in results:
                         heapq.heappush(ready, tid)  # it runs on the next free actor
                     continue
                 entry.seconds = time.perf_counter() - start
                 lease.give(actor)
+                # a call queued behind another (Lease.depth) starts when the actor is free of that one
+                begun = started[tid] if tries[tid] > 1 else max(started[tid], free_at.get(actor, 0.0))
+                free_at[actor] = now()
                 if tid in results:
                     continue  # a duplicate: the first result stands
                 # a result only the graph's handlers read (keep=False) is used in place: no copy on the driver
@@ -226,7 +246,7 @@ class PullScheduler:
                     errors[tid].append(f"NaN/Inf on actor {actor}")
                     bad[tid].append(self._name(actor))
                     if len(bad[tid]) >= ATTEMPTS:
-                        self._record(stage, by_id[tid], actor, started[tid], tries[tid], "failed", errors[tid])
+                        self._record(stage, by_id[tid], actor, begun, tries[tid], "failed", errors[tid])
                         raise bad_result_error(stage, by_id[tid], bad[tid])
                     heapq.heappush(ready, tid)  # once more, on the next free actor
                     continue
@@ -236,7 +256,7 @@ class PullScheduler:
                 dispatch()
                 args.pop(tid, None)
                 self._record(
-                    stage, by_id[tid], actor, started[tid], tries[tid], "retried" if errors[tid] else "ok", errors[tid]
+                    stage, by_id[tid], actor, begun, tries[tid], "retried" if errors[tid] else "ok", errors[tid]
                 )
                 if on_result:
                     on_result(by_id[tid], value)

@@ -34,6 +34,7 @@ from pipeline.geometry.tiling import run_tiled, run_tiled_exact_norm, run_tiled_
 from pipeline.graph.clock import Clock
 from pipeline.graph.progress import Progress, no_progress, stage_bar, task_progress  # noqa: F401 (re-exported)
 from pipeline.graph.stream import (
+    Enlarged,
     Fixed,
     Graph,
     Resized,
@@ -147,6 +148,8 @@ def encode_graph(plan: RenderPlan, graph: Graph, pixels: Source, height: int, wi
     tile = max(tile_px // plan.f, MIN_ENCODE_TILE)
     grid = cover_grid(height // plan.f, width // plan.f, tile, max(1, tile // 4))
     channels = plan.model.latent_channels
+    if isinstance(pixels, Resized):  # the workers enlarge their own boxes: a quarter of the bytes, no driver resize
+        pixels = Enlarged(pixels)
     return add_tiled_shared_norm(graph, "encode", "encode_stats", "encode_tile", pixels, grid, plan.f, 1, channels)
 
 

@@ -10,6 +10,7 @@ ray = pytest.importorskip("ray")
 
 from cluster.actor import start_actors  # noqa: E402
 from cluster.executor import ClusterError, ClusterExecutor, preflight, run_cluster  # noqa: E402
+from cluster.scheduler import DEPTH  # noqa: E402
 from farm.cli import main  # noqa: E402
 from farm.executor import prepare, run_local  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
@@ -66,7 +67,9 @@ def test_blended_steps_give_the_same_pixels_as_the_local_executor(local_ray, ble
     assert torch.equal(run.result.image, blend_local)
     steps = [d for d in run.executor.scheduler.log if d.stage == "blend"]
     assert {d.actor for d in steps} == set(range(workers))
-    assert len(steps) == blend_plan.spec.steps * len(blend_plan.blend_batches) + len(faults)
+    rerun = len(steps) - blend_plan.spec.steps * len(blend_plan.blend_batches)
+    # the killed call runs again, and so may the one queued behind it (cluster.scheduler.DEPTH)
+    assert 1 <= rerun <= DEPTH if faults else rerun == 0
 
 
 def test_stages_overlap_and_actors_killed_in_the_encode_and_decode_change_nothing(

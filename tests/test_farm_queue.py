@@ -164,3 +164,19 @@ def test_a_negative_result_ttl_is_refused(capsys):
 
     assert main(["up", "--result-ttl", "-1"]) == 2
     assert "--result-ttl -1: must be 0" in capsys.readouterr().err
+
+
+def test_a_render_lease_queues_two_calls_per_actor_and_counts_a_death_once():
+    from cluster.scheduler import Lease
+
+    lease = Lease(3, depth=2)
+    assert [lease.take() for _ in range(7)] == [0, 1, 2, 0, 1, 2, None]  # every actor once before any twice
+    lease.give(2)
+    lease.died(1, lambda: "probe", max_failures=3)
+    lease.died(1, lambda: "another probe", max_failures=3)  # the call queued behind the first died with it
+    assert lease.failures[1] == 1 and lease.probes() == ["probe"]
+    lease.give(1)  # a result from before the death: no slot until the actor is back
+    assert [lease.take(), lease.take()] == [2, None]
+    lease.back_at[0] = 10.0
+    lease.died(0, lambda: "late", max_failures=3, sent=9.0)  # a call sent before its restart: no new death
+    assert lease.failures[0] == 0 and lease.probes() == ["probe"]

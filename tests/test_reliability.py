@@ -187,3 +187,16 @@ def test_resume_refuses_spec_changes_and_finished_renders(reference, tmp_path, c
     assert "is finished" in capsys.readouterr().err
     assert main(["render", "--resume", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_a_result_is_nonfinite_exactly_when_a_value_is_nan_or_inf():
+    from pipeline.graph.health import nonfinite
+
+    finite = [torch.rand(2, 3, 8, 8), torch.full((64,), 3e38), torch.full((64,), 6e4).half(), torch.ones(4).bfloat16()]
+    assert not any(nonfinite({"a": (t,)}) for t in finite)  # sums that overflow are checked value by value
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t = torch.rand(1, 3, 16, 16).to(dtype)
+            t[0, 2, 15, 15] = bad
+            assert nonfinite([torch.zeros(2), t]), (dtype, bad)
+    assert not nonfinite((torch.zeros(3, dtype=torch.int64), "text", None))

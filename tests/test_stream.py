@@ -9,7 +9,7 @@ from farm.executor import LocalExecutor
 from pipeline.geometry.chess import cover_grid
 from pipeline.geometry.feather import composite_pass
 from pipeline.graph.checkpoint import Checkpointed
-from pipeline.graph.stream import Fixed, Graph, Resized, TiledCanvas, add_tiled
+from pipeline.graph.stream import Enlarged, Fixed, Graph, Resized, TiledCanvas, add_tiled
 
 
 def test_a_canvas_composited_as_tiles_arrive_equals_the_whole_composite():
@@ -218,10 +218,16 @@ def test_a_resized_source_equals_resizing_the_whole_image_in_any_box():
         image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(k))
         whole = resize(image, h * k, w * k).half()
         resized = Resized(Fixed(image), (h, w), k, 3, block)
+        enlarged = Enlarged(Resized(Fixed(image), (h, w), k, 3, block))
         for _ in range(12):
             y, x = rng.randrange(h * k), rng.randrange(w * k)
             box = (y, x, rng.randrange(1, h * k - y + 1), rng.randrange(1, w * k - x + 1))
             assert torch.equal(resized.read(box), whole[..., y : y + box[2], x : x + box[3]].float())
+            # a worker enlarging the box's input span makes the same pixels from about 1/k^2 of them
+            request = enlarged.read(box)
+            assert request.shape == (1, 3, box[2], box[3])
+            assert torch.equal(request.pixels(), whole[..., y : y + box[2], x : x + box[3]])
+            assert enlarged.resized._canvas is None and not enlarged.resized.ready  # the driver resized nothing
         assert resized.read((0, 0, h * k, w * k)).equal(whole.float())
 
 
@@ -243,3 +249,34 @@ def test_an_upscale_short_of_the_target_by_two_is_resized_in_the_graph(tiny_work
     encode = [t.id for t in tasks if t.stage == "encode stats"]
     assert upscale and any(not upscale <= waits[e] for e in encode)  # each reads the blocks over its tile
     assert image.shape[-2:] == (512, 1024) and image.std() > 0.01
+
+
+def test_workers_that_enlarge_their_own_boxes_encode_what_the_drivers_resize_did(tiny_worker, small_spec):
+    from dataclasses import replace
+
+    from farm.executor import prepare
+    from pipeline.graph.stream import add_tiled_shared_norm
+    from pipeline.render import upscale_graph
+
+    plan = prepare(replace(small_spec, tiling="blend", width=1024, height=512, tile=256, steps=1))
+    ex = LocalExecutor(tiny_worker)
+    scale = ex.call("load", "facts").upscale
+    base = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(8))
+
+    def encoded(on_workers: bool) -> tuple[torch.Tensor, list]:
+        graph = Graph()
+        # the 4x model to 256 x 512, then 2x to 512 x 1024
+        pixels = upscale_graph(plan, graph, Fixed(base), (64, 128), scale, 512, 1024)
+        assert isinstance(pixels, Resized)
+        source = Enlarged(pixels) if on_workers else pixels
+        grid = cover_grid(64, 128, 24, 6)
+        out = add_tiled_shared_norm(graph, "encode", "encode_stats", "encode_tile", source, grid, 8, 1, 4)
+        graph.run(ex)
+        return out.canvas, graph.tasks
+
+    driver, _ = encoded(False)
+    workers, tasks = encoded(True)
+    assert torch.equal(workers, driver) and driver.std() > 0.01
+    sent = [task.args({})[0] for task in tasks if task.stage == "encode stats"]
+    # each task was sent its box's input span (a quarter of the box and a margin), not the box
+    assert sent and all(s.span.shape[-2] * s.span.shape[-1] < s.height * s.width / 2 for s in sent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,36 @@ def source_span(start: int, length: int, k: int, size: int) -> tuple[int, int]:
     """The input rows [a, b) a k-times bicubic enlargement reads for its output rows [start, start + length),
     with the kernel's support (PyTorch's upsample_bicubic2d_aa) and a margin; clipped to the input's size."""
     return max(0, start // k - RESIZE_MARGIN), min(size, -(-(start + length) // k) + RESIZE_MARGIN)
+
+
+@dataclass
+class Enlarge:
+    """A box of a k-times enlargement, sent as the input span it is made from (1/k^2 of the pixels): the worker
+    enlarges the span and crops the box, which equals the same box of the whole image enlarged (source_span's
+    margin), rounded to float16 as the graph's pixel canvases are."""
+
+    span: torch.Tensor  # [B, C, ih, iw]: the input rows and columns source_span gives for the box
+    factor: int
+    top: int  # the box's offset in the enlarged span
+    left: int
+    height: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the pixels it stands for."""
+        return (*self.span.shape[:2], self.height, self.width)
+
+    def pixels(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The box's pixels [B, C, height, width] in float16, enlarged on `device`."""
+        k, (ih, iw) = self.factor, self.span.shape[-2:]
+        out = resize(self.span.to(device).float(), ih * k, iw * k)
+        return out[..., self.top : self.top + self.height, self.left : self.left + self.width].half()
+
+
+def as_pixels(pixels: torch.Tensor | Enlarge, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pixels a worker was sent: a tensor as it is, an Enlarge enlarged on the worker's device."""
+    return pixels.pixels(device) if isinstance(pixels, Enlarge) else pixels
 
 
 def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:

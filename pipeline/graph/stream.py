@@ -23,7 +23,7 @@ import torch
 from pipeline.geometry.cells import Cell, grid_cells
 from pipeline.geometry.chess import Tile, TileGrid
 from pipeline.geometry.feather import feather_mask
-from pipeline.geometry.resize import resize, source_span
+from pipeline.geometry.resize import Enlarge, resize, source_span
 from pipeline.graph.taskgraph import GRAPH_STAGE, Executor, Task
 from pipeline.sampling.groupnorm import combine_stats
 
@@ -81,11 +81,12 @@ class TiledCanvas:
         self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # tile id -> (result, feather weights)
         self.pending: dict[int, int] = {}  # tile id -> cells under it still to composite
         self.arrived: set[int] = set()
+        self.masks: dict[tuple, torch.Tensor] = {}
         self.on_tile = on_tile  # called with each tile id once its cells that can be are composited
 
     def add(self, tile_id: int, value: torch.Tensor) -> None:
         """Take one tile's output and composite every cell it completes."""
-        self.results[tile_id] = (value, feather_mask(self.grid, self.tiles[tile_id]))
+        self.results[tile_id] = (value, self._mask(self.tiles[tile_id]))
         self.pending[tile_id] = len(self.under[tile_id])
         self.arrived.add(tile_id)
         for i in self.under[tile_id]:
@@ -94,7 +95,23 @@ class TiledCanvas:
         if self.on_tile:
             self.on_tile(tile_id)
 
+    def _mask(self, tile: Tile) -> torch.Tensor:
+        """The tile's feather weights, made once per shape and set of interior overlaps (read, never written)."""
+        g = self.grid
+        key = (tile.h, tile.w, *(f(tile, axis) for f in (g.overlap_before, g.overlap_after) for axis in "yx"))
+        if key not in self.masks:
+            self.masks[key] = feather_mask(g, tile)
+        return self.masks[key]
+
     def _composite(self, cell: Cell) -> None:
+        if len(cell.tiles) == 1:
+            (tile_id,) = cell.tiles
+            rows, cols = cell.within(self.tiles[tile_id])
+            value, mask = self.results[tile_id]
+            if bool((mask[rows, cols] == 1).all()):  # x * 1 / 1 == x: the blend below would copy it bit for bit
+                self.canvas[cell.box] = value[..., rows, cols].to(self.canvas.dtype)
+                self._used(tile_id)
+                return
         acc = torch.zeros(1, self.canvas.shape[1], cell.h, cell.w)
         weight = torch.zeros(cell.h, cell.w)
         for tile_id in cell.tiles:  # tile-id order: a fixed summation order keeps results bit-stable
@@ -102,10 +119,14 @@ class TiledCanvas:
             value, mask = self.results[tile_id]
             acc += value[..., rows, cols].float() * mask[rows, cols]
             weight += mask[rows, cols]
-            self.pending[tile_id] -= 1
-            if not self.pending[tile_id]:
-                del self.results[tile_id], self.pending[tile_id]
+            self._used(tile_id)
         self.canvas[cell.box] = (acc / weight).to(self.canvas.dtype)
+
+    def _used(self, tile_id: int) -> None:
+        """One more cell under the tile is composited; its result is dropped after the last."""
+        self.pending[tile_id] -= 1
+        if not self.pending[tile_id]:
+            del self.results[tile_id], self.pending[tile_id]
 
     def read(self, box: Box) -> torch.Tensor:
         """A box of the canvas in its own dtype (float16 pixels travel to the next stage's tasks as they are)."""
@@ -164,9 +185,16 @@ class Resized:
     def __init__(self, source: Source, size: tuple[int, int], factor: int, channels: int, block: int = 256):
         self.source, self.factor, self.block = source, factor, block
         self.in_h, self.in_w = size
-        # float16 pixels, as the upscale canvas: an image the VAE reads
-        self.canvas = torch.zeros(1, channels, self.in_h * factor, self.in_w * factor, dtype=torch.float16)
+        self.shape = (1, channels, self.in_h * factor, self.in_w * factor)
+        self._canvas: torch.Tensor | None = None  # made on the first read: workers that enlarge (Enlarged) need none
         self.ready: set[tuple[int, int]] = set()
+
+    @property
+    def canvas(self) -> torch.Tensor:
+        """The enlarged image so far, in float16 as the upscale canvas: an image the VAE reads."""
+        if self._canvas is None:
+            self._canvas = torch.zeros(self.shape, dtype=torch.float16)
+        return self._canvas
 
     def _blocks(self, box: Box) -> list[tuple[int, int]]:
         y, x, h, w = box
@@ -177,7 +205,7 @@ class Resized:
         """(the block's output box, the input box it is resized from)."""
         b, k = self.block, self.factor
         y, x = block[0] * b, block[1] * b
-        h, w = min(b, self.canvas.shape[-2] - y), min(b, self.canvas.shape[-1] - x)
+        h, w = min(b, self.shape[-2] - y), min(b, self.shape[-1] - x)
         y0, y1 = source_span(y, h, k, self.in_h)
         x0, x1 = source_span(x, w, k, self.in_w)
         return (y, x, h, w), (y0, x0, y1 - y0, x1 - x0)
@@ -196,6 +224,30 @@ class Resized:
 
     def deps(self, box: Box) -> frozenset[int]:
         return frozenset().union(*(self.source.deps(self._span(block)[1]) for block in self._blocks(box)))
+
+    def span(self, box: Box) -> Box:
+        """The input box a box of the enlargement is made from (pipeline.geometry.resize.source_span)."""
+        y, x, h, w = box
+        (y0, y1), (x0, x1) = source_span(y, h, self.factor, self.in_h), source_span(x, w, self.factor, self.in_w)
+        return (y0, x0, y1 - y0, x1 - x0)
+
+
+class Enlarged:
+    """A Resized source read by workers that enlarge their own boxes (pipeline.geometry.resize.Enlarge): a read
+    sends the box's input span, a quarter of the pixels at 2x, and the driver resizes nothing. The pixels a
+    worker makes are the ones Resized.read would give, bit for bit."""
+
+    def __init__(self, resized: Resized):
+        self.resized = resized
+
+    def read(self, box: Box) -> Enlarge:
+        r = self.resized
+        y0, x0, ih, iw = span = r.span(box)
+        y, x, h, w = box
+        return Enlarge(r.source.read(span), r.factor, y - y0 * r.factor, x - x0 * r.factor, h, w)
+
+    def deps(self, box: Box) -> frozenset[int]:
+        return self.resized.source.deps(self.resized.span(box))
 
 
 def _read(source: Source, box: Box, extra, done) -> tuple:
