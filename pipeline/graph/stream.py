@@ -116,15 +116,22 @@ class TiledCanvas:
                 self.canvas[cell.box] = value[..., rows, cols].to(self.canvas.dtype)
                 self._used(tile_id)
                 return
-        acc = torch.zeros(1, self.canvas.shape[1], cell.h, cell.w)
-        weight = torch.zeros(cell.h, cell.w)
+        acc = weight = None
         for tile_id in cell.tiles:  # tile-id order: a fixed summation order keeps results bit-stable
             rows, cols = cell.within(self.tiles[tile_id])
             value, mask = self.results[tile_id]
-            acc += value[..., rows, cols].float() * mask[rows, cols]
-            weight += mask[rows, cols]
+            term = value[..., rows, cols].float() * mask[rows, cols]
+            if acc is None:  # 0 + x == x: the first tile starts the sums, as zeros would
+                acc, weight = term, mask[rows, cols].clone()
+            else:
+                acc += term
+                weight += mask[rows, cols]
             self._used(tile_id)
-        self.canvas[cell.box] = (acc / weight).to(self.canvas.dtype)
+        out = self.canvas[cell.box]
+        if out.dtype == acc.dtype:
+            torch.div(acc, weight, out=out)  # straight into the canvas
+        else:
+            out.copy_(acc / weight)
 
     def _used(self, tile_id: int) -> None:
         """One more cell under the tile is composited; its result is dropped after the last."""
