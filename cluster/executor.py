@@ -303,7 +303,8 @@ class ClusterRun:
 class ActorPool:
     """Actors started once and used by every render that needs the same models (a batch); started again
     only when a render needs other models and no render is using them. Renders running at the same time
-    share one Lease, so each actor runs one task at a time, whichever render it belongs to."""
+    share one Lease, so each actor holds at most two calls (cluster.scheduler.DEPTH), whichever render they
+    belong to."""
 
     def __init__(
         self,
