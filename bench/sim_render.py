@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from flops import DEFAULT_TFLOPS, load_table, task_seconds  # noqa: E402
 from full_models import read_config  # noqa: E402
 
-from cluster.wire import from_wire, reply  # noqa: E402
+from cluster.actor import run_on  # noqa: E402
 from pipeline.geometry.chess import Tile  # noqa: E402
 from pipeline.graph.worker import WorkerFacts  # noqa: E402
 from pipeline.loading.models import ModelInfo  # noqa: E402
@@ -125,7 +125,7 @@ class SimActor:
         self.worker = SimTileWorker(tflops, table)
 
     def run(self, method: str, *args, crash: str = ""):
-        return reply(getattr(self.worker, method)(*from_wire(args)), crash)
+        return run_on(self.worker, method, args, crash)
 
     def set_throughput(self, tflops: float) -> None:
         self.worker.tflops = tflops

@@ -23,7 +23,7 @@ import torch
 from pipeline.geometry.cells import Cell, grid_cells
 from pipeline.geometry.chess import Tile, TileGrid
 from pipeline.geometry.feather import feather_mask
-from pipeline.geometry.resize import Enlarge, resize, source_span
+from pipeline.geometry.resize import Enlarge, source_span
 from pipeline.graph.taskgraph import GRAPH_STAGE, Executor, Task
 from pipeline.sampling.groupnorm import combine_stats
 
@@ -108,14 +108,6 @@ class TiledCanvas:
         return self.masks[key]
 
     def _composite(self, cell: Cell) -> None:
-        if len(cell.tiles) == 1:
-            (tile_id,) = cell.tiles
-            rows, cols = cell.within(self.tiles[tile_id])
-            value, mask = self.results[tile_id]
-            if bool((mask[rows, cols] == 1).all()):  # x * 1 / 1 == x: the blend below would copy it bit for bit
-                self.canvas[cell.box] = value[..., rows, cols].to(self.canvas.dtype)
-                self._used(tile_id)
-                return
         acc = weight = None
         for tile_id in cell.tiles:  # tile-id order: a fixed summation order keeps results bit-stable
             rows, cols = cell.within(self.tiles[tile_id])
@@ -126,18 +118,14 @@ class TiledCanvas:
             else:
                 acc += term
                 weight += mask[rows, cols]
-            self._used(tile_id)
+            self.pending[tile_id] -= 1
+            if not self.pending[tile_id]:  # the last cell under the tile: its result is dropped
+                del self.results[tile_id], self.pending[tile_id]
         out = self.canvas[cell.box]
         if out.dtype == acc.dtype:
             torch.div(acc, weight, out=out)  # straight into the canvas
         else:
             out.copy_(acc / weight)
-
-    def _used(self, tile_id: int) -> None:
-        """One more cell under the tile is composited; its result is dropped after the last."""
-        self.pending[tile_id] -= 1
-        if not self.pending[tile_id]:
-            del self.results[tile_id], self.pending[tile_id]
 
     def read(self, box: Box) -> torch.Tensor:
         """A box of the canvas in its own dtype (float16 pixels travel to the next stage's tasks as they are)."""
@@ -212,35 +200,34 @@ class Resized:
         b = self.block
         return [(by, bx) for by in range(y // b, -(-(y + h) // b)) for bx in range(x // b, -(-(x + w) // b))]
 
-    def _span(self, block: tuple[int, int]) -> tuple[Box, Box]:
-        """(the block's output box, the input box it is resized from)."""
-        b, k = self.block, self.factor
+    def _block_box(self, block: tuple[int, int]) -> Box:
+        b = self.block
         y, x = block[0] * b, block[1] * b
-        h, w = min(b, self.shape[-2] - y), min(b, self.shape[-1] - x)
-        y0, y1 = source_span(y, h, k, self.in_h)
-        x0, x1 = source_span(x, w, k, self.in_w)
-        return (y, x, h, w), (y0, x0, y1 - y0, x1 - x0)
-
-    def read(self, box: Box) -> torch.Tensor:
-        for block in self._blocks(box):
-            if block not in self.ready:
-                (y, x, h, w), (y0, x0, ih, iw) = self._span(block)
-                k = self.factor
-                out = resize(self.source.read((y0, x0, ih, iw)).float(), ih * k, iw * k)
-                top, left = y - y0 * k, x - x0 * k
-                self.canvas[..., y : y + h, x : x + w] = out[..., top : top + h, left : left + w]
-                self.ready.add(block)
-        y, x, h, w = box
-        return self.canvas[..., y : y + h, x : x + w].contiguous()
-
-    def deps(self, box: Box) -> frozenset[int]:
-        return frozenset().union(*(self.source.deps(self._span(block)[1]) for block in self._blocks(box)))
+        return (y, x, min(b, self.shape[-2] - y), min(b, self.shape[-1] - x))
 
     def span(self, box: Box) -> Box:
         """The input box a box of the enlargement is made from (pipeline.geometry.resize.source_span)."""
         y, x, h, w = box
         (y0, y1), (x0, x1) = source_span(y, h, self.factor, self.in_h), source_span(x, w, self.factor, self.in_w)
         return (y0, x0, y1 - y0, x1 - x0)
+
+    def request(self, box: Box) -> Enlarge:
+        """A box of the enlargement as the input span it is made from, for whoever enlarges it."""
+        y0, x0, _, _ = span = self.span(box)
+        y, x, h, w = box
+        return Enlarge(self.source.read(span), self.factor, y - y0 * self.factor, x - x0 * self.factor, h, w)
+
+    def read(self, box: Box) -> torch.Tensor:
+        for block in self._blocks(box):
+            if block not in self.ready:
+                y, x, h, w = out = self._block_box(block)
+                self.canvas[..., y : y + h, x : x + w] = self.request(out).pixels()
+                self.ready.add(block)
+        y, x, h, w = box
+        return self.canvas[..., y : y + h, x : x + w].contiguous()
+
+    def deps(self, box: Box) -> frozenset[int]:
+        return frozenset().union(*(self.source.deps(self.span(self._block_box(b))) for b in self._blocks(box)))
 
 
 class Enlarged:
@@ -252,10 +239,7 @@ class Enlarged:
         self.resized = resized
 
     def read(self, box: Box) -> Enlarge:
-        r = self.resized
-        y0, x0, ih, iw = span = r.span(box)
-        y, x, h, w = box
-        return Enlarge(r.source.read(span), r.factor, y - y0 * r.factor, x - x0 * r.factor, h, w)
+        return self.resized.request(box)
 
     def deps(self, box: Box) -> frozenset[int]:
         return self.resized.source.deps(self.resized.span(box))
