@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+import cluster  # noqa: F401  first: the driver's OpenMP wait policy, as the farm sets it (pipeline/openmp.py)
+
+# isort: split
 import numpy as np
 import ray
 import torch

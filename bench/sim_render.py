@@ -112,10 +112,10 @@ class SimTileWorker:
         self._cost("decode_stats", latents.shape)
         return _stats(latents.shape[0])
 
-    def decode_tile(self, latents: torch.Tensor, stats=None) -> torch.Tensor:
+    def decode_tile(self, latents: torch.Tensor, stats=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         self._cost("decode_tile", latents.shape)
         b, _, h, w = latents.shape
-        return torch.zeros(b, 3, h * VAE_FACTOR, w * VAE_FACTOR)
+        return torch.zeros(b, 3, h * VAE_FACTOR, w * VAE_FACTOR, dtype=dtype)
 
 
 class SimActor:

@@ -1,5 +1,8 @@
-"""Ray execution of tilefarm plans (GPU actors, object-store scaffold, pull scheduler).
+"""Ray execution of tilefarm plans: GPU actors, the object-store scaffold, the pull scheduler, the farm.
 
-The only package that imports Ray. Not built yet: renders run on the local executor
-(`farm render` without --cluster).
+The only package that imports Ray.
 """
+
+from pipeline.openmp import prefer_passive_waits
+
+prefer_passive_waits()  # a Ray job's driver (`python -m cluster.job`) starts here, before torch loads

@@ -41,10 +41,10 @@ def check_output_path(out: str | Path, overwrite: bool) -> Path:
 
 
 def to_pil(image: torch.Tensor):
-    """[1, 3, H, W] in [0, 1] -> an 8-bit RGB PIL image."""
+    """[1, 3, H, W] in [0, 1] -> an 8-bit RGB PIL image (scaled in float32: float16 cannot hold x * 255 exactly)."""
     from PIL import Image
 
-    array = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    array = (image[0].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     return Image.fromarray(array, mode="RGB")
 
 

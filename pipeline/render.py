@@ -52,12 +52,16 @@ from pipeline.sampling.chess_pass import RefineSettings, chess_refine
 
 UPSCALE_OVERLAP = 32  # px of input shared by neighbouring upscaler tiles
 MIN_ENCODE_TILE = 16  # latents: tiny VAEs' sample sizes would otherwise cut thousands of tiles
+# the graph's pixel canvases (upscaled, decoded), as their tiles travel and as the driver keeps them: an image's
+# worth (float16 rounds a value in [0, 1] by at most 2^-12, a sixteenth of an 8-bit level) in half the bytes
+PIXELS = torch.float16
 
 
 @dataclass
 class RenderResult:
-    """The final image ([1, 3, H, W] in [0, 1], CPU), the latent canvas it was decoded from, and the
-    detailer's refinement mask (latent resolution; all zero without detections)."""
+    """The final image ([1, 3, H, W] in [0, 1], CPU; float16 (PIXELS) where the graph decoded it), the latent
+    canvas it was decoded from, and the detailer's refinement mask (latent resolution; all zero without
+    detections)."""
 
     image: torch.Tensor
     canvas: torch.Tensor
@@ -131,8 +135,7 @@ def upscale_graph(
     h, w = size
     if scale and h < height:
         grid = cover_grid(h, w, plan.spec.upscale_tile, UPSCALE_OVERLAP)
-        # float16 pixels: the canvas is an image (8 bits would do) that the VAE reads; half the driver's memory
-        image = add_tiled(graph, "upscale", "upscale_tile", image, grid, 1, scale, 3, torch.float16, (torch.float16,))
+        image = add_tiled(graph, "upscale", "upscale_tile", image, grid, 1, scale, 3, PIXELS, (PIXELS,))
         h, w = h * scale, w * scale
     if (h, w) == (height, width):
         return image
@@ -140,8 +143,11 @@ def upscale_graph(
     return Resized(image, (h, w), k, 3) if k and k == doubling_factor(w, width) else None
 
 
-def encode_graph(plan: RenderPlan, graph: Graph, pixels: Source, height: int, width: int, tile_px: int | None):
-    """encode_canvas's tiles and pooled statistics, added to the graph."""
+def encode_graph(
+    plan: RenderPlan, graph: Graph, pixels: Source, height: int, width: int, tile_px: int | None, share=None
+):
+    """encode_canvas's tiles and pooled statistics, added to the graph; with `share` (Executor.share) each
+    tile's pixels travel once for its statistics task and its encode task."""
     tile_px = tile_px or plan.model.native_px
     if plan.vae_tile:
         tile_px = min(tile_px, plan.vae_tile)
@@ -150,7 +156,9 @@ def encode_graph(plan: RenderPlan, graph: Graph, pixels: Source, height: int, wi
     channels = plan.model.latent_channels
     if isinstance(pixels, Resized):  # the workers enlarge their own boxes: a quarter of the bytes, no driver resize
         pixels = Enlarged(pixels)
-    return add_tiled_shared_norm(graph, "encode", "encode_stats", "encode_tile", pixels, grid, plan.f, 1, channels)
+    return add_tiled_shared_norm(
+        graph, "encode", "encode_stats", "encode_tile", pixels, grid, plan.f, 1, channels, share=share
+    )
 
 
 def decode_graph(plan: RenderPlan, ex: Executor, graph: Graph, latents: Source, tile: int) -> TiledCanvas:
@@ -159,11 +167,13 @@ def decode_graph(plan: RenderPlan, ex: Executor, graph: Graph, latents: Source, 
         tile = min(tile, max(1, plan.vae_tile // plan.f))
     grid = cover_grid(plan.latent_h, plan.latent_w, tile, max(1, tile // 4))
     if plan.spec.decode_norm == "tile":
-        return add_tiled(graph, "decode", "decode_tile", latents, grid, 1, plan.f, 3)
+        return add_tiled(graph, "decode", "decode_tile", latents, grid, 1, plan.f, 3, PIXELS, (None, PIXELS))
     # the decoder's GroupNorm layers, named by one call on a 2 x 2 latent (run_tiled_exact_norm's probe)
     probe = torch.zeros(1, plan.model.latent_channels, 2, 2)
     layers = list(ex.call("decode stats", "decode_stats", probe, (0.0, 1.0, 0.0, 1.0)))
-    return add_tiled_exact_norm(graph, "decode", "decode_stats", "decode_tile", latents, grid, 1, plan.f, 3, layers)
+    return add_tiled_exact_norm(
+        graph, "decode", "decode_stats", "decode_tile", latents, grid, 1, plan.f, 3, layers, PIXELS, (PIXELS,)
+    )
 
 
 def blend_graph(plan: RenderPlan, graph: Graph, s: Start, latents: Source, mask=None, bar=None) -> CanvasStepper:
@@ -302,7 +312,7 @@ def refine_and_decode(plan, ex, clock, s: Start, graph: Graph, pixels: Source, m
     stage by stage (the chess passes)."""
     spec = plan.spec
     if spec.tiling == "blend":
-        latents = encode_graph(plan, graph, pixels, spec.height, spec.width, s.facts.encode_tile)
+        latents = encode_graph(plan, graph, pixels, spec.height, spec.width, s.facts.encode_tile, ex.share)
         bar: list = []
         stepper = blend_graph(plan, graph, s, latents, mask, bar)
         image = decode_graph(plan, ex, graph, stepper, s.facts.decode_tile)

@@ -94,6 +94,16 @@ def test_stages_overlap_and_actors_killed_in_the_encode_and_decode_change_nothin
     # one graph, no barrier between stages: the refine starts before the encode ends, the decode before the refine
     assert min(start for start, _ in spans["blend"]) < max(end for _, end in spans["encode"])
     assert min(start for start, _ in spans["decode"]) < max(end for _, end in spans["blend"])
+    # each encode tile's pixels went to the object store once, for its statistics task and its own (the one
+    # killed in flight ran again on the same stored pixels); no other task names them
+    log = run.executor.scheduler.log
+    sent = {stage: {d.task: [r.hex() for r in d.refs] for d in log if d.stage == stage} for stage in spans}
+    stats, tiles = sent["encode stats"], sent["encode"]
+    assert all(len(refs) == 1 for refs in (*stats.values(), *tiles.values()))
+    assert sorted(r for refs in stats.values() for r in refs) == sorted(r for refs in tiles.values() for r in refs)
+    assert len({r for refs in tiles.values() for r in refs}) == len(tiles)
+    others = {r for stage in spans.keys() - {"encode stats", "encode"} for refs in sent[stage].values() for r in refs}
+    assert others.isdisjoint(r for refs in tiles.values() for r in refs)
 
 
 def test_actors_killed_in_the_even_and_odd_pass_change_nothing(local_ray, cluster_plan, local_image):

@@ -115,3 +115,22 @@ def test_pipeline_and_farm_do_not_import_ray_when_they_load():
             if any(name == "ray" or name.startswith("ray.") or name.startswith("cluster") for name in names):
                 offenders.append(f"{file.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, "imports Ray (directly or through cluster/) at module level: " + ", ".join(offenders)
+
+
+def test_the_drivers_packages_make_openmp_threads_sleep_before_torch_loads():
+    import os
+    import subprocess
+    import sys
+
+    probe = "import os, sys, {0}; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for package in ("farm", "cluster"):
+        out = subprocess.run([sys.executable, "-c", probe.format(package)], env=env, capture_output=True, text=True)
+        assert out.stdout.split() == ["PASSIVE", "False"], out.stderr  # set, and torch not loaded yet
+    chosen = subprocess.run(
+        [sys.executable, "-c", probe.format("farm")],
+        env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+        capture_output=True,
+        text=True,
+    )
+    assert chosen.stdout.split() == ["ACTIVE", "False"]  # a policy the user set stands

@@ -280,3 +280,55 @@ def test_workers_that_enlarge_their_own_boxes_encode_what_the_drivers_resize_did
     sent = [task.args({})[0] for task in tasks if task.stage == "encode stats"]
     # each task was sent its box's input span (a quarter of the box and a margin), not the box
     assert sent and all(s.span.shape[-2] * s.span.shape[-1] < s.height * s.width / 2 for s in sent)
+
+
+def test_the_graph_decodes_to_float16_pixels_that_make_the_png_a_float32_decode_makes(tiny_worker, small_spec):
+    from dataclasses import replace
+
+    import numpy as np
+
+    from farm.executor import prepare
+    from farm.output import to_pil
+    from pipeline.render import PIXELS, decode_canvas, render
+
+    plan = prepare(replace(small_spec, tiling="blend"))
+    ex = Recording(tiny_worker)
+    result = render(plan, ex)
+    decodes = [t for g in ex.graphs for t in g if t.stage == "decode"]
+    assert decodes and all(t.args({})[-1] == PIXELS for t in decodes)  # the workers round them on their device
+    assert result.image.dtype == PIXELS == torch.float16
+    # the stage-by-stage decode of the same latents keeps float32 throughout
+    exact = decode_canvas(plan, ex, result.canvas, ex.call("load", "facts").decode_tile)
+    assert exact.dtype == torch.float32 and exact.std() > 0.01
+    # float16 rounds each tile and the composite by at most 2^-12 in [0, 1]: a sixteenth of an 8-bit level
+    assert (result.image.float() - exact).abs().max() <= 2**-11
+    png, png_exact = (np.asarray(to_pil(x)).astype(int) for x in (result.image, exact))
+    assert np.abs(png - png_exact).max() <= 1 and (png == png_exact).mean() > 0.95
+
+
+def test_a_float16_image_makes_the_same_png_as_its_float32_values():
+    import numpy as np
+
+    from farm.output import to_pil
+
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)).half()
+    # x * 255 in float16 would round to an eighth of a level above 128: about 4% of pixels a level off
+    assert np.array_equal(np.asarray(to_pil(image)), np.asarray(to_pil(image.float())))
+
+
+def test_a_box_read_by_two_tasks_is_shared_once_and_let_go_after_the_second():
+    from pipeline.graph.stream import SharedReads
+
+    shared = []
+
+    def share(value):
+        shared.append(value)
+        return f"handle {len(shared)}"
+
+    image = torch.arange(48.0).reshape(1, 3, 4, 4)
+    source = SharedReads(Fixed(image), share)
+    box = (0, 1, 2, 3)
+    assert source.read(box) == source.read(box) == "handle 1"  # the statistics task's read, then the tile's
+    assert len(shared) == 1 and torch.equal(shared[0], image[..., 0:2, 1:4]) and not source.handles
+    assert source.read(box) == "handle 2"  # a third read (a graph built again) shares it anew
+    assert source.deps(box) == frozenset()

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 
 def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bicubic resize with antialiasing (a plain bicubic downscale aliases), clamped to [0, 1]."""
+    """Bicubic resize with antialiasing (a plain bicubic downscale aliases), clamped to [0, 1]; computed in
+    float32 (PyTorch's CPU kernel has no float16) and returned in the image's dtype."""
     if image.shape[-2:] == (height, width):
         return image
-    return F.interpolate(image, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    out = F.interpolate(image.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return out.clamp(0, 1).to(image.dtype)
 
 
 RESIZE_MARGIN = 4  # input px read beyond a span: the bicubic kernel's support is 2 px when enlarging

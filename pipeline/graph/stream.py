@@ -8,8 +8,9 @@ canvas is the same whatever order the tiles finish in, and nothing is left to co
 last tile. A task of the next stage reads a box of that canvas and waits for exactly the tiles that
 cover the box, so on a farm the first refine steps start while the last encode tiles run, and the
 first decode tiles while the refine finishes. The driver keeps each canvas once, in a compact form:
-pixels in float16 (they come from an image and go into the VAE), latents in float32, and tile
-results only until every cell under them is composited.
+pixels in float16 (they come from an image and go into the VAE or into an 8-bit PNG; the workers round
+them on their device, so they travel in float16 too), latents in float32, and tile results only until
+every cell under them is composited. The local executor runs the same graph: the same bits.
 """
 
 from __future__ import annotations
@@ -245,6 +246,28 @@ class Enlarged:
         return self.resized.source.deps(self.resized.span(box))
 
 
+class SharedReads:
+    """A source whose boxes are each read by `readers` tasks (a tile's statistics task, then the tile's own) and
+    travel to the workers once: the first read puts the box in the executor's object store (Executor.share;
+    the local executor passes it as it is), the others send its handle, and it is let go after the last."""
+
+    def __init__(self, source: Source, share, readers: int = 2):
+        self.source, self.share, self.readers = source, share, readers
+        self.handles: dict[Box, list] = {}  # box -> [handle, reads so far]
+
+    def read(self, box: Box):
+        entry = self.handles.setdefault(box, [None, 0])
+        if entry[1] == 0:
+            entry[0] = self.share(self.source.read(box))
+        entry[1] += 1
+        if entry[1] == self.readers:
+            del self.handles[box]
+        return entry[0]
+
+    def deps(self, box: Box) -> frozenset[int]:
+        return self.source.deps(box)
+
+
 def _read(source: Source, box: Box, extra, done) -> tuple:
     return (source.read(box), *(e(done) if callable(e) else e for e in extra))
 
@@ -297,11 +320,16 @@ def add_tiled_shared_norm(
     scale_out: int,
     channels: int,
     dtype: torch.dtype = torch.float32,
+    share=None,
 ) -> TiledCanvas:
     """add_tiled with GroupNorm statistics pooled over every tile's core
     (pipeline.geometry.tiling.run_tiled_shared_norm):
-    the statistics tasks read the source like the tiles; each tile waits for all of them (the one barrier)."""
+    the statistics tasks read the source like the tiles; each tile waits for all of them (the one barrier).
+    With `share` (Executor.share) a tile's input travels once for both of its tasks (SharedReads)."""
     from pipeline.geometry.tiling import core_box
+
+    if share is not None:
+        source = SharedReads(source, share)
 
     stats = [
         graph.add(
@@ -352,10 +380,12 @@ def add_tiled_exact_norm(
     channels: int,
     layers: list[str],
     dtype: torch.dtype = torch.float32,
+    extra: tuple = (),
 ) -> TiledCanvas:
     """add_tiled with every GroupNorm layer's statistics pooled over the image layer by layer, as an untiled
     forward has them (pipeline.geometry.tiling.run_tiled_exact_norm): a statistics task per tile and layer, reading
-    the tile as soon as it is final and waiting for the previous layer's tasks; each tile waits for the last."""
+    the tile as soon as it is final and waiting for the previous layer's tasks; each tile waits for the last.
+    `method(crop, pooled, *extra)`."""
     from pipeline.geometry.tiling import core_box
 
     stats, previous = LayerStats(layers), frozenset()
@@ -373,7 +403,7 @@ def add_tiled_exact_norm(
         )
         stats.tasks[name] = ids
         previous = frozenset(ids)
-    extra = (stats.before(None),)
+    extra = (stats.before(None), *extra)
     return add_tiled(graph, stage, method, source, grid, scale_in, scale_out, channels, dtype, extra, previous)
 
 

@@ -87,13 +87,16 @@ def encode(vae, pixels: torch.Tensor, clock=None, tiled: bool = True, stats=None
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, clock=None, tiled: bool = True, stats=None, tile: int = 0) -> torch.Tensor:
-    """[B, C, h, w] model latents -> [B, 3, h*f, w*f] pixels in [0, 1] (float32, CPU); `stats` as for encode."""
+def decode(
+    vae, latents: torch.Tensor, clock=None, tiled: bool = True, stats=None, tile: int = 0, dtype=torch.float32
+) -> torch.Tensor:
+    """[B, C, h, w] model latents -> [B, 3, h*f, w*f] pixels in [0, 1] (`dtype`, rounded on the device; CPU);
+    `stats` as for encode."""
     _tiling(vae, tiled, stats)
     z = _latents_in(vae, latents)
     with tile_size(vae, tile), clock("vae") if clock else nullcontext(), _normalising(vae, stats):
         x = vae.decode(z, return_dict=False)[0]
-    return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+    return ((x.float() + 1) / 2).clamp(0, 1).to(dtype).cpu()
 
 
 def _cpu(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
