@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pipeline.detail.detailer import detail, plan_jobs
 from pipeline.detail.detection import choose
 from pipeline.geometry.chess import cover_grid
-from pipeline.geometry.resize import describe_fit, doubling_factor, fit_exact, resize
+from pipeline.geometry.resize import PIXELS, describe_fit, doubling_factor, fit_exact, resize
 from pipeline.geometry.scaffold import make_scaffold, pool_noise
 from pipeline.geometry.tiling import run_tiled, run_tiled_exact_norm, run_tiled_shared_norm
 from pipeline.graph.clock import Clock
@@ -52,9 +52,6 @@ from pipeline.sampling.chess_pass import RefineSettings, chess_refine
 
 UPSCALE_OVERLAP = 32  # px of input shared by neighbouring upscaler tiles
 MIN_ENCODE_TILE = 16  # latents: tiny VAEs' sample sizes would otherwise cut thousands of tiles
-# the graph's pixel canvases (upscaled, decoded), as their tiles travel and as the driver keeps them: an image's
-# worth (float16 rounds a value in [0, 1] by at most 2^-12, a sixteenth of an 8-bit level) in half the bytes
-PIXELS = torch.float16
 
 
 @dataclass

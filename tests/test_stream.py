@@ -289,7 +289,8 @@ def test_the_graph_decodes_to_float16_pixels_that_make_the_png_a_float32_decode_
 
     from farm.executor import prepare
     from farm.output import to_pil
-    from pipeline.render import PIXELS, decode_canvas, render
+    from pipeline.geometry.resize import PIXELS
+    from pipeline.render import decode_canvas, render
 
     plan = prepare(replace(small_spec, tiling="blend"))
     ex = Recording(tiny_worker)

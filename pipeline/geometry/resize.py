@@ -18,6 +18,11 @@ def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return out.clamp(0, 1).to(image.dtype)
 
 
+# the dtype of the graph's pixel canvases (upscaled, decoded), as their tiles travel and as the driver keeps them:
+# an image's worth (float16 rounds a value in [0, 1] by at most 2^-12, a sixteenth of an 8-bit level) in half
+# the bytes of float32
+PIXELS = torch.float16
+
 RESIZE_MARGIN = 4  # input px read beyond a span: the bicubic kernel's support is 2 px when enlarging
 
 
@@ -38,7 +43,7 @@ def source_span(start: int, length: int, k: int, size: int) -> tuple[int, int]:
 class Enlarge:
     """A box of a k-times enlargement, sent as the input span it is made from (1/k^2 of the pixels): the worker
     enlarges the span and crops the box, which equals the same box of the whole image enlarged (source_span's
-    margin), rounded to float16 as the graph's pixel canvases are."""
+    margin), rounded to PIXELS as the graph's pixel canvases are."""
 
     span: torch.Tensor  # [B, C, ih, iw]: the input rows and columns source_span gives for the box
     factor: int
@@ -53,10 +58,10 @@ class Enlarge:
         return (*self.span.shape[:2], self.height, self.width)
 
     def pixels(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The box's pixels [B, C, height, width] in float16, enlarged on `device`."""
+        """The box's pixels [B, C, height, width] in PIXELS, enlarged on `device`."""
         k, (ih, iw) = self.factor, self.span.shape[-2:]
         out = resize(self.span.to(device).float(), ih * k, iw * k)
-        return out[..., self.top : self.top + self.height, self.left : self.left + self.width].half()
+        return out[..., self.top : self.top + self.height, self.left : self.left + self.width].to(PIXELS)
 
 
 def as_pixels(pixels: torch.Tensor | Enlarge, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from pipeline.geometry.cells import Cell, grid_cells
 from pipeline.geometry.chess import Tile, TileGrid
 from pipeline.geometry.feather import feather_mask
-from pipeline.geometry.resize import Enlarge, source_span
+from pipeline.geometry.resize import PIXELS, Enlarge, source_span
 from pipeline.graph.taskgraph import GRAPH_STAGE, Executor, Task
 from pipeline.sampling.groupnorm import combine_stats
 
@@ -126,7 +126,7 @@ class TiledCanvas:
         if out.dtype == acc.dtype:
             torch.div(acc, weight, out=out)  # straight into the canvas
         else:
-            out.copy_(acc / weight)
+            out.copy_(acc.div_(weight))  # acc is this composite's own: divided in place, then rounded
 
     def read(self, box: Box) -> torch.Tensor:
         """A box of the canvas in its own dtype (float16 pixels travel to the next stage's tasks as they are)."""
@@ -191,9 +191,9 @@ class Resized:
 
     @property
     def canvas(self) -> torch.Tensor:
-        """The enlarged image so far, in float16 as the upscale canvas: an image the VAE reads."""
+        """The enlarged image so far, in PIXELS as the upscale canvas: an image the VAE reads."""
         if self._canvas is None:
-            self._canvas = torch.zeros(self.shape, dtype=torch.float16)
+            self._canvas = torch.zeros(self.shape, dtype=PIXELS)
         return self._canvas
 
     def _blocks(self, box: Box) -> list[tuple[int, int]]:
