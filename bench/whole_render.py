@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -43,7 +44,12 @@ Busy s per stage = sum of the stage's task durations in the ledger (as above).
 Amdahl fit: the one s with wall(N) = wall(1) (s + (1 - s) / N) closest over all N (least squares).
 Driver peak = high-water mark of the driver process's resident set (VmHWM, reset through
 /proc/self/clear_refs before each render; tracemalloc would miss torch's tensor memory); in brackets
-its resident set as the render started (imports, Ray, the previous render's leftovers)."""
+its resident set as the render started (imports, Ray, the previous render's leftovers).
+CPU s = user + system time of every process during the render, from /proc: the driver (all its
+threads), the simulated actors (their transport: arguments, results, checks; their simulated cost is
+a sleep), Ray's other processes, everything else. machine busy = their sum / (wall x cores): near
+100%, the bench machine's CPU, not the farm's design, sets the wall (on a farm each actor has its own
+node's cores)."""
 
 
 class TimedExecutor(ClusterExecutor):
@@ -118,6 +124,8 @@ class Measured:
     start_rss: int = 0  # the driver's resident set as the render started
     below_share: float = 0.0
     busy: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] | None = None  # CPU seconds used during the render, by process group (cpu_seconds)
+    phase_busy: dict[str, float | None] = field(default_factory=dict)  # machine busy share per phase (CpuSampler)
 
     @property
     def tasks(self) -> list[dict]:
@@ -138,6 +146,78 @@ def start_actors(n: int, tflops: float, table: dict, runtime_env: dict | None = 
     return actors
 
 
+def cpu_seconds() -> dict[str, float] | None:
+    """CPU seconds (user + system, all threads) used so far by this driver, the simulated actors, Ray's other
+    processes (raylet, GCS, agents, idle workers) and everything else on the machine, read from /proc; None
+    where there is none. A process that exits between two readings loses its share."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    groups: dict[str, float] = defaultdict(float)
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # from the state, field 3 of proc(5)
+            command = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # gone, or not ours to read
+            continue
+        if int(entry.name) == os.getpid():
+            group = "driver"
+        elif "SimActor" in command:  # Ray titles an actor's process after its class
+            group = "actors"
+        else:
+            group = "Ray" if "ray" in command else "other"
+        groups[group] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime, fields 14 and 15
+    return dict(groups)
+
+
+class CpuSampler:
+    """The machine's CPU seconds (cpu_seconds, all groups) read every `interval` s on a thread, so that how busy
+    the cores were can be told per phase of a render."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.samples = interval, []  # (time.time(), CPU seconds so far)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), sum((cpu_seconds() or {}).values())))
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> CpuSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.samples.append((time.time(), sum((cpu_seconds() or {}).values())))
+
+    def busy(self, start: float, end: float) -> float | None:
+        """Share of the cores busy from start to end (time.time()), between the samples nearest outside it."""
+        before = [s for s in self.samples if s[0] <= start]
+        after = [s for s in self.samples if s[0] >= end]
+        if not before or not after or end <= start:
+            return None
+        (t0, c0), (t1, c1) = before[-1], after[0]
+        return (c1 - c0) / ((t1 - t0) * (os.cpu_count() or 1))
+
+
+def render_phases(tasks: list[dict], end: float) -> dict[str, tuple[float, float]]:
+    """(start, end) of a render's phases from its ledger rows: front = from the base's result to the first refine
+    task, refine = to the last refine task's result, tail = to the image."""
+    base = [r["end"] for r in tasks if r["stage"] == "base"]
+    refine = [r for r in tasks if r["stage"] in ("blend", "even", "odd", "refine")]
+    if not base or not refine:
+        return {}
+    first, last = min(r["start"] for r in refine), max(r["end"] for r in refine)
+    return {"front": (max(base), first), "refine": (first, last), "tail": (last, end)}
+
+
 def measure(plan: RenderPlan, actors: list, tflops: float) -> Measured:
     """Render the plan once on these warm simulated actors at `tflops`; ledger rows, timings, driver peak memory."""
     ray.get([a.set_throughput.remote(tflops) for a in actors])
@@ -148,10 +228,14 @@ def measure(plan: RenderPlan, actors: list, tflops: float) -> Measured:
     clock = Clock(on_stage=lambda name, s, e: rows.append(stage_row(name, s, e)))
     reset_peak_rss()
     start_rss = peak_rss()  # right after a reset the high-water mark is the current resident set
+    cpu_before = cpu_seconds()
     t0 = time.time()
     start = time.perf_counter()
-    render(plan, ex, clock)
+    with CpuSampler() as sampler:
+        render(plan, ex, clock)
+        finished = time.time()
     wall = time.perf_counter() - start
+    cpu_after = cpu_seconds()
     peak = peak_rss()
     device = sum(ray.get([a.take_busy.remote() for a in actors]))
     n = len(actors)
@@ -161,6 +245,9 @@ def measure(plan: RenderPlan, actors: list, tflops: float) -> Measured:
     for r in m.tasks:
         busy[r["stage"]] += r["end"] - r["start"]
     m.busy = dict(busy)
+    if cpu_before is not None and cpu_after is not None:
+        m.cpu = {group: cpu_after[group] - cpu_before.get(group, 0.0) for group in cpu_after}
+        m.phase_busy = {name: sampler.busy(*span) for name, span in render_phases(m.tasks, finished).items()}
     return m
 
 
@@ -190,6 +277,25 @@ def plot(m: Measured, size: int, out_dir: Path) -> str:
     return f"timeline: {path}"
 
 
+def cpu_table(results: list[Measured]) -> list[str]:
+    """Markdown lines: the CPU seconds each process group used during each render, and how busy that kept the
+    machine's cores, over the render and in each of its phases (where /proc was there to read)."""
+    measured = [m for m in results if m.cpu is not None]
+    if not measured:
+        return []
+    cores = os.cpu_count() or 1
+    groups, phases = ("driver", "actors", "Ray", "other"), ("front", "refine", "tail")
+    header = " | ".join(groups) + " | machine busy | " + " | ".join(f"busy in {p}" for p in phases)
+    lines = ["", f"CPU s per process group during the render (/proc; this machine has {cores} cores):", ""]
+    lines += [f"| actors | wall s | {header} |", "|---:|" + "---:|" * (len(groups) + 2 + len(phases))]
+    for m in measured:
+        total = sum(m.cpu.values())
+        cpu = " | ".join(f"{m.cpu.get(g, 0.0):.2f}" for g in groups)
+        busy = " | ".join("-" if m.phase_busy.get(p) is None else f"{100 * m.phase_busy[p]:.0f}%" for p in phases)
+        lines.append(f"| {m.actors} | {m.wall:.2f} | {cpu} | {100 * total / (m.wall * cores):.0f}% | {busy} |")
+    return lines
+
+
 def tables(results: list[Measured], zero: Measured) -> str:
     """The scaling table and the per-stage busy/wall table, as markdown."""
     base = results[0].wall if results[0].actors == 1 else None
@@ -217,6 +323,7 @@ def tables(results: list[Measured], zero: Measured) -> str:
     lines += ["", "wall s per render stage (pipeline.graph.clock, driver's view):", ""]
     lines += ["| actors | " + " | ".join(walls) + " |", "|---:|" + "---:|" * len(walls)]
     lines += [f"| {m.actors} | " + " | ".join(f"{m.stage_wall.get(st, 0):.2f}" for st in walls) + " |" for m in results]
+    lines += cpu_table(results)
     n_tasks = len(zero.tasks)
     lines += [
         "",

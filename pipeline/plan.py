@@ -135,7 +135,8 @@ class RenderPlan:
                 f"(latent {self.latent_w}x{self.latent_h}x{self.model.latent_channels})"
             )
         if s.workflow == "enhance":
-            how = f"the upscale model in {s.upscale_tile} px tiles, 32 px overlap" if s.upscaler else "bicubic"
+            tiles = f"tiles of at most {s.upscale_tile} px, 32 px overlap"
+            how = f"the upscale model in {tiles}" if s.upscaler else "bicubic"
             lines.append(
                 f"upscale x{s.pixel_upscale} ({how}) -> {cw}x{ch} px, "
                 f"encode -> latent {self.latent_w}x{self.latent_h}x{self.model.latent_channels}"
@@ -166,7 +167,7 @@ class RenderPlan:
             if s.pixel_upscale == 1:
                 lines.append("pixel upscale off (x1): the diffusion result is exported")
             else:
-                how = f"the upscale model in {s.upscale_tile} px tiles" if s.upscaler else "bicubic"
+                how = f"the upscale model in tiles of at most {s.upscale_tile} px" if s.upscaler else "bicubic"
                 lines.append(f"pixel upscale x{s.pixel_upscale} ({how}) -> {pw}x{ph} px")
             lines.append(f"exact size: {describe_fit(ph, pw, s.height, s.width)}")
         total = f"{base_calls} base + {tile_calls} tile" if base_calls else f"{tile_calls} tile"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pipeline.detail.detailer import detail, plan_jobs
 from pipeline.detail.detection import choose
-from pipeline.geometry.chess import cover_grid
+from pipeline.geometry.chess import cover_grid, fitted_cover_grid
 from pipeline.geometry.resize import PIXELS, describe_fit, doubling_factor, fit_exact, resize
 from pipeline.geometry.scaffold import make_scaffold, pool_noise
 from pipeline.geometry.tiling import run_tiled, run_tiled_exact_norm, run_tiled_shared_norm
@@ -70,7 +70,8 @@ def upscale_pixels(plan: RenderPlan, ex: Executor, image: torch.Tensor, scale: i
     """Pixels -> height x width: the upscale model over tiles (when there is one and the image is smaller),
     then an exact resize if its scale differs."""
     if scale and image.shape[-2] < height:
-        image = run_tiled(ex, "upscale", "upscale_tile", image, plan.spec.upscale_tile, UPSCALE_OVERLAP, scale, 3)
+        tile = plan.spec.upscale_tile
+        image = run_tiled(ex, "upscale", "upscale_tile", image, tile, UPSCALE_OVERLAP, scale, 3, fitted=True)
     return resize(image, height, width)
 
 
@@ -131,7 +132,7 @@ def upscale_graph(
     it exactly: the caller runs upscale_pixels as a stage (its resize reads the whole image)."""
     h, w = size
     if scale and h < height:
-        grid = cover_grid(h, w, plan.spec.upscale_tile, UPSCALE_OVERLAP)
+        grid = fitted_cover_grid(h, w, plan.spec.upscale_tile, UPSCALE_OVERLAP)
         image = add_tiled(graph, "upscale", "upscale_tile", image, grid, 1, scale, 3, PIXELS, (PIXELS,))
         h, w = h * scale, w * scale
     if (h, w) == (height, width):

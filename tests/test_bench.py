@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -247,6 +248,7 @@ def test_whole_render_scaling_reports_every_actor_count(tmp_path, capsys):
     assert "| actors | wall s | speedup | speedup / N | Karp-Flatt e |" in out
     assert "| UNet per tile-step: 128x128 latents (1024 px), batch 2 (CFG pair) |" in out
     assert "dispatch overhead (1 actor, zero cost" in out and "Definitions:" in out
+    assert "| actors | wall s | driver | actors | Ray | other | machine busy | busy in front |" in out
     results = figures["sizes"][2048]["results"]
     assert [m.actors for m in results] == [1, 2]
     for m in results:
@@ -255,6 +257,8 @@ def test_whole_render_scaling_reports_every_actor_count(tmp_path, capsys):
         assert {"base", "upscale", "encode", "blend", "decode"} <= stages
         assert {r["worker"] for r in m.tasks} == {f"actor {i}" for i in range(m.actors)}
         assert m.device_seconds > 0 and m.peak_rss > 0
+        assert m.cpu["driver"] > 0 and m.cpu["actors"] > 0  # the actors unpack arguments and pack results
+        assert set(m.phase_busy) == {"front", "refine", "tail"}
     plan = figures["sizes"][2048]["plan"]
     assert sum(r["stage"] == "blend" for r in results[0].tasks) == len(plan.grid.tiles)  # 1 step, batches of 1
 
@@ -270,3 +274,24 @@ def test_serial_fraction_measures():
     rows = [{"start": 0.0, "end": 2.0}, {"start": 1.0, "end": 3.0}]
     assert busy_below(rows, 2, 0.0, 4.0) == pytest.approx(3.0)  # both busy only in [1, 2]
     assert busy_below(rows, 1, 0.0, 4.0) == pytest.approx(1.0)  # none busy in [3, 4]
+
+
+def test_busy_share_of_the_cores_per_render_phase():
+    """The CPU sampler's busy share between samples, and a render's phases from its ledger rows."""
+    from whole_render import CpuSampler, render_phases
+
+    cores = os.cpu_count() or 1
+    sampler = CpuSampler()
+    sampler.samples = [(0.0, 0.0), (1.0, 0.5 * cores), (2.0, 1.5 * cores)]  # half the cores busy, then all
+    assert sampler.busy(0.0, 1.0) == pytest.approx(0.5) and sampler.busy(1.0, 2.0) == pytest.approx(1.0)
+    assert sampler.busy(0.5, 1.5) == pytest.approx(0.75)  # from the samples around the span
+    assert sampler.busy(-1.0, 1.0) is None and sampler.busy(1.0, 3.0) is None
+    rows = [
+        {"stage": "base", "start": 0.0, "end": 2.0},
+        {"stage": "encode", "start": 2.0, "end": 3.5},
+        {"stage": "blend", "start": 3.0, "end": 5.0},
+        {"stage": "blend", "start": 4.0, "end": 6.0},
+        {"stage": "decode", "start": 5.5, "end": 7.0},
+    ]
+    assert render_phases(rows, 8.0) == {"front": (2.0, 3.0), "refine": (3.0, 6.0), "tail": (6.0, 8.0)}
+    assert render_phases(rows[:2], 8.0) == {}

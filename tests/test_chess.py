@@ -1,6 +1,6 @@
 import torch
 
-from pipeline.geometry.chess import batches, chess_grid, cover_grid
+from pipeline.geometry.chess import batches, chess_grid, cover_grid, fitted_cover_grid
 
 
 def test_seed_002_table_4096_with_1024_tiles():
@@ -58,3 +58,15 @@ def test_cover_grid_keeps_minimum_overlap():
     grid = cover_grid(300, 200, 64, 8)
     assert _covered(grid).min() >= 1
     assert min(grid.overlap) >= 8
+
+
+def test_fitted_cover_grid_shrinks_its_tiles_to_the_canvas():
+    """The upscaler's tiles: as many as cover_grid's, no larger than asked, overlapping by little more than asked."""
+    for h, w, tile, overlap in ((1024, 1024, 512, 32), (1024, 1536, 512, 32), (100, 140, 48, 16), (300, 200, 64, 8)):
+        fitted, plain = fitted_cover_grid(h, w, tile, overlap), cover_grid(h, w, tile, overlap)
+        assert len(fitted.tiles) == len(plain.tiles) and max(fitted.tile_h, fitted.tile_w) <= tile
+        assert _covered(fitted).min() >= 1 and min(fitted.overlap) >= overlap
+        assert sum(t.h * t.w for t in fitted.tiles) <= sum(t.h * t.w for t in plain.tiles)
+    grid = fitted_cover_grid(1024, 1024, 512, 32)
+    assert (grid.tile_h, grid.ys) == (364, (0, 330, 660))  # 3 tiles 34 px apart, not 512 px ones 256 px apart
+    assert fitted_cover_grid(512, 400, 512, 32).tiles == cover_grid(512, 400, 512, 32).tiles  # one tile

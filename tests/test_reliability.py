@@ -193,7 +193,8 @@ def test_a_result_is_nonfinite_exactly_when_a_value_is_nan_or_inf():
     from pipeline.graph.health import nonfinite
 
     finite = [torch.rand(2, 3, 8, 8), torch.full((64,), 3e38), torch.full((64,), 6e4).half(), torch.ones(4).bfloat16()]
-    assert not any(nonfinite({"a": (t,)}) for t in finite)  # sums that overflow are checked value by value
+    assert not any(nonfinite({"a": (t,)}) for t in finite)  # values whose sum would overflow are finite
+    assert not nonfinite(torch.zeros(0, 3))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for bad in (float("nan"), float("inf"), -float("inf")):
             t = torch.rand(1, 3, 16, 16).to(dtype)

@@ -1,7 +1,7 @@
 import torch
 
 from farm.executor import LocalExecutor
-from pipeline.geometry.chess import cover_grid
+from pipeline.geometry.chess import fitted_cover_grid
 from pipeline.geometry.resize import cover_size, fit_exact
 from pipeline.geometry.tiling import run_tiled
 
@@ -9,9 +9,9 @@ from pipeline.geometry.tiling import run_tiled
 def test_tiled_upscale_matches_whole_image_away_from_seams(tiny_worker):
     image = torch.rand(1, 3, 100, 140, generator=torch.Generator().manual_seed(0))
     whole = tiny_worker.upscale_tile(image)
-    tiled = run_tiled(LocalExecutor(tiny_worker), "upscale", "upscale_tile", image, 48, 16, 4, 3)
+    tiled = run_tiled(LocalExecutor(tiny_worker), "upscale", "upscale_tile", image, 48, 16, 4, 3, fitted=True)
     assert tiled.shape == whole.shape == (1, 3, 400, 560)
-    grid = cover_grid(100, 140, 48, 16)
+    grid = fitted_cover_grid(100, 140, 48, 16)  # the render's upscale tiles
     assert len(grid.tiles) > 4
     # a pixel at least 8 px (twice the net's receptive radius) from the cut edges of every tile that
     # holds it sees the same inputs tiled or whole: identical values there

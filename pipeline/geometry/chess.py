@@ -138,6 +138,19 @@ def cover_grid(canvas_h: int, canvas_w: int, tile: int, min_overlap: int) -> Til
     return TileGrid(canvas_h, canvas_w, th, tw, tuple(ys), tuple(xs))
 
 
+def fitted_cover_grid(canvas_h: int, canvas_w: int, tile: int, min_overlap: int) -> TileGrid:
+    """cover_grid's count of tiles per axis, each shrunk to the size that spans the canvas at that count (fit_tile,
+    never above `tile`, the model's memory cap): 1024 px in 512 px tiles takes three tiles either way, of 364 px
+    34 px apart instead of 512 px 256 px apart (2.25x the image's pixels through the model)."""
+    counts = [cover_count(length, min(tile, length), min_overlap) for length in (canvas_h, canvas_w)]
+    th, tw = (
+        min(tile, length, fit_tile(length, count, min_overlap))
+        for length, count in zip((canvas_h, canvas_w), counts, strict=True)
+    )
+    ys, xs = axis_origins(canvas_h, th, counts[0]), axis_origins(canvas_w, tw, counts[1])
+    return TileGrid(canvas_h, canvas_w, th, tw, tuple(ys), tuple(xs))
+
+
 def fit_count(length: int, tile: int, min_overlap: int) -> int:
     """Tiles per axis whose fitted size is nearest `tile`: round((length - overlap) / (tile - overlap))."""
     if tile >= length:

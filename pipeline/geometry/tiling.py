@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from pipeline.geometry.chess import Tile, TileGrid, cover_grid
+from pipeline.geometry.chess import Tile, TileGrid, cover_grid, fitted_cover_grid
 from pipeline.geometry.feather import composite_pass
 from pipeline.graph.taskgraph import Executor, Task
 from pipeline.sampling.groupnorm import Core, combine_stats
@@ -53,11 +53,11 @@ def core_box(grid: TileGrid, tile: Tile) -> Core:
     return ((top - tile.y) / tile.h, (bottom - tile.y) / tile.h, (left - tile.x) / tile.w, (right - tile.x) / tile.w)
 
 
-def _grid(stage: str, source: torch.Tensor, tile: int, overlap: int, scale_in: int) -> TileGrid:
+def _grid(stage: str, source: torch.Tensor, tile: int, overlap: int, scale_in: int, fitted: bool = False) -> TileGrid:
     h, w = source.shape[-2:]
     if h % scale_in or w % scale_in:
         raise ValueError(f"{stage}: {w}x{h} is not a multiple of {scale_in}")
-    return cover_grid(h // scale_in, w // scale_in, tile, overlap)
+    return (fitted_cover_grid if fitted else cover_grid)(h // scale_in, w // scale_in, tile, overlap)
 
 
 def _boxes(t: Tile) -> tuple:
@@ -80,10 +80,12 @@ def run_tiled(
     scale: int,
     channels: int,
     scale_in: int = 1,
+    fitted: bool = False,
 ) -> torch.Tensor:
     """Run `method` on overlapping tiles of `source` [1, C, H, W] and blend its outputs into
-    [1, channels, H / scale_in * scale, ...]; the grid is laid in units of scale_in source pixels."""
-    grid = _grid(stage, source, tile, overlap, scale_in)
+    [1, channels, H / scale_in * scale, ...]; the grid is laid in units of scale_in source pixels, its tiles
+    shrunk to fit where `fitted` (pipeline.geometry.chess.fitted_cover_grid)."""
+    grid = _grid(stage, source, tile, overlap, scale_in, fitted)
     tasks = [
         Task(t.id, method, partial(_crop, source, t, scale=scale_in), group=stage, boxes=_boxes(t)) for t in grid.tiles
     ]
