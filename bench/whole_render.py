@@ -4,7 +4,8 @@ A real top-down render (pipeline.plan.make_plan, pipeline.render.render, the Clu
 PullScheduler and the wire transport) over Ray actors whose model calls are sleeps of their FLOP-
 derived cost (bench/sim_render.py, bench/flops.py). All the driver's own work is real: tile crops,
 composites, resizes, GroupNorm pooling, the blended sampler's scheduler steps. Every task is
-recorded through the executor's ledger rows (pipeline.graph.health.task_row).
+recorded through the executor's ledger rows (pipeline.graph.health.task_row), and every process's
+CPU time is read from /proc around and during each render (cpu_seconds, CpuSampler).
 """
 
 from __future__ import annotations
