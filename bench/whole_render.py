@@ -175,28 +175,39 @@ def cpu_seconds() -> dict[str, float] | None:
 
 
 class CpuSampler:
-    """The machine's CPU seconds (cpu_seconds, all groups) read every `interval` s on a thread, so that how busy
-    the cores were can be told per phase of a render."""
+    """cpu_seconds read as it starts, every `interval` s on a thread and as it ends, so that how busy the cores
+    were can be told per phase of a render (a reading costs ~2-5 ms of the driver's CPU)."""
 
     def __init__(self, interval: float = 0.25):
-        self.interval, self.samples = interval, []  # (time.time(), CPU seconds so far)
+        self.interval, self.samples = interval, []  # (time.time(), cpu_seconds()), none where there is no /proc
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        groups = cpu_seconds()
+        if groups is not None:
+            self.samples.append((time.time(), groups))
+
     def _run(self) -> None:
-        while True:
-            self.samples.append((time.time(), sum((cpu_seconds() or {}).values())))
-            if self.stop.wait(self.interval):
-                return
+        while not self.stop.wait(self.interval):
+            self._sample()
 
     def __enter__(self) -> CpuSampler:
+        self._sample()
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
-        self.samples.append((time.time(), sum((cpu_seconds() or {}).values())))
+        self._sample()
+
+    def total(self) -> dict[str, float] | None:
+        """CPU seconds per process group from the first reading to the last."""
+        if not self.samples:
+            return None
+        (_, first), (_, last) = self.samples[0], self.samples[-1]
+        return {group: last[group] - first.get(group, 0.0) for group in last}
 
     def busy(self, start: float, end: float) -> float | None:
         """Share of the cores busy from start to end (time.time()), between the samples nearest outside it."""
@@ -205,14 +216,14 @@ class CpuSampler:
         if not before or not after or end <= start:
             return None
         (t0, c0), (t1, c1) = before[-1], after[0]
-        return (c1 - c0) / ((t1 - t0) * (os.cpu_count() or 1))
+        return (sum(c1.values()) - sum(c0.values())) / ((t1 - t0) * (os.cpu_count() or 1))
 
 
 def render_phases(tasks: list[dict], end: float) -> dict[str, tuple[float, float]]:
     """(start, end) of a render's phases from its ledger rows: front = from the base's result to the first refine
     task, refine = to the last refine task's result, tail = to the image."""
     base = [r["end"] for r in tasks if r["stage"] == "base"]
-    refine = [r for r in tasks if r["stage"] in ("blend", "even", "odd", "refine")]
+    refine = [r for r in tasks if r["stage"] in ("blend", "chess")]  # the blended refine's tasks, or the chess passes'
     if not base or not refine:
         return {}
     first, last = min(r["start"] for r in refine), max(r["end"] for r in refine)
@@ -229,14 +240,12 @@ def measure(plan: RenderPlan, actors: list, tflops: float) -> Measured:
     clock = Clock(on_stage=lambda name, s, e: rows.append(stage_row(name, s, e)))
     reset_peak_rss()
     start_rss = peak_rss()  # right after a reset the high-water mark is the current resident set
-    cpu_before = cpu_seconds()
     t0 = time.time()
     start = time.perf_counter()
     with CpuSampler() as sampler:
         render(plan, ex, clock)
         finished = time.time()
     wall = time.perf_counter() - start
-    cpu_after = cpu_seconds()
     peak = peak_rss()
     device = sum(ray.get([a.take_busy.remote() for a in actors]))
     n = len(actors)
@@ -246,8 +255,8 @@ def measure(plan: RenderPlan, actors: list, tflops: float) -> Measured:
     for r in m.tasks:
         busy[r["stage"]] += r["end"] - r["start"]
     m.busy = dict(busy)
-    if cpu_before is not None and cpu_after is not None:
-        m.cpu = {group: cpu_after[group] - cpu_before.get(group, 0.0) for group in cpu_after}
+    m.cpu = sampler.total()
+    if m.cpu is not None:
         m.phase_busy = {name: sampler.busy(*span) for name, span in render_phases(m.tasks, finished).items()}
     return m
 

@@ -282,10 +282,12 @@ def test_busy_share_of_the_cores_per_render_phase():
 
     cores = os.cpu_count() or 1
     sampler = CpuSampler()
-    sampler.samples = [(0.0, 0.0), (1.0, 0.5 * cores), (2.0, 1.5 * cores)]  # half the cores busy, then all
+    busy = [{"driver": 0.0}, {"driver": 0.25 * cores, "actors": 0.25 * cores}, {"driver": 0.5 * cores, "actors": cores}]
+    sampler.samples = list(zip((0.0, 1.0, 2.0), busy, strict=True))  # half the cores busy, then all
     assert sampler.busy(0.0, 1.0) == pytest.approx(0.5) and sampler.busy(1.0, 2.0) == pytest.approx(1.0)
     assert sampler.busy(0.5, 1.5) == pytest.approx(0.75)  # from the samples around the span
     assert sampler.busy(-1.0, 1.0) is None and sampler.busy(1.0, 3.0) is None
+    assert sampler.total() == pytest.approx({"driver": 0.5 * cores, "actors": cores})
     rows = [
         {"stage": "base", "start": 0.0, "end": 2.0},
         {"stage": "encode", "start": 2.0, "end": 3.5},
@@ -295,3 +297,5 @@ def test_busy_share_of_the_cores_per_render_phase():
     ]
     assert render_phases(rows, 8.0) == {"front": (2.0, 3.0), "refine": (3.0, 6.0), "tail": (6.0, 8.0)}
     assert render_phases(rows[:2], 8.0) == {}
+    chess = [rows[0], {"stage": "chess", "start": 2.5, "end": 4.0}]  # the chess passes' ledger stage
+    assert render_phases(chess, 5.0) == {"front": (2.0, 2.5), "refine": (2.5, 4.0), "tail": (4.0, 5.0)}
