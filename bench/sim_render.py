@@ -108,6 +108,11 @@ class SimTileWorker:
         self._cost("detail", pixels.shape, settings.steps, settings.cfg > 1)
         return pixels.clone()
 
+    def blend_cells(self, grid, cells, dtype: torch.dtype, *values) -> tuple:
+        """The blended cells' shapes. On a GPU a block's blend is a few elementwise passes over its tiles (4 x 6 MB
+        of float16 at 8K): microseconds of memory traffic, so no simulated time; its inputs and output travel."""
+        return tuple(torch.zeros(*values[0].shape[:2], cell.h, cell.w, dtype=dtype) for cell in cells)
+
     def decode_stats(self, latents: torch.Tensor, core, known=None, until=None) -> dict[str, torch.Tensor]:
         self._cost("decode_stats", latents.shape)
         return _stats(latents.shape[0])
@@ -124,8 +129,8 @@ class SimActor:
     def __init__(self, tflops: float = DEFAULT_TFLOPS, table: dict | None = None):
         self.worker = SimTileWorker(tflops, table)
 
-    def run(self, method: str, *args, crash: str = ""):
-        return run_on(self.worker, method, args, crash)
+    def run(self, method: str, *args, crash: str = "", held: bool = False):
+        return run_on(self.worker, method, args, crash, held)
 
     def set_throughput(self, tflops: float) -> None:
         self.worker.tflops = tflops

@@ -20,20 +20,26 @@ class GpuWorker:
         check_worker(config)  # its own GPU, before loading: a clear error instead of an out-of-memory mid-load
         self.worker = TileWorker(config)
 
-    def run(self, method: str, *args, crash: str = ""):
-        return run_on(self.worker, method, args, crash)
+    def run(self, method: str, *args, crash: str = "", held: bool = False):
+        return run_on(self.worker, method, args, crash, held)
 
     def info(self) -> dict:
         return where(str(self.worker.device))
 
 
-def run_on(worker: TileWorker, method: str, args: tuple, crash: str = ""):
+READ_ONLY = frozenset({"blend_cells"})  # worker methods that never write into their arguments
+
+
+def run_on(worker: TileWorker, method: str, args: tuple, crash: str = "", held: bool = False):
     """One unit of work on a worker, as an actor runs it: arguments off the wire, the result checked and back on
     it. `crash` is fault injection: "exit" kills the process as a lost GPU or node would; "nan" and "slow" as in
-    cluster.wire.reply."""
+    cluster.wire.reply. `held`: the result is kept where it was made (Task.handle) and the call returns two values
+    (Ray's num_returns=2): True, which tells the driver the call succeeded, and the result, which it never fetches."""
     if crash == "exit":
         os._exit(1)
-    return reply(getattr(worker, method)(*from_wire(args)), crash)
+    # a method that only reads its inputs takes Ray's zero-copy views of the object store as they are
+    value = reply(getattr(worker, method)(*from_wire(args, copy=method not in READ_ONLY)), crash)
+    return (True, value) if held else value
 
 
 def where(device: str) -> dict:

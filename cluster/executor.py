@@ -276,11 +276,12 @@ class ClusterExecutor:
         """Write the stage's finished results (tensors by task and tile id) for a later resume."""
         if self.keep_path is None or not results:
             return "nothing finished in this stage was kept"
+        import ray
         from safetensors.torch import save_file
 
         tensors = {}
         for task, value in results.items():
-            if value is None:  # a result the render kept itself (Task.keep)
+            if value is None or isinstance(value, ray.ObjectRef):  # kept by the render itself, or held on a node
                 continue
             items = value.items() if isinstance(value, dict) else [("out", value)]
             for key, tensor in items:

@@ -41,15 +41,20 @@ class _Run:
     """`handle.run` as one render sees it: its calls carry the render's model set; a stopped render dispatches
     nothing more (the actor the scheduler just took goes back to the lease first)."""
 
-    def __init__(self, handle, index: int, config: WorkerConfig, render_id: int, lease, stop: threading.Event):
+    def __init__(self, handle, index: int, config: WorkerConfig, render_id: int, lease, stop: threading.Event, **kw):
         self.handle, self.index, self.config, self.render_id = handle, index, config, render_id
-        self.lease, self.stop = lease, stop
+        self.lease, self.stop, self.call_options = lease, stop, kw
 
-    def remote(self, method: str, *args, crash: str = ""):
+    def options(self, **options) -> _Run:
+        """The same call with Ray's call options (num_returns=2 for a result held where it is made: run_on)."""
+        return _Run(self.handle, self.index, self.config, self.render_id, self.lease, self.stop, **options)
+
+    def remote(self, method: str, *args, crash: str = "", held: bool = False):
         if self.stop.is_set():
             self.lease.give(self.index)
             raise Canceled
-        return self.handle.run.remote(self.config, self.render_id, method, *args, crash=crash)
+        run = self.handle.run.options(**self.call_options) if self.call_options else self.handle.run
+        return run.remote(self.config, self.render_id, method, *args, crash=crash, held=held)
 
 
 class BoundWorker:

@@ -74,11 +74,11 @@ class FarmWorker:
         self.weights[config] = new
         return worker
 
-    def run(self, config: WorkerConfig, render_id: int, method: str, *args, crash: str = ""):
-        """One unit of work on `config`'s models (loaded first if not resident); `crash` as in run_on."""
+    def run(self, config: WorkerConfig, render_id: int, method: str, *args, crash: str = "", held: bool = False):
+        """One unit of work on `config`'s models (loaded first if not resident); `crash` and `held` as in run_on."""
         if crash == "exit":
             os._exit(1)  # before any load: a lost process, not a slow one
-        return run_on(self._models(config, render_id), method, args, crash)
+        return run_on(self._models(config, render_id), method, args, crash, held)
 
     def info(self) -> dict:
         device = str(next(iter(self.resident.values())).device) if self.resident else ""

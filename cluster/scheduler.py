@@ -3,7 +3,9 @@
 Whichever actor is free takes the ready task with the smallest id, so a slow GPU simply takes
 fewer tasks. A task is ready when the tasks it waits for are done (no barrier between passes).
 Results are keyed by task id and the first result wins, so a retried or duplicated task cannot
-change the image. A task whose actor dies is put back and runs on the next free actor.
+change the image. A task whose actor dies is put back and runs on the next free actor. A result held
+where it was made (Task.handle) reaches the tasks that read it as an object reference, never through
+the driver; if its node leaves before they have read it, the task that made it runs again.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ObjectLostError, RayActorError
 
 from cluster.wire import WireTensor, from_wire, to_wire
 from pipeline.graph.health import ATTEMPTS, bad_result_error, now, task_row
@@ -46,6 +48,7 @@ class Dispatch:
     refs: tuple  # ObjectRefs among its arguments (shared values travel as these)
     bytes_by_value: int
     seconds: float = 0.0
+    fault: str = ""  # the fault injected into this call, if any
 
 
 def payload(args: tuple) -> tuple[tuple, int]:
@@ -84,8 +87,15 @@ class Lease:
         self.back_at: dict[int, float] = {}  # actor -> when it last came back from a restart
 
     def take(self) -> int | None:
+        """A free slot, on an actor with nothing in flight where there is one: a call queued behind another waits
+        for it, and behind a straggler for as long as the straggler takes."""
         with self.lock:
-            return self.idle.popleft() if self.idle else None
+            if not self.idle:
+                return None
+            free = {a: self.idle.count(a) for a in self.idle}
+            actor = max(free, key=free.get)  # the first actor with the most free slots, in queue order
+            self.idle.remove(actor)
+            return actor
 
     def give(self, actor: int) -> None:
         with self.lock:
@@ -179,6 +189,7 @@ class PullScheduler:
         lease = self.lease
         in_flight: dict[ray.ObjectRef, tuple[int, int, Dispatch, float]] = {}
         args: dict[int, tuple] = {}
+        held: dict[ray.ObjectRef, ray.ObjectRef] = {}  # a call's first return -> its result (Task.handle)
         results: dict[int, Any] = {}
         total = len(tasks)
         try:
@@ -196,10 +207,16 @@ class PullScheduler:
                     crash = next((m for m in FAULT_MODES if (*place, m) in self.faults), "")
                     crash = "exit" if place in self.faults else crash
                     self.faults -= {place, *((*place, m) for m in FAULT_MODES)}
-                    ref = self.actors[actor].run.remote(by_id[tid].method, *args[tid], crash=crash)
+                    call = self.actors[actor].run
+                    if by_id[tid].handle:  # two returns: that it succeeded, and its result, which stays where it is
+                        ref, held[ref] = call.options(num_returns=2).remote(
+                            by_id[tid].method, *args[tid], crash=crash, held=True
+                        )
+                    else:
+                        ref = call.remote(by_id[tid].method, *args[tid], crash=crash)
                     tries[tid] += 1
                     started.setdefault(tid, now())
-                    entry = Dispatch(place[0], tid, actor, *payload(args[tid]))
+                    entry = Dispatch(place[0], tid, actor, *payload(args[tid]), fault=crash)
                     self.log.append(entry)
                     in_flight[ref] = (tid, actor, entry, time.perf_counter())
 
@@ -221,12 +238,32 @@ class PullScheduler:
                     lease.revived(ref)
                     continue
                 tid, actor, entry, start = in_flight.pop(ref)
+                kept = held.pop(ref, None)
                 try:
                     value = ray.get(ref)
                 except FloatingPointError as err:  # the worker's own health check (raised in the actor)
                     value = err
+                except ObjectLostError as err:  # a result it reads by handle went with its node: make it again
+                    lease.give(actor)
+                    args.pop(tid, None)
+                    lost = [d for d in by_id[tid].deps if by_id[d].handle and results.get(d) is not None]
+                    if not lost:
+                        raise
+                    errors[tid].append(f"the results of tasks {lost} were lost ({type(err).__name__}); made again")
+                    running = {t for t, *_ in in_flight.values()}
+                    for d in lost:
+                        del results[d]
+                        for child in dependents[d]:
+                            if child not in results and child not in running:
+                                waiting[child].add(d)
+                        heapq.heappush(ready, d)
+                    ready[:] = [t for t in ready if not waiting[t]]
+                    heapq.heapify(ready)
+                    continue
                 except RayActorError:
                     errors[tid].append(f"actor {actor} died")
+                    if entry.fault in FAULT_MODES:  # a call queued behind the one that killed its actor: the fault
+                        self.faults.add((*places[tid], entry.fault))  # meant for its result goes to the next try
                     # Ray restarts it (models reload); a probe that Ray retries returns once it is back
                     probe = self.actors[actor].info.options(max_task_retries=-1).remote
                     lease.died(actor, probe, self.max_failures, sent=start)
@@ -240,8 +277,12 @@ class PullScheduler:
                 free_at[actor] = now()
                 if tid in results:
                     continue  # a duplicate: the first result stands
-                # a result only the graph's handlers read (keep=False) is used in place: no copy on the driver
-                value = value if isinstance(value, FloatingPointError) else from_wire(value, copy=by_id[tid].keep)
+                task = by_id[tid]
+                if task.handle and not isinstance(value, FloatingPointError):
+                    value = kept  # the result stays where it was made: its readers get the reference (Task.handle)
+                elif not isinstance(value, FloatingPointError):
+                    # a result only the graph's handlers read (keep=False) is used in place: no copy on the driver
+                    value = from_wire(value, copy=task.keep)
                 if isinstance(value, FloatingPointError):  # the actor checked its result (cluster.wire.reply)
                     errors[tid].append(f"NaN/Inf on actor {actor}")
                     bad[tid].append(self._name(actor))
@@ -250,7 +291,10 @@ class PullScheduler:
                         raise bad_result_error(stage, by_id[tid], bad[tid])
                     heapq.heappush(ready, tid)  # once more, on the next free actor
                     continue
-                results[tid] = value if by_id[tid].keep else None
+                results[tid] = value if task.keep else None
+                for d in task.deps:  # a handle whose readers are all done lets its object go
+                    if by_id[d].handle and all(c in results for c in dependents[d]):
+                        results[d] = None
                 # the freed actor takes its next task before the driver works on this result (on_result may be
                 # slow: composites, canvas steps); tasks it makes ready wait for the next free actor
                 dispatch()
@@ -262,9 +306,10 @@ class PullScheduler:
                     on_result(by_id[tid], value)
                 if on_done:
                     on_done(by_id[tid])
+                running = {t for t, *_ in in_flight.values()}
                 for child in dependents[tid]:
                     waiting[child].discard(tid)
-                    if not waiting[child]:
+                    if not waiting[child] and child not in results and child not in running:  # (a task made again)
                         heapq.heappush(ready, child)
             return results
         finally:

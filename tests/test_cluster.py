@@ -79,18 +79,19 @@ def test_stages_overlap_and_actors_killed_in_the_encode_and_decode_change_nothin
     count = {
         stage: sum(r["stage"] == stage for r in local_rows if r["kind"] == "task") for stage in ("encode", "blend")
     }
-    faults = {("encode", 3), ("decode", 2)}  # an actor's process dies on an encode tile, another on a decode tile
+    # an actor's process dies on an encode tile, another on a decode tile, one on a decode tile's blend
+    faults = {("encode", 3), ("decode", 2), ("decode blend", 4)}
     # and the last encode tile and the last refine task are stragglers: what does not read them goes on
     faults |= {("encode", count["encode"] - 1, "slow"), ("blend", count["blend"] - 1, "slow")}
     rows = []
     run = run_cluster(blend_plan, workers=3, faults=faults, record=rows.append)
     assert torch.equal(run.result.image, image)
-    assert sum(run.executor.scheduler.failures.values()) == 2
+    assert sum(run.executor.scheduler.failures.values()) == 3
     spans = {}
     for row in rows:
         if row["kind"] == "task":
             spans.setdefault(row["stage"], []).append((row["start"], row["end"]))
-    assert {"upscale", "encode stats", "encode", "blend", "decode"} <= spans.keys()
+    assert {"upscale", "encode stats", "encode", "blend", "decode", "decode blend"} <= spans.keys()
     # one graph, no barrier between stages: the refine starts before the encode ends, the decode before the refine
     assert min(start for start, _ in spans["blend"]) < max(end for _, end in spans["encode"])
     assert min(start for start, _ in spans["decode"]) < max(end for _, end in spans["blend"])
@@ -104,6 +105,11 @@ def test_stages_overlap_and_actors_killed_in_the_encode_and_decode_change_nothin
     assert len({r for refs in tiles.values() for r in refs}) == len(tiles)
     others = {r for stage in spans.keys() - {"encode stats", "encode"} for refs in sent[stage].values() for r in refs}
     assert others.isdisjoint(r for refs in tiles.values() for r in refs)
+    # the decode tiles stayed on their workers: each block's blend task got the handles of the 1 to 4 tiles over it,
+    # and no pixels by value
+    blends = [d for d in log if d.stage == "decode blend"]
+    assert all(1 <= len(d.refs) <= 4 and d.bytes_by_value == 0 for d in blends)
+    assert any(len(d.refs) == 4 for d in blends)
 
 
 def test_actors_killed_in_the_even_and_odd_pass_change_nothing(local_ray, cluster_plan, local_image):

@@ -180,3 +180,13 @@ def test_a_render_lease_queues_two_calls_per_actor_and_counts_a_death_once():
     lease.back_at[0] = 10.0
     lease.died(0, lambda: "late", max_failures=3, sent=9.0)  # a call sent before its restart: no new death
     assert lease.failures[0] == 0 and lease.probes() == ["probe"]
+
+
+def test_a_render_lease_sends_a_call_to_an_actor_with_nothing_in_flight_first():
+    from cluster.scheduler import Lease
+
+    lease = Lease(3, depth=2)
+    assert [lease.take() for _ in range(3)] == [0, 1, 2]  # one call on each
+    lease.give(1)  # actor 1 is done: nothing in flight there, one call on 0 and on 2
+    assert lease.take() == 1  # not queued behind actor 0's call, which may be a straggler's
+    assert [lease.take() for _ in range(4)] == [0, 2, 1, None]

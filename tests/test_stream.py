@@ -9,7 +9,7 @@ from farm.executor import LocalExecutor
 from pipeline.geometry.chess import cover_grid
 from pipeline.geometry.feather import composite_pass
 from pipeline.graph.checkpoint import Checkpointed
-from pipeline.graph.stream import Enlarged, Fixed, Graph, Resized, TiledCanvas, add_tiled
+from pipeline.graph.stream import Enlarged, Fixed, Graph, Resized, TiledCanvas, add_tiled, blend_cells
 
 
 def test_a_canvas_composited_as_tiles_arrive_equals_the_whole_composite():
@@ -101,6 +101,9 @@ class Toy:
     def predict(self, tiles, latents, t, cond, cfg):
         return {tile.id: torch.tanh(latents[i : i + 1]) for i, tile in enumerate(tiles)}
 
+    def blend_cells(self, grid, cells, dtype, *values):
+        return blend_cells(grid, cells, values, dtype, {})  # what TileWorker.blend_cells runs, on its device
+
 
 class AnyOrder:
     """An executor that runs any ready task, chosen at random: the orders a farm's timing can produce."""
@@ -120,7 +123,7 @@ class AnyOrder:
         return results
 
 
-def _encode_blend_decode(image):
+def _encode_blend_decode(image, on_workers: bool = False):
     from diffusers import EulerDiscreteScheduler
 
     from pipeline.geometry.chess import batches, chess_grid
@@ -136,7 +139,8 @@ def _encode_blend_decode(image):
     config = dict(EulerDiscreteScheduler().config)
     settings = RefineSettings(1.0, 3, 0.5, "euler")
     stepper = add_blend(graph, grid, tuple(batches(grid.tiles, 2)), latents, noise, None, settings, "sdxl", config)
-    decoded = add_tiled(graph, "decode", "halve", stepper, cover_grid(40, 56, 10, 2), 1, 1, 4)
+    decode_grid = cover_grid(40, 56, 10, 2)
+    decoded = add_tiled(graph, "decode", "halve", stepper, decode_grid, 1, 1, 4, torch.float16, on_workers=on_workers)
     return graph, decoded
 
 
@@ -148,6 +152,24 @@ def test_every_task_waits_for_all_it_reads_in_any_order():
         graph, decoded = _encode_blend_decode(image)
         graph.run(AnyOrder(Toy(), seed))
         assert torch.equal(decoded.canvas, reference.canvas)
+
+
+def test_tiles_blended_on_the_workers_give_the_drivers_composite_in_any_order():
+    image = torch.rand(1, 4, 20, 28, generator=torch.Generator().manual_seed(4)) * 2
+    graph, reference = _encode_blend_decode(image)
+    graph.run(LocalExecutor(Toy()))
+    for seed in range(3):
+        graph, decoded = _encode_blend_decode(image, on_workers=True)
+        graph.run(AnyOrder(Toy(), seed))
+        assert torch.equal(decoded.canvas, reference.canvas)  # float16, rounded from the same float32 sums
+    tiles = [t for t in graph.tasks if t.stage == "decode"]
+    blends = [t for t in graph.tasks if t.stage == "decode blend"]
+    assert all(t.handle for t in tiles) and not any(t.handle for t in blends)
+    assert len(blends) == len(tiles)  # one block per tile, its task right after its last tile's
+    assert all(1 <= len(t.deps) <= 4 and t.deps <= {t.id for t in tiles} for t in blends)
+    assert any(len(t.deps) == 4 for t in blends)
+    cells = [c for block in decoded.blocks.values() for c in block]
+    assert sum(c.h * c.w for c in cells) == 40 * 56  # the blocks cover the canvas once
 
 
 def test_the_graphs_layer_by_layer_decode_equals_the_stage_by_stage_one(tiny_worker):

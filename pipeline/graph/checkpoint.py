@@ -17,8 +17,8 @@ from pipeline.graph.taskgraph import Executor, OnResult, Task
 CACHED_CALLS = ("base", "detect")  # single calls worth keeping: model work with a stage output
 # pixel-space tile stages are recomputed instead: at 8K their tiles hold several GB of float32 pixels,
 # and the upscaler and the VAE decoder are quick next to the diffusion stages. The decode's GroupNorm
-# statistics go with it; the encode's latent tiles and statistics are small and kept.
-RECOMPUTED_GRAPHS = ("upscale", "decode stats", "decode")
+# statistics and the blends of its tiles go with it; the encode's latent tiles and statistics are small and kept.
+RECOMPUTED_GRAPHS = ("upscale", "decode stats", "decode", "decode blend")
 
 
 class Store(Protocol):

@@ -10,7 +10,9 @@ cover the box, so on a farm the first refine steps start while the last encode t
 first decode tiles while the refine finishes. The driver keeps each canvas once, in a compact form:
 pixels in float16 (they come from an image and go into the VAE or into an 8-bit PNG; the workers round
 them on their device, so they travel in float16 too), latents in float32, and tile results only until
-every cell under them is composited. The local executor runs the same graph: the same bits.
+every cell under them is composited. The decode's canvas is blended on the workers instead
+(AssembledCanvas): its tiles stay where they were made, and blocks of finished cells come back. The local
+executor runs the same graph: the same bits.
 """
 
 from __future__ import annotations
@@ -63,6 +65,47 @@ def _scaled(box: Box, scale: int) -> Box:
     return tuple(v * scale for v in box)  # type: ignore[return-value]
 
 
+def tile_mask(grid: TileGrid, tile: Tile, cache: dict, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tile's feather weights (pipeline.geometry.feather), made once per shape, set of interior overlaps and
+    device, and kept in `cache` (read, never written)."""
+    overlaps = (f(tile, axis) for f in (grid.overlap_before, grid.overlap_after) for axis in "yx")
+    key = (str(device), tile.h, tile.w, *overlaps)
+    if key not in cache:
+        cache[key] = feather_mask(grid, tile).to(device)
+    return cache[key]
+
+
+def blend_cell(cell: Cell, tiles: dict[int, Tile], results, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A cell's composite sum_i w_i x_i / sum_i w_i over the tiles covering it, with their feather weights w
+    (DESIGN rule 3), summed in tile-id order (bit-stable whatever order the tiles arrived in). `results` maps a
+    tile id to (its output, its weights); float32 sums, written into `out` (rounded to its dtype) when given."""
+    acc = weight = None
+    for tile_id in cell.tiles:
+        rows, cols = cell.within(tiles[tile_id])
+        value, mask = results[tile_id]
+        term = value[..., rows, cols].float() * mask[rows, cols]
+        if acc is None:  # 0 + x == x: the first tile starts the sums, as zeros would
+            acc, weight = term, mask[rows, cols].clone()
+        else:
+            acc += term
+            weight += mask[rows, cols]
+    if out is None:
+        return acc.div_(weight)
+    if out.dtype == acc.dtype:
+        return torch.div(acc, weight, out=out)  # straight into the canvas
+    return out.copy_(acc.div_(weight))  # acc is this composite's own: divided in place, then rounded
+
+
+def blend_cells(grid: TileGrid, cells: tuple[Cell, ...], values: tuple, dtype: torch.dtype, masks: dict) -> tuple:
+    """The composites of `cells` in `dtype`, from the outputs of the tiles over them (`values`, in the order of
+    those tiles' ids; on any device): what a TiledCanvas writes into the same cells, bit for bit on the same
+    device. `masks` caches the feather weights (tile_mask)."""
+    ids = sorted({t for cell in cells for t in cell.tiles})
+    tiles = {t.id: t for t in grid.tiles if t.id in ids}
+    results = {i: (v, tile_mask(grid, tiles[i], masks, v.device)) for i, v in zip(ids, values, strict=True)}
+    return tuple(blend_cell(cell, tiles, results).to(dtype) for cell in cells)
+
+
 class TiledCanvas:
     """A tiled stage's output [1, C, H, W] in `dtype`, composited cell by cell as its tiles arrive.
 
@@ -101,32 +144,14 @@ class TiledCanvas:
             self.on_tile(tile_id)
 
     def _mask(self, tile: Tile) -> torch.Tensor:
-        """The tile's feather weights, made once per shape and set of interior overlaps (read, never written)."""
-        g = self.grid
-        key = (tile.h, tile.w, *(f(tile, axis) for f in (g.overlap_before, g.overlap_after) for axis in "yx"))
-        if key not in self.masks:
-            self.masks[key] = feather_mask(g, tile)
-        return self.masks[key]
+        return tile_mask(self.grid, tile, self.masks)
 
     def _composite(self, cell: Cell) -> None:
-        acc = weight = None
-        for tile_id in cell.tiles:  # tile-id order: a fixed summation order keeps results bit-stable
-            rows, cols = cell.within(self.tiles[tile_id])
-            value, mask = self.results[tile_id]
-            term = value[..., rows, cols].float() * mask[rows, cols]
-            if acc is None:  # 0 + x == x: the first tile starts the sums, as zeros would
-                acc, weight = term, mask[rows, cols].clone()
-            else:
-                acc += term
-                weight += mask[rows, cols]
+        blend_cell(cell, self.tiles, self.results, out=self.canvas[cell.box])
+        for tile_id in cell.tiles:
             self.pending[tile_id] -= 1
             if not self.pending[tile_id]:  # the last cell under the tile: its result is dropped
                 del self.results[tile_id], self.pending[tile_id]
-        out = self.canvas[cell.box]
-        if out.dtype == acc.dtype:
-            torch.div(acc, weight, out=out)  # straight into the canvas
-        else:
-            out.copy_(acc.div_(weight))  # acc is this composite's own: divided in place, then rounded
 
     def read(self, box: Box) -> torch.Tensor:
         """A box of the canvas in its own dtype (float16 pixels travel to the next stage's tasks as they are)."""
@@ -138,6 +163,62 @@ class TiledCanvas:
 
     def tiles_over(self, box: Box) -> set[int]:
         return {t.id for t in self.grid.tiles if meets(t, box)}
+
+
+class AssembledCanvas:
+    """A tiled stage's output [1, C, H, W] in `dtype` whose tiles are blended on the workers, not on the driver.
+
+    Each tile's output stays where it was made (Task.handle). The canvas's cells are grouped into blocks by the
+    last tile over them (the largest id): a block's blend task waits for the tiles over its cells, reads their
+    outputs through their handles and returns the cells composited as a TiledCanvas would (blend_cells); the
+    driver only copies them in. With ids in row order a block is a rectangle, as large as a tile's stride, under at
+    most 4 tiles. The pixels a render keeps (float16) are the same as the driver's composite gives on the same
+    device, and the driver holds no tile output and does no float32 arithmetic over the image."""
+
+    def __init__(self, grid: TileGrid, channels: int, dtype: torch.dtype):
+        self.grid, self.dtype = grid, dtype
+        self.cells = [c for c in grid_cells(grid) if c.tiles]
+        covered = sum(c.h * c.w for c in self.cells) == grid.canvas_h * grid.canvas_w
+        make = torch.empty if covered else torch.zeros  # every covered pixel is written once before it is read
+        self.canvas = make(1, channels, grid.canvas_h, grid.canvas_w, dtype=dtype)
+        self.blocks: dict[int, tuple[Cell, ...]] = {}  # last tile id -> its block's cells
+        for cell in self.cells:
+            self.blocks[max(cell.tiles)] = (*self.blocks.get(max(cell.tiles), ()), cell)
+        self.task_of: dict[int, int] = {}  # tile id -> the task that makes it
+        self.block_task: dict[int, int] = {}  # last tile id -> its block's blend task
+
+    def add_blend(self, graph: Graph, stage: str, last: int, scale: int) -> None:
+        """The blend task of the block whose last tile is `last`, once the tasks of its tiles are in the graph."""
+        cells = self.blocks[last]
+        tiles = sorted({t for cell in cells for t in cell.tiles})
+        y0, x0 = min(c.y for c in cells), min(c.x for c in cells)
+        y1, x1 = max(c.y + c.h for c in cells), max(c.x + c.w for c in cells)
+        box = (last, y0 // scale, x0 // scale, -(-(y1 - y0) // scale), -(-(x1 - x0) // scale))
+        self.block_task[last] = graph.add(
+            f"{stage} blend",
+            "blend_cells",
+            partial(_blend_args, self.grid, cells, self.dtype, tuple(self.task_of[t] for t in tiles)),
+            deps=frozenset(self.task_of[t] for t in tiles),
+            boxes=(box,),
+            units=0,  # the stage's bar counts its tiles
+            on_result=partial(self.add_block, last),
+        )
+
+    def add_block(self, last: int, values: tuple) -> None:
+        """Copy a block's composited cells into the canvas."""
+        for cell, value in zip(self.blocks[last], values, strict=True):
+            self.canvas[cell.box].copy_(value)
+
+    def read(self, box: Box) -> torch.Tensor:
+        y, x, h, w = box
+        return self.canvas[..., y : y + h, x : x + w].contiguous()
+
+    def deps(self, box: Box) -> frozenset[int]:
+        return frozenset(self.block_task[k] for k, cells in self.blocks.items() if any(meets(c, box) for c in cells))
+
+
+def _blend_args(grid: TileGrid, cells: tuple, dtype: torch.dtype, tasks: tuple[int, ...], done) -> tuple:
+    return (grid, cells, dtype, *(done[t] for t in tasks))  # handles at the top level: Ray resolves them
 
 
 @dataclass
@@ -158,11 +239,24 @@ class Graph:
         keep: bool = False,
         on_result=None,
         group: str = "",
+        handle: bool = False,
     ) -> int:
-        """Append a task; returns its id. `on_result(value)` receives its result as it is accepted."""
+        """Append a task; returns its id. `on_result(value)` receives its result as it is accepted (with `handle`,
+        Task.handle: the tasks that read the result get a handle to it)."""
         task_id = len(self.tasks)
         self.tasks.append(
-            Task(task_id, method, args, frozenset(deps), group or stage, units, boxes, keep=keep, stage=stage)
+            Task(
+                task_id,
+                method,
+                args,
+                frozenset(deps),
+                group or stage,
+                units,
+                boxes,
+                keep=keep or handle,
+                stage=stage,
+                handle=handle,
+            )  # fmt: skip
         )
         if on_result:
             self.handlers[task_id] = on_result
@@ -292,10 +386,13 @@ def add_tiled(
     dtype: torch.dtype = torch.float32,
     extra=(),
     extra_deps=frozenset(),
-) -> TiledCanvas:
+    on_workers: bool = False,
+) -> TiledCanvas | AssembledCanvas:
     """`method(crop, *extra)` on each tile of `grid` (in units of scale_in source px), its outputs composited
-    into a TiledCanvas scale_out x the grid; an `extra` that is callable is given the finished results."""
-    out = TiledCanvas(_scaled_grid(grid, scale_out), channels, dtype)
+    into a TiledCanvas scale_out x the grid; an `extra` that is callable is given the finished results. With
+    `on_workers` the outputs are blended on the workers instead, block by block (AssembledCanvas)."""
+    scaled = _scaled_grid(grid, scale_out)
+    out = AssembledCanvas(scaled, channels, dtype) if on_workers else TiledCanvas(scaled, channels, dtype)
     for tile in grid.tiles:
         box = _box(tile, scale_in)
         out.task_of[tile.id] = graph.add(
@@ -304,8 +401,11 @@ def add_tiled(
             partial(_read, source, box, extra),
             deps=source.deps(box) | extra_deps,
             boxes=_boxes(tile),
-            on_result=partial(out.add, tile.id),
+            on_result=None if on_workers else partial(out.add, tile.id),
+            handle=on_workers,
         )
+        if on_workers and tile.id in out.blocks:  # right after its last tile: blocks are blended as they complete
+            out.add_blend(graph, stage, tile.id, scale_out)
     return out
 
 
@@ -381,11 +481,12 @@ def add_tiled_exact_norm(
     layers: list[str],
     dtype: torch.dtype = torch.float32,
     extra: tuple = (),
-) -> TiledCanvas:
+    on_workers: bool = False,
+) -> TiledCanvas | AssembledCanvas:
     """add_tiled with every GroupNorm layer's statistics pooled over the image layer by layer, as an untiled
     forward has them (pipeline.geometry.tiling.run_tiled_exact_norm): a statistics task per tile and layer, reading
     the tile as soon as it is final and waiting for the previous layer's tasks; each tile waits for the last.
-    `method(crop, pooled, *extra)`."""
+    `method(crop, pooled, *extra)`; `on_workers` as in add_tiled."""
     from pipeline.geometry.tiling import core_box
 
     stats, previous = LayerStats(layers), frozenset()
@@ -404,7 +505,9 @@ def add_tiled_exact_norm(
         stats.tasks[name] = ids
         previous = frozenset(ids)
     extra = (stats.before(None), *extra)
-    return add_tiled(graph, stage, method, source, grid, scale_in, scale_out, channels, dtype, extra, previous)
+    return add_tiled(
+        graph, stage, method, source, grid, scale_in, scale_out, channels, dtype, extra, previous, on_workers
+    )
 
 
 class Pooled:

@@ -27,6 +27,9 @@ class Task:
     # needs; no task's args may read it): a long graph then does not hold every result until its end
     keep: bool = True
     stage: str = ""  # in a graph of several stages (pipeline.graph.stream): the task's own, for the ledger and progress
+    # True: the result stays where it was made and the tasks that read it get a handle to it (on a cluster, the
+    # object store's reference: the driver never fetches it); on_result receives that handle. Implies keep
+    handle: bool = False
 
 
 def check_graph(tasks: list[Task]) -> None:

@@ -14,7 +14,9 @@ import torch
 
 from pipeline.detail.detection import Concept, Detection
 from pipeline.errors import UserError
-from pipeline.geometry.chess import Tile
+from pipeline.geometry.cells import Cell
+from pipeline.geometry.chess import Tile, TileGrid
+from pipeline.graph.stream import blend_cells
 from pipeline.loading.flux_parts import FluxParts
 from pipeline.loading.models import inspect_diffusion_model, load_diffusion_model, load_upscaler
 from pipeline.sampling import vae
@@ -118,6 +120,7 @@ class TileWorker:
         self.config = config
         self.clock = clock
         self.device = pick_device(config.device)
+        self.masks: dict = {}  # feather weights of blended tiles, by shape and device (blend_cells)
         if self.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
         dtype = pick_dtype(config.precision, self.device, inspect_diffusion_model(config.model).family)
@@ -268,6 +271,13 @@ class TileWorker:
         """Decode one tile, with the image's pooled GroupNorm statistics when given (else the tile's own); `dtype`
         float16 where it lands in a float16 canvas (half the bytes on the wire and on the driver)."""
         return vae.decode(self.model.vae, latents, clock=self._clock_fn(), tiled=False, stats=stats, dtype=dtype)
+
+    def blend_cells(self, grid: TileGrid, cells: tuple[Cell, ...], dtype: torch.dtype, *values) -> tuple:
+        """Composite cells of a tiled stage's canvas from the outputs of the tiles over them, on this device
+        (pipeline.graph.stream.AssembledCanvas: the driver only copies the cells in)."""
+        with torch.no_grad():
+            out = blend_cells(grid, cells, tuple(v.to(self.device) for v in values), dtype, self.masks)
+        return tuple(cell.cpu() for cell in out)
 
     def encode_stats(self, pixels: torch.Tensor, core: Core) -> dict[str, torch.Tensor]:
         """The encoder's GroupNorm moments over one tile's core (the first phase of a tiled encode)."""
