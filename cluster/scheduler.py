@@ -14,7 +14,7 @@ import heapq
 import math
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,8 +92,8 @@ class Lease:
         with self.lock:
             if not self.idle:
                 return None
-            free = {a: self.idle.count(a) for a in self.idle}
-            actor = max(free, key=free.get)  # the first actor with the most free slots, in queue order
+            free = Counter(self.idle)  # in queue order: ties go to the slot freed first
+            actor = max(free, key=free.get)
             self.idle.remove(actor)
             return actor
 

@@ -31,10 +31,10 @@ from pipeline.geometry.chess import cover_grid, fitted_cover_grid
 from pipeline.geometry.resize import PIXELS, describe_fit, doubling_factor, fit_exact, resize
 from pipeline.geometry.scaffold import make_scaffold, pool_noise
 from pipeline.geometry.tiling import run_tiled, run_tiled_exact_norm, run_tiled_shared_norm
+from pipeline.graph.canvas import AssembledCanvas
 from pipeline.graph.clock import Clock
 from pipeline.graph.progress import Progress, no_progress, stage_bar, task_progress  # noqa: F401 (re-exported)
 from pipeline.graph.stream import (
-    AssembledCanvas,
     Enlarged,
     Fixed,
     Graph,

@@ -8,8 +8,9 @@ import torch
 from farm.executor import LocalExecutor
 from pipeline.geometry.chess import cover_grid
 from pipeline.geometry.feather import composite_pass
+from pipeline.graph.canvas import TiledCanvas, blend_cells
 from pipeline.graph.checkpoint import Checkpointed
-from pipeline.graph.stream import Enlarged, Fixed, Graph, Resized, TiledCanvas, add_tiled, blend_cells
+from pipeline.graph.stream import Enlarged, Fixed, Graph, Resized, add_tiled
 
 
 def test_a_canvas_composited_as_tiles_arrive_equals_the_whole_composite():

@@ -16,7 +16,7 @@ from pipeline.detail.detection import Concept, Detection
 from pipeline.errors import UserError
 from pipeline.geometry.cells import Cell
 from pipeline.geometry.chess import Tile, TileGrid
-from pipeline.graph.stream import blend_cells
+from pipeline.graph.canvas import blend_cells
 from pipeline.loading.flux_parts import FluxParts
 from pipeline.loading.models import inspect_diffusion_model, load_diffusion_model, load_upscaler
 from pipeline.sampling import vae
@@ -274,7 +274,7 @@ class TileWorker:
 
     def blend_cells(self, grid: TileGrid, cells: tuple[Cell, ...], dtype: torch.dtype, *values) -> tuple:
         """Composite cells of a tiled stage's canvas from the outputs of the tiles over them, on this device
-        (pipeline.graph.stream.AssembledCanvas: the driver only copies the cells in)."""
+        (pipeline.graph.canvas.AssembledCanvas: the driver only copies the cells in)."""
         with torch.no_grad():
             out = blend_cells(grid, cells, tuple(v.to(self.device) for v in values), dtype, self.masks)
         return tuple(cell.cpu() for cell in out)

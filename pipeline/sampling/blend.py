@@ -26,8 +26,9 @@ import torch
 from pipeline.geometry.cells import grid_bands
 from pipeline.geometry.chess import Tile, TileGrid
 from pipeline.geometry.feather import coverage, feather_mask
+from pipeline.graph.canvas import meets
 from pipeline.graph.progress import stage_bar
-from pipeline.graph.stream import Fixed, Graph, Source, meets
+from pipeline.graph.stream import Fixed, Graph, Source
 from pipeline.graph.taskgraph import Executor
 from pipeline.sampling.chess_pass import Batches, RefineSettings, crops
 from pipeline.sampling.flux import flow_sigmas, shift_mu
@@ -96,7 +97,7 @@ class CanvasStepper:
         self.unused: dict[tuple[int, int], int] = {}  # (step, tile id) -> cells still to use it
         self.task_of: dict[tuple[int, int], int] = {}  # (step, batch) -> task id, for what reads the result
         self.batch_tiles: list[tuple[Tile, ...]] = []
-        # a source still being made (pipeline.graph.stream.TiledCanvas) starts each cell when its tiles are in
+        # a source still being made (pipeline.graph.canvas.TiledCanvas) starts each cell when its tiles are in
         self.waiting: dict[int, set[int]] = {}
         if hasattr(source, "tiles_over"):
             source.on_tile = self._source_tile
