@@ -7,10 +7,12 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from farm import __version__
 from farm.infotext import parameters
+from farm.png import write_png
 from farm.specfile import PNG_KEY
 from pipeline.errors import UserError
 from pipeline.plan import RenderPlan
@@ -40,12 +42,26 @@ def check_output_path(out: str | Path, overwrite: bool) -> Path:
     return path
 
 
+BAND_ROWS = 16  # rows converted at a time: a band's float32 copy stays in the CPU's cache
+
+
+def to_rgb8(image: torch.Tensor) -> np.ndarray:
+    """[1, 3, H, W] in [0, 1] -> [H, W, 3] uint8 (scaled in float32: float16 cannot hold x * 255 exactly),
+    converted band by band: at 8K the whole image at once was five passes over 805 MB of float32, 2.0 s on a
+    2-core VM against 0.34 s in bands, for the same bytes."""
+    _, channels, height, width = image.shape
+    array = torch.empty(height, width, channels, dtype=torch.uint8)
+    for y in range(0, height, BAND_ROWS):
+        band = image[0, :, y : y + BAND_ROWS].float().clamp_(0, 1).mul_(255).round_()
+        array[y : y + BAND_ROWS].copy_(band.permute(1, 2, 0))  # whole numbers in 0-255: the cast is exact
+    return array.numpy()
+
+
 def to_pil(image: torch.Tensor):
-    """[1, 3, H, W] in [0, 1] -> an 8-bit RGB PIL image (scaled in float32: float16 cannot hold x * 255 exactly)."""
+    """[1, 3, H, W] in [0, 1] -> an 8-bit RGB PIL image (to_rgb8)."""
     from PIL import Image
 
-    array = (image[0].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(array, mode="RGB")
+    return Image.fromarray(to_rgb8(image), mode="RGB")
 
 
 def png_metadata(plan: RenderPlan):
@@ -67,7 +83,7 @@ def save_png(image: torch.Tensor, plan: RenderPlan, path: Path, metadata: bool =
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            to_pil(image).save(handle, format="PNG", pnginfo=meta)
+            write_png(handle, to_rgb8(image), [c[:2] for c in meta.chunks] if meta else [])
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is an ordinary file

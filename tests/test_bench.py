@@ -199,6 +199,21 @@ def test_gpu_render_smoke_prints_every_table(tiny_sdxl, tiny_upscaler, capsys):
     assert [p["batch"] for p in figures["batch_sweep"]] == [1, 2]
 
 
+def test_png_write_bench_compares_the_writers_on_the_same_pixels(capsys):
+    import png_write
+
+    png_write.main(["--sizes", "300", "--threads", "1,3"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 300 |")]
+    assert [r.split(" | ")[1] for r in rows] == [
+        "to 8 bits, whole image at once",
+        "to 8 bits, in bands (to_rgb8)",
+        "PNG, Pillow",
+        "PNG, farm/png.py, 1 thread(s)",
+        "PNG, farm/png.py, 3 thread(s)",
+    ]
+    assert all(r.endswith("| True |") for r in rows)  # the same pixels, and every file reads back as them
+
+
 def test_tile_overhead_reports_batch_1_and_4(tiny_sdxl, capsys):
     import tile_overhead
 

@@ -8,7 +8,7 @@ import torch
 from farm.executor import LocalExecutor
 from pipeline.geometry.chess import cover_grid
 from pipeline.geometry.feather import composite_pass
-from pipeline.graph.canvas import TiledCanvas, blend_cells
+from pipeline.graph.canvas import Blank, TiledCanvas, blend_cells
 from pipeline.graph.checkpoint import Checkpointed
 from pipeline.graph.stream import Enlarged, Fixed, Graph, Resized, add_tiled
 
@@ -27,6 +27,20 @@ def test_a_canvas_composited_as_tiles_arrive_equals_the_whole_composite():
             assert canvas.results, "a tile is dropped only once every cell under it is composited"
     assert torch.equal(canvas.canvas, whole)  # same sums in the same tile-id order, whatever the arrival order
     assert not canvas.results and not canvas.pending  # nothing held after the last tile
+
+
+def test_a_blank_canvas_is_all_zeros_whether_read_at_once_or_after_its_thread():
+    # read at once, the reader writes the chunks the thread has not; a chunk is smaller than the tensor here
+    for wait in (False, True):
+        garbage = torch.full((1, 3, 700, 900), 7.0, dtype=torch.float16)  # freed memory the next empty may reuse
+        del garbage
+        blank = Blank((1, 3, 700, 900), torch.float16)
+        if wait:
+            blank.thread.join()
+        canvas = blank.ready()
+        assert canvas.shape == (1, 3, 700, 900) and canvas.dtype == torch.float16
+        assert not canvas.any() and not blank.thread.is_alive()
+        assert blank.ready() is canvas
 
 
 class Doubler:
@@ -338,6 +352,21 @@ def test_a_float16_image_makes_the_same_png_as_its_float32_values():
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)).half()
     # x * 255 in float16 would round to an eighth of a level above 128: about 4% of pixels a level off
     assert np.array_equal(np.asarray(to_pil(image)), np.asarray(to_pil(image.float())))
+
+
+def test_an_image_converted_in_bands_equals_the_whole_image_converted_at_once():
+    import numpy as np
+
+    from farm.output import BAND_ROWS, to_pil
+
+    g = torch.Generator().manual_seed(4)
+    h = 3 * BAND_ROWS + 5  # a last band shorter than the others
+    image = (torch.rand(1, 3, h, 37, generator=g) * 1.4 - 0.2).half()  # below 0 and above 1: clamped
+    image[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0])  # rounding at half a level
+    whole = (image[0].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pil = to_pil(image)
+    assert pil.mode == "RGB" and pil.size == (37, h)
+    assert np.array_equal(np.asarray(pil), whole)
 
 
 def test_a_box_read_by_two_tasks_is_shared_once_and_let_go_after_the_second():
