@@ -43,6 +43,23 @@ def test_a_blank_canvas_is_all_zeros_whether_read_at_once_or_after_its_thread():
         assert blank.ready() is canvas
 
 
+def test_a_process_ends_cleanly_while_its_canvases_are_still_being_zeroed():
+    import subprocess
+    import sys
+
+    # a render that fails right after building its graph exits with its canvases' zeros half written: the process
+    # must end with its own exit code, not abort (a daemon thread stopped inside torch at exit kills it: SIGABRT)
+    script = (
+        "import torch\n"
+        "from pipeline.graph.canvas import Blank\n"
+        "canvases = [Blank((1, 3, 8192, 8192), torch.float16) for _ in range(2)]\n"
+        "raise SystemExit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert "terminate called" not in done.stderr
+
+
 class Doubler:
     """A worker whose one method doubles a crop: enough to see which tasks ran."""
 

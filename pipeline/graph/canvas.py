@@ -79,7 +79,9 @@ class Blank:
         flat, step = self.tensor.view(-1), max(1, self.CHUNK // self.tensor.element_size())
         self.chunks = iter([flat[i : i + step] for i in range(0, flat.numel(), step)])
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._zero, args=(True,), name="canvas zeros", daemon=True)
+        # not a daemon: Python ends a daemon thread inside torch's C++ at exit, which aborts the process; this one
+        # stops at its next chunk once the main thread has ended
+        self.thread = threading.Thread(target=self._zero, args=(True,), name="canvas zeros")
         self.thread.start()
 
     def _zero(self, idle: bool) -> None:
@@ -88,7 +90,7 @@ class Blank:
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             except OSError:  # a sandbox that forbids it: the zeros are written at the normal priority
                 pass
-        while True:
+        while not idle or threading.main_thread().is_alive():
             with self.lock:
                 chunk = next(self.chunks, None)
             if chunk is None:
