@@ -57,13 +57,6 @@ def to_rgb8(image: torch.Tensor) -> np.ndarray:
     return array.numpy()
 
 
-def to_pil(image: torch.Tensor):
-    """[1, 3, H, W] in [0, 1] -> an 8-bit RGB PIL image (to_rgb8)."""
-    from PIL import Image
-
-    return Image.fromarray(to_rgb8(image), mode="RGB")
-
-
 def png_metadata(plan: RenderPlan):
     """The PNG text chunks: 'tilefarm' (the full spec, for --from-png), A1111's 'parameters', Software,
     Comment (the plan). Pillow writes tEXt, or iTXt for text beyond Latin-1 (a prompt in any script)."""

@@ -342,7 +342,7 @@ def test_the_graph_decodes_to_float16_pixels_that_make_the_png_a_float32_decode_
     import numpy as np
 
     from farm.executor import prepare
-    from farm.output import to_pil
+    from farm.output import to_rgb8
     from pipeline.geometry.resize import PIXELS
     from pipeline.render import decode_canvas, render
 
@@ -357,33 +357,33 @@ def test_the_graph_decodes_to_float16_pixels_that_make_the_png_a_float32_decode_
     assert exact.dtype == torch.float32 and exact.std() > 0.01
     # float16 rounds each tile and the composite by at most 2^-12 in [0, 1]: a sixteenth of an 8-bit level
     assert (result.image.float() - exact).abs().max() <= 2**-11
-    png, png_exact = (np.asarray(to_pil(x)).astype(int) for x in (result.image, exact))
+    png, png_exact = (to_rgb8(x).astype(int) for x in (result.image, exact))
     assert np.abs(png - png_exact).max() <= 1 and (png == png_exact).mean() > 0.95
 
 
 def test_a_float16_image_makes_the_same_png_as_its_float32_values():
     import numpy as np
 
-    from farm.output import to_pil
+    from farm.output import to_rgb8
 
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)).half()
     # x * 255 in float16 would round to an eighth of a level above 128: about 4% of pixels a level off
-    assert np.array_equal(np.asarray(to_pil(image)), np.asarray(to_pil(image.float())))
+    assert np.array_equal(to_rgb8(image), to_rgb8(image.float()))
 
 
 def test_an_image_converted_in_bands_equals_the_whole_image_converted_at_once():
     import numpy as np
 
-    from farm.output import BAND_ROWS, to_pil
+    from farm.output import BAND_ROWS, to_rgb8
 
     g = torch.Generator().manual_seed(4)
     h = 3 * BAND_ROWS + 5  # a last band shorter than the others
     image = (torch.rand(1, 3, h, 37, generator=g) * 1.4 - 0.2).half()  # below 0 and above 1: clamped
     image[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0])  # rounding at half a level
     whole = (image[0].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    pil = to_pil(image)
-    assert pil.mode == "RGB" and pil.size == (37, h)
-    assert np.array_equal(np.asarray(pil), whole)
+    pixels = to_rgb8(image)
+    assert pixels.dtype == np.uint8 and pixels.shape == (h, 37, 3)
+    assert np.array_equal(pixels, whole)
 
 
 def test_a_box_read_by_two_tasks_is_shared_once_and_let_go_after_the_second():
