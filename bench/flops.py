@@ -41,7 +41,7 @@ UPSCALER = "ESRGAN 4x (spandrel RRDBNet: 23 blocks, 64 features, 32 growth chann
 # worker method -> what it runs (pipeline.graph.worker.TileWorker)
 UNET_METHODS = ("refine", "predict", "base_latents")
 ENCODE_METHODS = ("encode", "encode_stats", "encode_tile")
-DECODE_METHODS = ("decode_stats", "decode_tile")
+DECODE_METHODS = ("decode", "decode_stats", "decode_tile")
 FREE_METHODS = ("facts", "detect", "info")
 
 

@@ -72,6 +72,11 @@ class SimTileWorker:
         self._cost("base_latents", noise.shape, steps, cfg > 1)
         return torch.zeros_like(noise)
 
+    def decode(self, latents: torch.Tensor, tile: int = 0) -> torch.Tensor:
+        self._cost("decode", latents.shape)
+        b, _, h, w = latents.shape
+        return torch.zeros(b, 3, h * VAE_FACTOR, w * VAE_FACTOR)
+
     def upscale_tile(self, patch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         self._cost("upscale_tile", patch.shape)
         b, c, h, w = patch.shape

@@ -9,7 +9,8 @@ two-pass (seeds 000, 003): scaffold -> pooled noise -> base latents -> latent up
 enhance (seed 001): input image -> [model upscale (tiles) -> encode -> refine -> decode].
 
 A bracket is one graph when the refine is blended (the default): each task waits only for the tiles
-it reads. The chess passes (and an upscale followed by a resize) run stage by stage instead.
+it reads. The chess passes (and an upscale followed by a resize) run stage by stage instead. The base
+is a graph of its own: with CFG, each step's two guidance branches are two tasks (pipeline.sampling.guidance).
 
 Every pass takes its noise from the one scaffold (pooled x k for a smaller pass, sliced for tiles),
 so a render is deterministic and independent of the executor.
@@ -49,6 +50,7 @@ from pipeline.inputs import load_input_image
 from pipeline.plan import LATENT_UPSCALE, RenderPlan
 from pipeline.sampling.blend import CanvasStepper, add_blend
 from pipeline.sampling.chess_pass import RefineSettings, chess_refine
+from pipeline.sampling.guidance import guided_base, splits
 
 UPSCALE_OVERLAP = 32  # px of input shared by neighbouring upscaler tiles
 MIN_ENCODE_TILE = 16  # latents: tiny VAEs' sample sizes would otherwise cut thousands of tiles
@@ -254,6 +256,19 @@ def start(plan: RenderPlan, ex: Executor, clock: Clock, note=lambda text: None) 
     return Start(facts, cond_value, cond, scaffold, shared_scaffold)
 
 
+def base_stage(plan: RenderPlan, ex: Executor, s: Start, noise: torch.Tensor, cfg: float, decode: bool):
+    """txt2img at native size: its guidance branches as tasks over the workers where it has them (SDXL with
+    CFG), else one call; the image with `decode`, else the latents."""
+    spec = plan.spec
+    if splits(s.facts.family, cfg):
+        then = ("decode", plan.vae_tile) if decode else ()
+        config = s.facts.scheduler_config
+        return guided_base(ex, noise, s.cond_value, cfg, spec.base_steps, spec.sampler, config, *then)
+    if decode:
+        return ex.call("base", "base", noise, s.cond, cfg, spec.base_steps, spec.sampler, plan.vae_tile)
+    return ex.call("base", "base_latents", noise, s.cond, cfg, spec.base_steps, spec.sampler)
+
+
 def chess_stage(plan: RenderPlan, ex: Executor, s: Start, canvas: torch.Tensor, mask=None) -> torch.Tensor:
     """The refine over tiles in seed 002's chess passes (pinned or original); the blended refine is a graph
     stage (blend_graph)."""
@@ -288,7 +303,7 @@ def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
     with clock.stage("base"):
         native_noise = pool_noise(s.scaffold, plan.k)
         cfg = spec.base_cfg or spec.cfg
-        base = ex.call("base", "base", native_noise, s.cond, cfg, spec.base_steps, spec.sampler, plan.vae_tile)
+        base = base_stage(plan, ex, s, native_noise, cfg, decode=True)
 
     graph = Graph()
     # the detailer reads the whole upscaled image, and the chess passes wait on their neighbours anyway
@@ -340,7 +355,7 @@ def render_two_pass(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
     with clock.stage("base"):
         noise = pool_noise(s.scaffold, plan.k)
         cfg = spec.base_cfg or spec.cfg
-        latents = ex.call("base", "base_latents", noise, s.cond, cfg, spec.base_steps, spec.sampler)
+        latents = base_stage(plan, ex, s, noise, cfg, decode=False)
 
     with clock.stage("latent upscale"):
         canvas = upscale_latents(latents, LATENT_UPSCALE)

@@ -241,7 +241,7 @@ def test_flop_table_prices_every_worker_method():
     latents, pixels = (1, 4, 128, 128), (1, 3, 1024, 1024)
     shapes = {"encode_prompt": (), "base": latents, "base_latents": latents, "refine": latents, "predict": latents,
               "upscale_tile": (1, 3, 512, 512), "encode": pixels, "encode_stats": pixels, "encode_tile": pixels,
-              "detail": pixels, "decode_stats": latents, "decode_tile": latents}  # fmt: skip
+              "detail": pixels, "decode": latents, "decode_stats": latents, "decode_tile": latents}  # fmt: skip
     for method, shape in shapes.items():
         assert flops.task_flops(method, shape, table, steps=2) > 0, method
     tile = flops.task_seconds("refine", (2, 4, 128, 128), 400, table, steps=20)

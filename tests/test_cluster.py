@@ -79,19 +79,27 @@ def test_stages_overlap_and_actors_killed_in_the_encode_and_decode_change_nothin
     count = {
         stage: sum(r["stage"] == stage for r in local_rows if r["kind"] == "task") for stage in ("encode", "blend")
     }
-    # an actor's process dies on an encode tile, another on a decode tile, one on a decode tile's blend
-    faults = {("encode", 3), ("decode", 2), ("decode blend", 4)}
+    # an actor's process dies on a base step's branch, one on an encode tile, one on a decode tile and one on a
+    # decode tile's blend
+    faults = {("base", 3), ("encode", 3), ("decode", 2), ("decode blend", 4)}
     # and the last encode tile and the last refine task are stragglers: what does not read them goes on
     faults |= {("encode", count["encode"] - 1, "slow"), ("blend", count["blend"] - 1, "slow")}
     rows = []
     run = run_cluster(blend_plan, workers=3, faults=faults, record=rows.append)
     assert torch.equal(run.result.image, image)
-    assert sum(run.executor.scheduler.failures.values()) == 3
+    assert sum(run.executor.scheduler.failures.values()) == 4
     spans = {}
     for row in rows:
         if row["kind"] == "task":
             spans.setdefault(row["stage"], []).append((row["start"], row["end"]))
-    assert {"upscale", "encode stats", "encode", "blend", "decode", "decode blend"} <= spans.keys()
+    assert {"base", "upscale", "encode stats", "encode", "blend", "decode", "decode blend"} <= spans.keys()
+    # the base's guidance branches ran two at a time: each step's on two workers (but the step whose actor died)
+    base = {
+        r["task"]: r["worker"] for r in rows if r["kind"] == "task" and r["stage"] == "base" and r["pass"] == "steps"
+    }
+    steps = len(base) // 2
+    assert steps == blend_plan.spec.base_steps
+    assert sum(base[2 * i] != base[2 * i + 1] for i in range(steps)) >= steps - 1
     # one graph, no barrier between stages: the refine starts before the encode ends, the decode before the refine
     assert min(start for start, _ in spans["blend"]) < max(end for _, end in spans["encode"])
     assert min(start for start, _ in spans["decode"]) < max(end for _, end in spans["blend"])

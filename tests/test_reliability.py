@@ -148,7 +148,7 @@ def test_the_ledger_has_every_batch_and_adds_up_to_the_wall_time(small_spec, ref
     assert {tuple(t) for r in by_stage["chess"] for t in zip(r["tiles"], map(tuple, r["boxes"]), strict=True)} == {
         (t.id, (t.y, t.x, t.h, t.w)) for t in plan.grid.tiles
     }
-    assert by_stage["upscale"] and by_stage["decode"] and len(by_stage["base"]) == 1
+    assert by_stage["upscale"] and by_stage["decode"] and len(by_stage["base"]) == 2 * small_spec.base_steps + 1
     assert all(r["outcome"] == "ok" and r["attempts"] == 1 and r["end"] >= r["start"] for r in rows)
     wall = sum(r["end"] - r["start"] for r in rows if r["kind"] == "render")
     stages = sum(r["end"] - r["start"] for r in rows if r["kind"] == "stage")

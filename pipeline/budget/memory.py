@@ -312,8 +312,8 @@ def plan_stages(plan, configs: dict[str, dict], dtype_bytes: int, vae_bytes: int
     native = plan.native_latent * f
     stages = []
     if s.workflow != "enhance":
-        base_items = 2 if max(s.cfg, s.base_cfg) > 1 and family == "sdxl" else 1
-        stages.append(Stage("base", name, net, plan.base_h * plan.base_w, base_items))
+        # the base's guidance branches are tasks of a batch of one (pipeline.sampling.guidance)
+        stages.append(Stage("base", name, net, plan.base_h * plan.base_w, 1))
         if s.workflow == "top-down":
             side = min(plan.base_h, plan.base_w, vae_side)  # diffusers tiles a base larger than its sample size
             stages.append(Stage("base decode", "VAE decoder", decode, side * side, knob="vae tile"))

@@ -170,6 +170,10 @@ class TileWorker:
         """txt2img from the pooled scaffold, kept as latents (the two-pass workflow upscales them)."""
         return generate(self.model.denoiser, noise, cond, cfg, steps, sampler).float().cpu()
 
+    def decode(self, latents: torch.Tensor, tile: int = 0) -> torch.Tensor:
+        """Latents -> pixels in the VAE's own tiles, or in `tile` px tiles if set (the base's image)."""
+        return vae.decode(self.model.vae, latents, clock=self._clock_fn(), tile=tile)
+
     def upscale_tile(self, patch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The upscale model on one patch; `dtype` float16 where it lands in a float16 canvas (half the bytes
         on the wire)."""
