@@ -161,8 +161,7 @@ class TileWorker:
         self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str, vae_tile: int = 0
     ) -> torch.Tensor:
         """txt2img at native size from the pooled scaffold, decoded to pixels (in `vae_tile` px tiles if set)."""
-        latents = generate(self.model.denoiser, noise, cond, cfg, steps, sampler)
-        return vae.decode(self.model.vae, latents, clock=self._clock_fn(), tile=vae_tile)
+        return self.decode(generate(self.model.denoiser, noise, cond, cfg, steps, sampler), vae_tile)
 
     def base_latents(
         self, noise: torch.Tensor, cond: PromptEmbeds, cfg: float, steps: int, sampler: str

@@ -11,7 +11,6 @@ the base is the same on one worker or many, and a stopped render resumes from it
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,15 +18,11 @@ import torch
 from pipeline.geometry.chess import Tile
 from pipeline.graph.taskgraph import Executor, Task
 from pipeline.sampling.conditioning import PromptEmbeds
+from pipeline.sampling.sampler import guided
 from pipeline.sampling.schedule import make_scheduler, resolve_sampler
 
 BRANCHES = ("negative", "text")  # a step's tasks, in this order (diffusers' batch order)
-WHOLE = Tile(0, 0, 0, 0, 0, 0, 0)  # the predict method's tile: one covering the whole base
-
-
-def guided(negative: torch.Tensor, text: torch.Tensor, cfg: float) -> torch.Tensor:
-    """Classifier-free guidance: eps_neg + cfg (eps_text - eps_neg) (Ho & Salimans 2022, eq. 6)."""
-    return negative + cfg * (text - negative)
+WHOLE = 0  # the id of the one tile a branch task predicts: the whole base
 
 
 def branch(cond: PromptEmbeds, name: str) -> PromptEmbeds:
@@ -74,7 +69,7 @@ class GuidedLoop:
         while self.stepped < steps:
             i = self.stepped
             self._scaled(i)  # scale_model_input starts some schedulers' step index: call it as the loop does
-            negative, text = (done[task_id(i, name)][WHOLE.id] for name in BRANCHES)
+            negative, text = (done[task_id(i, name)][WHOLE] for name in BRANCHES)
             eps = guided(negative, text, self.cfg)
             self.latents = self.scheduler.step(eps, self.timesteps[i], self.latents, return_dict=False)[0]
             self.stepped += 1
@@ -95,7 +90,7 @@ def guided_tasks(
     scheduler.set_timesteps(steps)
     loop = GuidedLoop(scheduler, noise, cfg, ex.share)
     _, _, h, w = noise.shape
-    whole = (replace(WHOLE, h=h, w=w),)
+    whole = (Tile(WHOLE, 0, 0, 0, 0, h, w),)
     conds = {name: ex.share(branch(cond, name)) for name in BRANCHES}
     tasks = []
     for i in range(steps):

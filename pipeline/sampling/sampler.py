@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from pipeline.sampling.flux import FluxDenoiser
 
 
+def guided(negative: torch.Tensor, text: torch.Tensor, cfg: float) -> torch.Tensor:
+    """Classifier-free guidance: eps_neg + cfg (eps_text - eps_neg) (Ho & Salimans 2022, eq. 6)."""
+    return negative + cfg * (text - negative)
+
+
 def sdxl_time_ids(height_px: int, width_px: int) -> torch.Tensor:
     """SDXL micro-conditioning: original size, crop top-left (0, 0), target size (Podell et al. 2023, 2.2)."""
     return torch.tensor([height_px, width_px, 0, 0, height_px, width_px], dtype=torch.float32)
@@ -69,8 +74,7 @@ class Denoiser:
             )[0]
         if not use_cfg:
             return out
-        uncond, text = out.chunk(2)
-        return uncond + cfg * (text - uncond)
+        return guided(*out.chunk(2), cfg)
 
     def predict_latents(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, cfg: float) -> torch.Tensor:
         """One prediction for a batch of scaled model inputs [B, C, h, w] (the blended sampler's unit)."""
