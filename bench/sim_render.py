@@ -23,6 +23,7 @@ from full_models import read_config  # noqa: E402
 
 from cluster.actor import run_on  # noqa: E402
 from pipeline.geometry.chess import Tile  # noqa: E402
+from pipeline.graph.taskgraph import run_each  # noqa: E402
 from pipeline.graph.worker import WorkerFacts  # noqa: E402
 from pipeline.loading.models import ModelInfo  # noqa: E402
 from pipeline.sampling.chess_pass import RefineSettings  # noqa: E402
@@ -115,6 +116,9 @@ class SimTileWorker:
         """The blended cells' shapes. On a GPU a block's blend is a few elementwise passes over its tiles (4 x 6 MB
         of float16 at 8K): microseconds of memory traffic, so no simulated time; its inputs and output travel."""
         return tuple(torch.zeros(*values[0].shape[:2], cell.h, cell.w, dtype=dtype) for cell in cells)
+
+    def each(self, method: str, sizes: tuple[int, ...], *args) -> tuple:
+        return run_each(self, method, sizes, args)
 
     def decode_stats(self, latents: torch.Tensor, core, known=None, until=None) -> dict[str, torch.Tensor]:
         self._cost("decode_stats", latents.shape)

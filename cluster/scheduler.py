@@ -191,6 +191,7 @@ class PullScheduler:
         args: dict[int, tuple] = {}
         held: dict[ray.ObjectRef, ray.ObjectRef] = {}  # a call's first return -> its result (Task.handle)
         results: dict[int, Any] = {}
+        arrived: deque = deque()  # calls whose results (or probes) are in, not yet taken
         total = len(tasks)
         try:
 
@@ -224,16 +225,19 @@ class PullScheduler:
                 dispatch()
                 if not in_flight and not lease.alive():
                     raise WorkersLost(self._lost_message(stage, len(results), total), results)
-                probes = lease.probes()
-                waitable = [*in_flight, *probes]
-                if not waitable:  # every live actor is busy with another render
-                    time.sleep(0.01)
-                    continue
-                # with other renders on the same actors, wake up now and then to take an actor they gave back
-                done, _ = ray.wait(waitable, num_returns=1, timeout=0.02 if lease.shared else None)
-                if not done:
-                    continue
-                ref = done[0]
+                if not arrived:
+                    waitable = [*in_flight, *lease.probes()]
+                    if not waitable:  # every live actor is busy with another render
+                        time.sleep(0.01)
+                        continue
+                    # every result already in, with one call: when the driver falls behind, they queue up
+                    arrived.extend(ray.wait(waitable, num_returns=len(waitable), timeout=0)[0])
+                    if not arrived:
+                        # with other renders on the same actors, wake up now and then to take an actor they gave back
+                        arrived.extend(ray.wait(waitable, num_returns=1, timeout=0.02 if lease.shared else None)[0])
+                    if not arrived:
+                        continue
+                ref = arrived.popleft()
                 if ref not in in_flight:
                     lease.revived(ref)
                     continue

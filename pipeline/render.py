@@ -54,6 +54,10 @@ from pipeline.sampling.guidance import guided_base, splits
 
 UPSCALE_OVERLAP = 32  # px of input shared by neighbouring upscaler tiles
 MIN_ENCODE_TILE = 16  # latents: tiny VAEs' sample sizes would otherwise cut thousands of tiles
+# tiles per encode task (and per statistics task): each tile is computed as its own task would be, so the image
+# does not change; at 8K the render's front is bound by the driver's per-task work (Ray calls, shared reads), and
+# pairs halve it there (BENCHMARKS.md "Eighth round")
+ENCODE_TILES_PER_TASK = 2
 
 
 @dataclass
@@ -157,8 +161,9 @@ def encode_graph(
     if isinstance(pixels, Resized):  # the workers enlarge their own boxes: a quarter of the bytes, no driver resize
         pixels = Enlarged(pixels)
     return add_tiled_shared_norm(
-        graph, "encode", "encode_stats", "encode_tile", pixels, grid, plan.f, 1, channels, share=share
-    )
+        graph, "encode", "encode_stats", "encode_tile", pixels, grid, plan.f, 1, channels, share=share,
+        tiles_per_task=ENCODE_TILES_PER_TASK,
+    )  # fmt: skip
 
 
 def decode_graph(plan: RenderPlan, ex: Executor, graph: Graph, latents: Source, tile: int) -> AssembledCanvas:

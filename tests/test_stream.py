@@ -8,7 +8,7 @@ import torch
 from farm.executor import LocalExecutor
 from pipeline.geometry.chess import cover_grid
 from pipeline.geometry.feather import composite_pass
-from pipeline.graph.canvas import Blank, TiledCanvas, blend_cells
+from pipeline.graph.canvas import BLEND_GROUP, Blank, TiledCanvas, blend_cells
 from pipeline.graph.checkpoint import Checkpointed
 from pipeline.graph.stream import Enlarged, Fixed, Graph, Resized, add_tiled
 
@@ -196,10 +196,14 @@ def test_tiles_blended_on_the_workers_give_the_drivers_composite_in_any_order():
         assert torch.equal(decoded.canvas, reference.canvas)  # float16, rounded from the same float32 sums
     tiles = [t for t in graph.tasks if t.stage == "decode"]
     blends = [t for t in graph.tasks if t.stage == "decode blend"]
+    by_id = {t.id: t for t in graph.tasks}
     assert all(t.handle for t in tiles) and not any(t.handle for t in blends)
-    assert len(blends) == len(tiles)  # one block per tile, its task right after its last tile's
-    assert all(1 <= len(t.deps) <= 4 and t.deps <= {t.id for t in tiles} for t in blends)
-    assert any(len(t.deps) == 4 for t in blends)
+    # one block per 2 x 2 tiles (BLEND_GROUP) of the 5 x 7 grid, its task right after its square's last tile's
+    assert BLEND_GROUP == 2 and len(blends) == 3 * 4
+    assert all(by_id[blend.id - 1].stage == "decode" and blend.id - 1 in blend.deps for blend in blends)
+    for last, cells in decoded.blocks.items():  # a block waits for exactly the tiles over its cells
+        assert by_id[decoded.block_task[last]].deps == {decoded.task_of[t] for cell in cells for t in cell.tiles}
+    assert {len(t.deps) for t in blends} == {4, 6, 9}  # corner, edge and inner squares: their tiles and the next
     cells = [c for block in decoded.blocks.values() for c in block]
     assert sum(c.h * c.w for c in cells) == 40 * 56  # the blocks cover the canvas once
 

@@ -164,6 +164,15 @@ class TiledCanvas:
         return {t.id for t in self.grid.tiles if meets(t, box)}
 
 
+BLEND_GROUP = 2  # tiles per side whose cells one blend task composites (AssembledCanvas)
+
+
+def group_end(grid: TileGrid, tile: Tile, group: int) -> int:
+    """The id of the last tile (the bottom right one) of the `group` x `group` square of the grid that holds `tile`."""
+    row = min(tile.row - tile.row % group + group, grid.rows) - 1
+    return row * grid.cols + min(tile.col - tile.col % group + group, grid.cols) - 1
+
+
 class AssembledCanvas:
     """A tiled stage's output [1, C, H, W] in `dtype` whose tiles are blended on the workers, not on the driver.
 
@@ -174,13 +183,15 @@ class AssembledCanvas:
     most 4 tiles. The pixels a render keeps (float16) are the same as the driver's composite gives on the same
     device, and the driver holds no tile output and does no float32 arithmetic over the image."""
 
-    def __init__(self, grid: TileGrid, channels: int, dtype: torch.dtype):
+    def __init__(self, grid: TileGrid, channels: int, dtype: torch.dtype, group: int = BLEND_GROUP):
         self.grid, self.dtype = grid, dtype
         self.cells = [c for c in grid_cells(grid) if c.tiles]
         self.blank = Blank((1, channels, grid.canvas_h, grid.canvas_w), dtype)  # zeros where tiles leave gaps
-        self.blocks: dict[int, tuple[Cell, ...]] = {}  # last tile id -> its block's cells
+        self.blocks: dict[int, tuple[Cell, ...]] = {}  # its group's last tile id -> a block's cells
+        tiles = grid.tiles
         for cell in self.cells:
-            self.blocks[max(cell.tiles)] = (*self.blocks.get(max(cell.tiles), ()), cell)
+            last = group_end(grid, tiles[max(cell.tiles)], group)
+            self.blocks[last] = (*self.blocks.get(last, ()), cell)
         self.task_of: dict[int, int] = {}  # tile id -> the task that makes it
         self.block_task: dict[int, int] = {}  # last tile id -> its block's blend task
 

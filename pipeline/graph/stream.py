@@ -201,6 +201,29 @@ def _read(source: Source, box: Box, extra, done) -> tuple:
     return (source.read(box), *(e(done) if callable(e) else e for e in extra))
 
 
+def _read_each(method: str, source: Source, reads: tuple, done) -> tuple:
+    calls = [_read(source, box, extra, done) for box, extra in reads]
+    return (method, tuple(len(c) for c in calls), *(arg for c in calls for arg in c))
+
+
+def _call(method: str, source: Source, reads: tuple, each: bool) -> tuple[str, Any]:
+    """A task's (method, arguments) for its tiles' (box, extra) reads: `method` on one tile, or with `each` the
+    worker's `each` over them (TileWorker.each: one task for several tiles, each computed as its own task)."""
+    if each:
+        return "each", partial(_read_each, method, source, reads)
+    ((box, extra),) = reads
+    return method, partial(_read, source, box, extra)
+
+
+def _chunks(tiles: tuple[Tile, ...], size: int) -> list[tuple[Tile, ...]]:
+    return [tiles[i : i + size] for i in range(0, len(tiles), size)]
+
+
+def _add_each(canvas: TiledCanvas, tile_ids: tuple[int, ...], values: tuple) -> None:
+    for tile_id, value in zip(tile_ids, values, strict=True):
+        canvas.add(tile_id, value)
+
+
 def _box(tile: Tile, scale: int = 1) -> Box:
     return _scaled((tile.y, tile.x, tile.h, tile.w), scale)
 
@@ -222,25 +245,30 @@ def add_tiled(
     extra=(),
     extra_deps=frozenset(),
     on_workers: bool = False,
+    tiles_per_task: int = 1,
 ) -> TiledCanvas | AssembledCanvas:
     """`method(crop, *extra)` on each tile of `grid` (in units of scale_in source px), its outputs composited
     into a TiledCanvas scale_out x the grid; an `extra` that is callable is given the finished results. With
-    `on_workers` the outputs are blended on the workers instead, block by block (AssembledCanvas)."""
+    `on_workers` the outputs are blended on the workers instead, block by block (AssembledCanvas). With
+    `tiles_per_task` > 1 (not on_workers) a task runs that many tiles, in id order, through the worker's `each`."""
     scaled = _scaled_grid(grid, scale_out)
     out = AssembledCanvas(scaled, channels, dtype) if on_workers else TiledCanvas(scaled, channels, dtype)
-    for tile in grid.tiles:
-        box = _box(tile, scale_in)
-        out.task_of[tile.id] = graph.add(
+    each = tiles_per_task > 1 and not on_workers
+    for chunk in _chunks(grid.tiles, tiles_per_task if each else 1):
+        boxes = [_box(tile, scale_in) for tile in chunk]
+        ids = tuple(tile.id for tile in chunk)
+        task = graph.add(
             stage,
-            method,
-            partial(_read, source, box, extra),
-            deps=source.deps(box) | extra_deps,
-            boxes=_boxes(tile),
-            on_result=None if on_workers else partial(out.add, tile.id),
+            *_call(method, source, tuple((box, extra) for box in boxes), each),
+            deps=frozenset().union(*(source.deps(box) for box in boxes)) | extra_deps,
+            boxes=tuple(b for tile in chunk for b in _boxes(tile)),
+            units=len(chunk),
+            on_result=partial(_add_each, out, ids) if each else None if on_workers else partial(out.add, ids[0]),
             handle=on_workers,
         )
-        if on_workers and tile.id in out.blocks:  # right after its last tile: blocks are blended as they complete
-            out.add_blend(graph, stage, tile.id, scale_out)
+        out.task_of.update(dict.fromkeys(ids, task))
+        if on_workers and ids[0] in out.blocks:  # right after its group's last tile: blocks blend as they complete
+            out.add_blend(graph, stage, ids[0], scale_out)
     return out
 
 
@@ -256,31 +284,38 @@ def add_tiled_shared_norm(
     channels: int,
     dtype: torch.dtype = torch.float32,
     share=None,
+    tiles_per_task: int = 1,
 ) -> TiledCanvas:
     """add_tiled with GroupNorm statistics pooled over every tile's core
     (pipeline.geometry.tiling.run_tiled_shared_norm):
     the statistics tasks read the source like the tiles; each tile waits for all of them (the one barrier).
-    With `share` (Executor.share) a tile's input travels once for both of its tasks (SharedReads)."""
+    With `share` (Executor.share) a tile's input travels once for both of its tasks (SharedReads). With
+    `tiles_per_task` > 1 both kinds of task take that many tiles (add_tiled)."""
     from pipeline.geometry.tiling import core_box
 
     if share is not None:
         source = SharedReads(source, share)
 
-    stats = [
-        graph.add(
-            f"{stage} stats",
-            stats_method,
-            partial(_read, source, _box(tile, scale_in), (core_box(grid, tile),)),
-            deps=source.deps(_box(tile, scale_in)),
-            boxes=_boxes(tile),
-            keep=True,  # the tiles read them
+    each = tiles_per_task > 1
+    stats = []
+    for chunk in _chunks(grid.tiles, tiles_per_task):
+        boxes = [_box(tile, scale_in) for tile in chunk]
+        reads = tuple((box, (core_box(grid, tile),)) for box, tile in zip(boxes, chunk, strict=True))
+        stats.append(
+            graph.add(
+                f"{stage} stats",
+                *_call(stats_method, source, reads, each),
+                deps=frozenset().union(*(source.deps(box) for box in boxes)),
+                boxes=tuple(b for tile in chunk for b in _boxes(tile)),
+                units=len(chunk),
+                keep=True,  # the tiles read them
+            )
         )
-        for tile in grid.tiles
-    ]
-    pooled = Pooled(tuple(stats))
+    pooled = Pooled(tuple(stats), each)
     return add_tiled(
-        graph, stage, method, source, grid, scale_in, scale_out, channels, dtype, (pooled,), frozenset(stats)
-    )
+        graph, stage, method, source, grid, scale_in, scale_out, channels, dtype, (pooled,), frozenset(stats),
+        tiles_per_task=tiles_per_task,
+    )  # fmt: skip
 
 
 class LayerStats:
@@ -346,15 +381,17 @@ def add_tiled_exact_norm(
 
 
 class Pooled:
-    """The pooled statistics of the given tasks' results, computed once (in task-id order: bit-stable)."""
+    """The pooled statistics of the given tasks' results, computed once (in tile-id order: bit-stable); with
+    `each` every task returned a tuple of its tiles' statistics."""
 
-    def __init__(self, task_ids: tuple[int, ...]):
-        self.task_ids = task_ids
+    def __init__(self, task_ids: tuple[int, ...], each: bool = False):
+        self.task_ids, self.each = task_ids, each
         self.value = None
 
     def __call__(self, done: dict[int, Any]):
         if self.value is None:
-            self.value = combine_stats([done[i] for i in self.task_ids])
+            tiles = [s for i in self.task_ids for s in (done[i] if self.each else (done[i],))]
+            self.value = combine_stats(tiles)
         return self.value
 
 

@@ -43,6 +43,14 @@ def check_graph(tasks: list[Task]) -> None:
             raise ValueError(f"task {task.id} depends on {sorted(task.deps)}: dependencies must be earlier tasks")
 
 
+def run_each(worker: Any, method: str, sizes: tuple[int, ...], args: tuple) -> tuple:
+    """A worker's `each`: `method` once per call, in order (several tiles in one task); the calls' arguments come
+    one after another in `args`, `sizes` long each (flat: an executor resolves handles among a call's own arguments
+    only, as Ray does)."""
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    return tuple(getattr(worker, method)(*args[end - n : end]) for n, end in zip(sizes, ends, strict=True))
+
+
 GRAPH_STAGE = "render"  # the stage name a graph of several stages runs under (pipeline.graph.stream)
 
 

@@ -17,6 +17,7 @@ from pipeline.errors import UserError
 from pipeline.geometry.cells import Cell
 from pipeline.geometry.chess import Tile, TileGrid
 from pipeline.graph.canvas import blend_cells
+from pipeline.graph.taskgraph import run_each
 from pipeline.loading.flux_parts import FluxParts
 from pipeline.loading.models import inspect_diffusion_model, load_diffusion_model, load_upscaler
 from pipeline.sampling import vae
@@ -281,6 +282,11 @@ class TileWorker:
         with torch.no_grad():
             out = blend_cells(grid, cells, tuple(v.to(self.device) for v in values), dtype, self.masks)
         return tuple(cell.cpu() for cell in out)
+
+    def each(self, method: str, sizes: tuple[int, ...], *args) -> tuple:
+        """`method` once per call, in order: several tiles in one task (pipeline.graph.stream.add_tiled's
+        tiles_per_task), each computed as its own task would (pipeline.graph.taskgraph.run_each)."""
+        return run_each(self, method, sizes, args)
 
     def encode_stats(self, pixels: torch.Tensor, core: Core) -> dict[str, torch.Tensor]:
         """The encoder's GroupNorm moments over one tile's core (the first phase of a tiled encode)."""
