@@ -321,20 +321,26 @@ def test_workers_that_enlarge_their_own_boxes_encode_what_the_drivers_resize_did
     scale = ex.call("load", "facts").upscale
     base = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(8))
 
-    def encoded(on_workers: bool) -> tuple[torch.Tensor, list]:
+    def encoded(on_workers: bool, per_task: int = 1) -> tuple[torch.Tensor, list]:
         graph = Graph()
         # the 4x model to 256 x 512, then 2x to 512 x 1024
         pixels = upscale_graph(plan, graph, Fixed(base), (64, 128), scale, 512, 1024)
         assert isinstance(pixels, Resized)
         source = Enlarged(pixels) if on_workers else pixels
         grid = cover_grid(64, 128, 24, 6)
-        out = add_tiled_shared_norm(graph, "encode", "encode_stats", "encode_tile", source, grid, 8, 1, 4)
+        args = (graph, "encode", "encode_stats", "encode_tile", source, grid, 8, 1, 4)
+        out = add_tiled_shared_norm(*args, share=ex.share, tiles_per_task=per_task)
         graph.run(ex)
         return out.canvas, graph.tasks
 
     driver, _ = encoded(False)
     workers, tasks = encoded(True)
     assert torch.equal(workers, driver) and driver.std() > 0.01
+    # and as the render runs them, tiles two to a task (TileWorker.each): the same latents, in half the tasks
+    paired, paired_tasks = encoded(True, per_task=2)
+    assert torch.equal(paired, driver)
+    count = sum(t.stage == "encode" for t in tasks)
+    assert sum(t.stage == "encode" for t in paired_tasks) == -(-count // 2) and count > 2
     sent = [task.args({})[0] for task in tasks if task.stage == "encode stats"]
     # each task was sent its box's input span (a quarter of the box and a margin), not the box
     assert sent and all(s.span.shape[-2] * s.span.shape[-1] < s.height * s.width / 2 for s in sent)

@@ -164,7 +164,9 @@ class TiledCanvas:
         return {t.id for t in self.grid.tiles if meets(t, box)}
 
 
-BLEND_GROUP = 2  # tiles per side whose cells one blend task composites (AssembledCanvas)
+# tiles per side of the square whose cells one blend task composites (AssembledCanvas): at 8K, 36 tasks instead of 121,
+# which took 0.3-0.4 s off the render's tail on 16 simulated actors (BENCHMARKS.md "Eighth round")
+BLEND_GROUP = 2
 
 
 def group_end(grid: TileGrid, tile: Tile, group: int) -> int:
@@ -177,11 +179,12 @@ class AssembledCanvas:
     """A tiled stage's output [1, C, H, W] in `dtype` whose tiles are blended on the workers, not on the driver.
 
     Each tile's output stays where it was made (Task.handle). The canvas's cells are grouped into blocks by the
-    last tile over them (the largest id): a block's blend task waits for the tiles over its cells, reads their
-    outputs through their handles and returns the cells composited as a TiledCanvas would (blend_cells); the
-    driver only copies them in. With ids in row order a block is a rectangle, as large as a tile's stride, under at
-    most 4 tiles. The pixels a render keeps (float16) are the same as the driver's composite gives on the same
-    device, and the driver holds no tile output and does no float32 arithmetic over the image."""
+    square of `group` x `group` tiles that holds the last tile over them (the largest id): a block's blend task
+    waits for the tiles over its cells, reads their outputs through their handles and returns the cells
+    composited as a TiledCanvas would (blend_cells); the driver only copies them in. With ids in row order a block
+    is a rectangle, `group` tile strides a side, under at most (group + 1)^2 tiles. The pixels a render keeps
+    (float16) are the same as the driver's composite gives on the same device, and the driver holds no tile output
+    and does no float32 arithmetic over the image."""
 
     def __init__(self, grid: TileGrid, channels: int, dtype: torch.dtype, group: int = BLEND_GROUP):
         self.grid, self.dtype = grid, dtype
