@@ -251,10 +251,12 @@ def add_tiled(
     into a TiledCanvas scale_out x the grid; an `extra` that is callable is given the finished results. With
     `on_workers` the outputs are blended on the workers instead, block by block (AssembledCanvas). With
     `tiles_per_task` > 1 (not on_workers) a task runs that many tiles, in id order, through the worker's `each`."""
+    each = tiles_per_task > 1
+    if each and on_workers:  # a blend reads each tile's output by its own handle
+        raise ValueError("tiles blended on the workers go one to a task")
     scaled = _scaled_grid(grid, scale_out)
     out = AssembledCanvas(scaled, channels, dtype) if on_workers else TiledCanvas(scaled, channels, dtype)
-    each = tiles_per_task > 1 and not on_workers
-    for chunk in _chunks(grid.tiles, tiles_per_task if each else 1):
+    for chunk in _chunks(grid.tiles, tiles_per_task):
         boxes = [_box(tile, scale_in) for tile in chunk]
         ids = tuple(tile.id for tile in chunk)
         task = graph.add(
