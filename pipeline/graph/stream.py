@@ -219,6 +219,21 @@ def _chunks(tiles: tuple[Tile, ...], size: int) -> list[tuple[Tile, ...]]:
     return [tiles[i : i + size] for i in range(0, len(tiles), size)]
 
 
+def _add_chunk(graph: Graph, stage: str, method: str, source: Source, chunk, scale_in: int, extras, each: bool,
+               deps=frozenset(), **kw) -> int:  # fmt: skip
+    """One task for the tiles of `chunk` (`each`: through the worker's `each`), each tile's box read from `source`
+    with its own extra arguments (`extras`, per tile), waiting for what the boxes read and `deps`; returns its id."""
+    boxes = [_box(tile, scale_in) for tile in chunk]
+    return graph.add(
+        stage,
+        *_call(method, source, tuple(zip(boxes, extras, strict=True)), each),
+        deps=frozenset().union(*(source.deps(box) for box in boxes)) | deps,
+        boxes=tuple(b for tile in chunk for b in _boxes(tile)),
+        units=len(chunk),
+        **kw,
+    )
+
+
 def _add_each(canvas: TiledCanvas, tile_ids: tuple[int, ...], values: tuple) -> None:
     for tile_id, value in zip(tile_ids, values, strict=True):
         canvas.add(tile_id, value)
@@ -257,17 +272,12 @@ def add_tiled(
     scaled = _scaled_grid(grid, scale_out)
     out = AssembledCanvas(scaled, channels, dtype) if on_workers else TiledCanvas(scaled, channels, dtype)
     for chunk in _chunks(grid.tiles, tiles_per_task):
-        boxes = [_box(tile, scale_in) for tile in chunk]
         ids = tuple(tile.id for tile in chunk)
-        task = graph.add(
-            stage,
-            *_call(method, source, tuple((box, extra) for box in boxes), each),
-            deps=frozenset().union(*(source.deps(box) for box in boxes)) | extra_deps,
-            boxes=tuple(b for tile in chunk for b in _boxes(tile)),
-            units=len(chunk),
+        task = _add_chunk(
+            graph, stage, method, source, chunk, scale_in, [extra] * len(chunk), each, deps=extra_deps,
             on_result=partial(_add_each, out, ids) if each else None if on_workers else partial(out.add, ids[0]),
             handle=on_workers,
-        )
+        )  # fmt: skip
         out.task_of.update(dict.fromkeys(ids, task))
         if on_workers and ids[0] in out.blocks:  # right after its group's last tile: blocks blend as they complete
             out.add_blend(graph, stage, ids[0], scale_out)
@@ -299,20 +309,20 @@ def add_tiled_shared_norm(
         source = SharedReads(source, share)
 
     each = tiles_per_task > 1
-    stats = []
-    for chunk in _chunks(grid.tiles, tiles_per_task):
-        boxes = [_box(tile, scale_in) for tile in chunk]
-        reads = tuple((box, (core_box(grid, tile),)) for box, tile in zip(boxes, chunk, strict=True))
-        stats.append(
-            graph.add(
-                f"{stage} stats",
-                *_call(stats_method, source, reads, each),
-                deps=frozenset().union(*(source.deps(box) for box in boxes)),
-                boxes=tuple(b for tile in chunk for b in _boxes(tile)),
-                units=len(chunk),
-                keep=True,  # the tiles read them
-            )
-        )
+    stats = [
+        _add_chunk(
+            graph,
+            f"{stage} stats",
+            stats_method,
+            source,
+            chunk,
+            scale_in,
+            [(core_box(grid, t),) for t in chunk],
+            each,
+            keep=True,  # the tiles read them
+        )  # fmt: skip
+        for chunk in _chunks(grid.tiles, tiles_per_task)
+    ]
     pooled = Pooled(tuple(stats), each)
     return add_tiled(
         graph, stage, method, source, grid, scale_in, scale_out, channels, dtype, (pooled,), frozenset(stats),

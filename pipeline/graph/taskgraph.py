@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Protocol
 
 
@@ -47,8 +48,7 @@ def run_each(worker: Any, method: str, sizes: tuple[int, ...], args: tuple) -> t
     """A worker's `each`: `method` once per call, in order (several tiles in one task); the calls' arguments come
     one after another in `args`, `sizes` long each (flat: an executor resolves handles among a call's own arguments
     only, as Ray does)."""
-    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
-    return tuple(getattr(worker, method)(*args[end - n : end]) for n, end in zip(sizes, ends, strict=True))
+    return tuple(getattr(worker, method)(*args[end - n : end]) for n, end in zip(sizes, accumulate(sizes), strict=True))
 
 
 GRAPH_STAGE = "render"  # the stage name a graph of several stages runs under (pipeline.graph.stream)
