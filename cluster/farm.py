@@ -150,7 +150,10 @@ class Controller(WorkerPool):
         record = self.queue.get(render_id)
         if record is not None:
             live = self.running.get(render_id)
-            record["progress"] = {k: list(v) for k, v in live.progress.items()} if live else {}
+            if live:
+                record["progress"] = {k: list(v) for k, v in live.progress.items()}
+            else:  # ended: how far it got, so a render done between two polls still shows its tiles
+                record["progress"] = (record.get("stats") or {}).get("progress", {})
         return record
 
     def list(self, limit: int = 50) -> list[dict]:

@@ -187,8 +187,7 @@ def describe(record: dict) -> str:
         f"render {record['id']}: {record['state']}, priority {record['priority']}",
         f"  {spec['width']}x{spec['height']}, seed {spec['seed']}, model {spec['model']}",
     ]
-    progress = record.get("progress") or stats.get("progress")  # live, or how far a canceled one got
-    if progress:
+    if progress := record.get("progress"):  # live, or how far an ended render got
         lines.append(f"  progress: {_progress_text(progress)}")
     if stats.get("stages"):
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in stats.get("stages", {}).items())
