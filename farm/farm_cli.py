@@ -254,6 +254,7 @@ def follow(ctl, render_id: int, bars: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from cluster.farm_client import call
+    from pipeline.graph.progress import unit_of
 
     shown: dict = {}
     try:
@@ -263,7 +264,7 @@ def follow(ctl, render_id: int, bars: bool = True) -> dict:
                 bar = shown.get(stage)
                 if bar is None:
                     bar = shown[stage] = tqdm(
-                        total=total, desc=f"{stage:<11}", unit="tile", file=sys.stderr, disable=not bars
+                        total=total, desc=f"{stage:<11}", unit=unit_of(stage), file=sys.stderr, disable=not bars
                     )
                 bar.total = total
                 bar.update(done - bar.n)

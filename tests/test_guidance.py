@@ -1,5 +1,7 @@
 """The base's guidance branches as tasks: diffusers' txt2img, on any executor, resumable step by step."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -7,6 +9,7 @@ from diffusers import StableDiffusionXLPipeline
 from farm.executor import LocalExecutor
 from pipeline.geometry.scaffold import make_scaffold, pool_noise
 from pipeline.graph.checkpoint import Checkpointed
+from pipeline.graph.progress import Bar
 from pipeline.sampling.guidance import BRANCHES, guided, guided_base, task_id
 from pipeline.sampling.schedule import make_scheduler
 
@@ -29,8 +32,14 @@ def test_guidance_mixes_the_branches_as_diffusers():
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler"])
 def test_branch_tasks_give_diffusers_txt2img(tiny_worker, sampler):
-    rows = []
-    ex = LocalExecutor(tiny_worker, record=rows.append)
+    rows, bars = [], []
+
+    @contextmanager
+    def progress(label: str, total: int, unit: str):
+        bars.append((label, total, unit))
+        yield Bar()
+
+    ex = LocalExecutor(tiny_worker, progress, record=rows.append)
     ours, native = _base(tiny_worker, sampler, ex)
     pipe = StableDiffusionXLPipeline(**tiny_worker.model.pipe.components)
     pipe.scheduler = make_scheduler(sampler, tiny_worker.model.denoiser.scheduler_config)
@@ -50,6 +59,7 @@ def test_branch_tasks_give_diffusers_txt2img(tiny_worker, sampler):
     assert (ours - native).abs().mean() > 0.1  # it sampled
     # a task per branch and step, nothing else
     assert [(r["stage"], r["pass"], r["task"]) for r in rows] == [("base", "steps", i) for i in range(2 * STEPS)]
+    assert bars == [("base steps", STEPS, "step")]  # the bar counts steps, one per pair of branches
 
 
 def test_the_decoded_base_is_the_workers_own_base(tiny_worker):

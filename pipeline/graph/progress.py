@@ -19,6 +19,14 @@ class Bar:
 Progress = Callable[[str, int, str], AbstractContextManager[Bar]]
 
 
+STEP_GROUPS = ("steps",)  # task groups that count sampler steps (the base's branch tasks), not tiles
+
+
+def unit_of(label: str) -> str:
+    """A bar's unit from its label ('base steps', 'encode'): 'step' for a group of sampler steps, else 'tile'."""
+    return "step" if label.split()[-1] in STEP_GROUPS else "tile"
+
+
 def no_progress(stage: str, total: int, unit: str) -> AbstractContextManager[Bar]:
     return nullcontext(Bar())
 
@@ -36,7 +44,11 @@ def task_progress(progress: Progress, stage: str, tasks: list[Task]) -> Iterator
         # a graph of several stages (task.stage set) names its bars by group alone
         labels[group] = group if group == stage or task.stage else f"{stage} {group}"
     with ExitStack() as stack:
-        bars = {group: stack.enter_context(progress(labels[group], n, "tile")) for group, n in totals.items() if n}
+        bars = {
+            group: stack.enter_context(progress(labels[group], n, unit_of(labels[group])))
+            for group, n in totals.items()
+            if n
+        }
 
         def done(task: Task) -> None:
             bar = bars.get(task.group or stage)
