@@ -238,7 +238,11 @@ def test_the_ledger_shows_a_killed_actor_and_a_nan_result_retried(local_ray, clu
     chess = {r["task"]: r for r in rows if r["kind"] == "task" and r["stage"] == "chess"}
     assert len(chess) == len(cluster_plan.even_batches) + len(cluster_plan.odd_batches)
     assert chess[1]["attempts"] == 2 and chess[1]["outcome"] == "retried" and "died" in chess[1]["error"]
-    assert chess[2]["attempts"] == 2 and chess[2]["outcome"] == "retried" and "NaN/Inf" in chess[2]["error"]
+    # batch 2 may have been queued behind batch 1 on the killed actor (cluster.scheduler.DEPTH): it then died with
+    # it once, and its NaN came on the next try
+    died = chess[2]["error"].count("died")
+    assert died <= 1 and chess[2]["attempts"] == 2 + died
+    assert chess[2]["outcome"] == "retried" and chess[2]["error"].count("NaN/Inf") == 1
     assert {r["worker"] for r in chess.values()} <= {"actor 0", "actor 1"}
     assert all(r["host"] and r["device"] == "cpu" for r in chess.values())
     assert [r["stage"] for r in rows if r["kind"] == "stage"][:2] == ["load", "load"]
