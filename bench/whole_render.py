@@ -27,7 +27,7 @@ from flops import DEFAULT_TFLOPS, describe, load_table  # noqa: E402
 from sim_render import SDXL, SimActor  # noqa: E402
 
 from cluster.executor import ClusterExecutor  # noqa: E402
-from cluster.wire import to_wire  # noqa: E402
+from cluster.wire import actor_env, inline_tile_payloads, to_wire  # noqa: E402
 from pipeline.graph.clock import Clock  # noqa: E402
 from pipeline.graph.health import stage_row  # noqa: E402
 from pipeline.plan import RenderPlan, make_plan  # noqa: E402
@@ -139,9 +139,10 @@ RUNTIME_ENV = {"env_vars": {"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file
 
 def start_actors(n: int, tflops: float, table: dict, runtime_env: dict | None = None) -> list:
     """N simulated actors, each warmed with one small call through the transport."""
-    cls = ray.remote(num_cpus=1)(SimActor)
+    env = actor_env()  # as the farm starts its actors (cluster.actor.start_actors): tile payloads inline
     if runtime_env:  # joining a Ray started without our paths
-        cls = cls.options(runtime_env=runtime_env)
+        env["env_vars"] |= runtime_env["env_vars"]
+    cls = ray.remote(num_cpus=1)(SimActor).options(runtime_env=env)
     actors = [cls.remote(tflops, table) for _ in range(n)]
     ray.get([a.run.remote("upscale_tile", *to_wire((torch.zeros(1, 3, 16, 16),))) for a in actors])
     return actors
@@ -361,6 +362,7 @@ def run_whole_render(
     started = not ray.is_initialized()
     if started:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        inline_tile_payloads()  # as the farm's driver does (cluster.executor.connect)
         ray.init(
             num_cpus=max(actor_counts), include_dashboard=False, log_to_driver=False, configure_logging=False,
             runtime_env=RUNTIME_ENV,

@@ -7,7 +7,7 @@ import socket
 
 import ray
 
-from cluster.wire import from_wire, reply
+from cluster.wire import actor_env, from_wire, reply
 from pipeline.graph.worker import TileWorker, WorkerConfig
 
 
@@ -50,5 +50,6 @@ def where(device: str) -> dict:
 
 def start_actors(config: WorkerConfig, count: int, gpus: float, max_restarts: int) -> list:
     """Start `count` actors with `gpus` GPUs each; a killed actor is restarted (its models reload)."""
-    cls = ray.remote(GpuWorker).options(num_gpus=gpus, num_cpus=0 if gpus else 1, max_restarts=max_restarts)
+    options = dict(num_gpus=gpus, num_cpus=0 if gpus else 1, max_restarts=max_restarts, runtime_env=actor_env())
+    cls = ray.remote(GpuWorker).options(**options)
     return [cls.remote(config) for _ in range(count)]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.wire import inline_tile_payloads
 from pipeline.errors import RenderError, UserError
 from pipeline.graph.checkpoint import Checkpointed
 from pipeline.graph.clock import Clock
@@ -84,6 +85,7 @@ def connect(address: str) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    inline_tile_payloads()
     try:
         if address != "auto":
             ray.init(address=address, log_to_driver=True)

@@ -10,6 +10,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.farm import CONTROLLER, RESULT_TTL_H, Controller
 from cluster.farm_pool import NAMESPACE
+from cluster.wire import actor_env, inline_tile_payloads
 from pipeline.errors import UserError
 
 GONE_TIMEOUT_S = 30.0  # how long `farm down` waits for Ray to report the killed actors gone
@@ -23,6 +24,7 @@ def join(address: str) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    inline_tile_payloads()
     if address != "auto":
         _reachable(address)
     try:
@@ -98,6 +100,7 @@ def up(
             max_concurrency=16,  # clients' calls are served while renders run in its threads
             num_cpus=0,
             scheduling_strategy=here,
+            runtime_env=actor_env(),  # it sends the renders' calls: tile payloads inline, as a driver does
         )
         .remote(state_dir, workers, gpus_per_worker, max_running, max_models, result_ttl_h)
     )

@@ -19,6 +19,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from cluster.actor import run_on, where
+from cluster.wire import actor_env
 from pipeline.graph.worker import TileWorker, WorkerConfig
 
 NAMESPACE = "tilefarm"  # the farm's Ray namespace: its controller and workers are found there by name
@@ -135,6 +136,7 @@ class WorkerPool:
                 num_gpus=self.gpus,
                 num_cpus=0 if self.gpus else 1,
                 scheduling_strategy="SPREAD",  # with fewer workers than GPUs, over as many nodes as can be
+                runtime_env=actor_env(),
             )
             .remote(self.max_models)
         )

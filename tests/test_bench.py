@@ -214,6 +214,26 @@ def test_png_write_bench_compares_the_writers_on_the_same_pixels(capsys):
     assert all(r.endswith("| True |") for r in rows)  # the same pixels, and every file reads back as them
 
 
+def test_inline_payloads_bench_times_each_size_at_each_limit(capsys):
+    import inline_payloads
+
+    inline_payloads.main(["--sizes", "64,1024", "--calls", "3"])
+    rows = [
+        line.split(" | ")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| 64 |") or line.startswith("| 1024 |")
+    ]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("| 64", "100 KiB (inline)"),
+        ("| 64", "768 KiB (inline)"),
+        ("| 64", "8192 KiB (inline)"),
+        ("| 1024", "100 KiB (object store)"),
+        ("| 1024", "768 KiB (object store)"),
+        ("| 1024", "8192 KiB (inline)"),
+    ]
+    assert all(float(v.strip(" |")) > 0 for r in rows for v in r[2:])
+
+
 def test_tile_overhead_reports_batch_1_and_4(tiny_sdxl, capsys):
     import tile_overhead
 

@@ -1,6 +1,7 @@
 """The Ray executor on a real local Ray with fake GPUs: same pixels as the local executor, faults, checks."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ ray = pytest.importorskip("ray")
 from cluster.actor import start_actors  # noqa: E402
 from cluster.executor import ClusterError, ClusterExecutor, preflight, run_cluster  # noqa: E402
 from cluster.scheduler import DEPTH  # noqa: E402
+from cluster.wire import INLINE_BYTES, INLINE_VAR  # noqa: E402
 from farm.cli import main  # noqa: E402
 from farm.executor import prepare, run_local  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
@@ -148,6 +150,19 @@ def test_scaffold_goes_to_the_object_store_once(local_ray, cluster_plan):
     )
     expected = [(i, n * (tile_bytes + pin)) for i, (n, pin) in enumerate(zip(sizes, pin_bytes, strict=True))]
     assert sorted((d.task, d.bytes_by_value) for d in refines) == expected
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads an actor's environment from /proc")
+def test_actors_return_tile_sized_results_inline(local_ray, cluster_plan):
+    # Ray reads its inline limit from each process's environment as it starts there: the farm's actors get it
+    config = WorkerConfig.from_spec(cluster_plan.spec)
+    actor = start_actors(config, 1, 1, max_restarts=0)[0]
+    try:
+        pid = ray.get(actor.info.remote())["pid"]
+        environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+    finally:
+        ray.kill(actor)
+    assert int(environ[INLINE_VAR]) == INLINE_BYTES > 2 * 4 * 128 * 128 * 4  # a batch of two 1024 px SDXL tiles
 
 
 def test_no_worker_left_is_a_clear_error_and_keeps_what_is_done(local_ray, cluster_plan, tmp_path):
