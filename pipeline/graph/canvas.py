@@ -34,10 +34,16 @@ def tile_mask(grid: TileGrid, tile: Tile, cache: dict, device: torch.device | st
     return cache[key]
 
 
-def blend_cell(cell: Cell, tiles: dict[int, Tile], results, out: torch.Tensor | None = None) -> torch.Tensor:
+def blend_cell(cell: Cell, tiles: dict[int, Tile], results, out: torch.Tensor) -> torch.Tensor:
     """A cell's composite sum_i w_i x_i / sum_i w_i over the tiles covering it, with their feather weights w
-    (DESIGN rule 3), summed in tile-id order (bit-stable whatever order the tiles arrived in). `results` maps a
-    tile id to (its output, its weights); float32 sums, written into `out` (rounded to its dtype) when given."""
+    (DESIGN rule 3), summed in tile-id order (bit-stable whatever order the tiles arrived in), written into `out`
+    (rounded to its dtype). `results` maps a tile id to (its output, its weights); the sums are float32."""
+    if len(cell.tiles) == 1:
+        (tile_id,) = cell.tiles
+        rows, cols = cell.within(tiles[tile_id])
+        value, mask = results[tile_id]
+        if bool(mask[rows, cols].eq(1).all()):  # x * 1 / 1 == x: the same bits, without a float32 pass
+            return out.copy_(value[..., rows, cols])
     acc = weight = None
     for tile_id in cell.tiles:
         rows, cols = cell.within(tiles[tile_id])
@@ -48,8 +54,6 @@ def blend_cell(cell: Cell, tiles: dict[int, Tile], results, out: torch.Tensor | 
         else:
             acc += term
             weight += mask[rows, cols]
-    if out is None:
-        return acc.div_(weight)
     if out.dtype == acc.dtype:
         return torch.div(acc, weight, out=out)  # straight into the canvas
     return out.copy_(acc.div_(weight))  # acc is this composite's own: divided in place, then rounded
@@ -62,7 +66,11 @@ def blend_cells(grid: TileGrid, cells: tuple[Cell, ...], values: tuple, dtype: t
     ids = sorted({t for cell in cells for t in cell.tiles})
     tiles = {t.id: t for t in grid.tiles if t.id in ids}
     results = {i: (v, tile_mask(grid, tiles[i], masks, v.device)) for i, v in zip(ids, values, strict=True)}
-    return tuple(blend_cell(cell, tiles, results).to(dtype) for cell in cells)
+    shape, device = values[0].shape[:-2], values[0].device
+    return tuple(
+        blend_cell(cell, tiles, results, out=torch.empty(*shape, cell.h, cell.w, dtype=dtype, device=device))
+        for cell in cells
+    )
 
 
 class Blank:
