@@ -44,6 +44,10 @@ from usdu_baseline import usdu_boundaries, usdu_refine, usdu_tiles  # noqa: E402
 
 import pipeline.render as render_module  # noqa: E402
 from farm.executor import LocalExecutor, prepare  # noqa: E402
+from pipeline.geometry.resize import PIXELS, resize  # noqa: E402
+from pipeline.graph.canvas import HeldCanvas  # noqa: E402
+from pipeline.graph.stream import Resized  # noqa: E402
+from pipeline.graph.taskgraph import GRAPH_STAGE  # noqa: E402
 from pipeline.graph.worker import TileWorker, WorkerConfig  # noqa: E402
 from pipeline.render import render  # noqa: E402
 from pipeline.sampling.chess_pass import RefineSettings  # noqa: E402
@@ -152,14 +156,16 @@ def measure_render(worker: TileWorker, spec: RenderSpec, repeats: int) -> dict:
 
     undo = record_worker(worker, log)
     render_module.encode_canvas, render_module.encode_graph = keep_pixels, keep_source
+    ex = StagedExecutor(worker, clock)
+    captured["done"] = ex.done  # the graph's results: its upscale tiles stay there (HeldCanvas)
     try:
-        result = render(plan, StagedExecutor(worker, clock), clock)
+        result = render(plan, ex, clock)
     finally:
         undo()
         render_module.encode_canvas, render_module.encode_graph = encode_canvas, encode_graph
         worker.clock = worker.model.denoiser.clock = None
     if "source" in captured:
-        captured["pixels"] = captured["source"].read((0, 0, spec.height, spec.width))
+        captured["pixels"] = upscaled(captured["source"], captured["done"], spec.height, spec.width)
     isolated = {key: time_call(kind, repeats) for key, kind in log.kinds.items()}
     flops = {key: count_flops(kind) for key, kind in log.kinds.items() if kind.model == "unet"}
     stages = {}
@@ -207,6 +213,16 @@ TASK_STAGES = {
 }
 
 
+def upscaled(source, done: dict, height: int, width: int) -> torch.Tensor:
+    """The upscaled image a render graph's encode read: its upscale tiles composited (a HeldCanvas keeps none) and,
+    past the model's scale, resized as the graph's Resized blocks are (bit-equal to resizing the whole image)."""
+    held = source.source if isinstance(source, Resized) else source
+    if not isinstance(held, HeldCanvas):
+        return source.read((0, 0, height, width))
+    image = held.read((0, 0, held.grid.canvas_h, held.grid.canvas_w)).resolved(done).pixels()
+    return image if image.shape[-2:] == (height, width) else resize(image.float(), height, width).to(PIXELS)
+
+
 class StagedExecutor(LocalExecutor):
     """Times each task of a render graph (pipeline.graph.stream) under its stage, so the tables keep their
     per-stage rows when the tiled stages run as one graph."""
@@ -214,6 +230,13 @@ class StagedExecutor(LocalExecutor):
     def __init__(self, worker: TileWorker, clock: StageClock):
         super().__init__(worker)
         self.clock = clock
+        self.done: dict = {}  # the last render graph's results
+
+    def run(self, stage, tasks, on_result=None):
+        results = super().run(stage, tasks, on_result)
+        if stage == GRAPH_STAGE:
+            self.done.update(results)
+        return results
 
     def _run_task(self, stage, task, args, place):
         name = TASK_STAGES.get(task.stage)

@@ -8,6 +8,8 @@ import socket
 import ray
 
 from cluster.wire import actor_env, from_wire, reply
+from pipeline.graph.canvas import Patch
+from pipeline.graph.tree import walk
 from pipeline.graph.worker import TileWorker, WorkerConfig
 
 
@@ -38,8 +40,17 @@ def run_on(worker: TileWorker, method: str, args: tuple, crash: str = "", held: 
     if crash == "exit":
         os._exit(1)
     # a method that only reads its inputs takes Ray's zero-copy views of the object store as they are
-    value = reply(getattr(worker, method)(*from_wire(args, copy=method not in READ_ONLY)), crash)
+    value = reply(getattr(worker, method)(*from_wire(fetch_patches(args), copy=method not in READ_ONLY)), crash)
     return (True, value) if held else value
+
+
+def fetch_patches(args: tuple) -> tuple:
+    """The arguments with each Patch's tile outputs fetched through their handles (Ray resolves only the handles
+    that are arguments themselves); a lost one raises ObjectLostError, and the driver makes it again. They are
+    only read (Patch.pixels), so Ray's zero-copy views of the object store are used as they are."""
+    return walk(
+        args, lambda v: v.with_values(from_wire(ray.get(list(v.values)), copy=False)) if isinstance(v, Patch) else v
+    )
 
 
 def where(device: str) -> dict:

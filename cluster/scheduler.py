@@ -23,6 +23,7 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError
 
 from cluster.wire import WireTensor, from_wire, to_wire
+from pipeline.graph.canvas import Patch
 from pipeline.graph.health import ATTEMPTS, bad_result_error, now, task_row
 from pipeline.graph.taskgraph import OnResult, Task, check_graph, stage_positions
 from pipeline.graph.tree import leaves
@@ -57,6 +58,8 @@ def payload(args: tuple) -> tuple[tuple, int]:
     for arg in leaves(args):  # tensors inside dataclasses too (an Enlarge's span)
         if isinstance(arg, ray.ObjectRef):
             refs.append(arg)
+        elif isinstance(arg, Patch):  # the handles of the tiles it is composited from (fetched by the actor)
+            refs.extend(arg.values)
         elif isinstance(arg, WireTensor):
             size += int(arg.array.nbytes)
         elif hasattr(arg, "nbytes"):

@@ -32,7 +32,7 @@ from pipeline.geometry.chess import cover_grid, fitted_cover_grid
 from pipeline.geometry.resize import PIXELS, describe_fit, doubling_factor, fit_exact, resize
 from pipeline.geometry.scaffold import make_scaffold, pool_noise
 from pipeline.geometry.tiling import run_tiled, run_tiled_exact_norm, run_tiled_shared_norm
-from pipeline.graph.canvas import AssembledCanvas
+from pipeline.graph.canvas import AssembledCanvas, HeldCanvas
 from pipeline.graph.clock import Clock
 from pipeline.graph.progress import Progress, no_progress, stage_bar, task_progress  # noqa: F401 (re-exported)
 from pipeline.graph.stream import (
@@ -130,16 +130,25 @@ def encode_canvas(plan: RenderPlan, ex: Executor, pixels: torch.Tensor, tile_px:
 
 
 def upscale_graph(
-    plan: RenderPlan, graph: Graph, image: Source, size: tuple[int, int], scale: int, height: int, width: int
+    plan: RenderPlan,
+    graph: Graph,
+    image: Source,
+    size: tuple[int, int],
+    scale: int,
+    height: int,
+    width: int,
+    held: bool = False,
 ) -> Source | None:
     """`image` (h, w = size) made height x width in the graph: the upscale model's tiles (when there is one
     and the image is smaller), then, where those fall short by a power of two, a resize block by block as
     the encode reads it (Resized: bit-equal to resizing the whole image). None when the graph cannot make
-    it exactly: the caller runs upscale_pixels as a stage (its resize reads the whole image)."""
+    it exactly: the caller runs upscale_pixels as a stage (its resize reads the whole image). With `held` the
+    model's tiles stay on the workers and the encode composites the boxes it reads (HeldCanvas): for a graph
+    whose only reader is the encode."""
     h, w = size
     if scale and h < height:
         grid = fitted_cover_grid(h, w, plan.spec.upscale_tile, UPSCALE_OVERLAP)
-        image = add_tiled(graph, "upscale", "upscale_tile", image, grid, 1, scale, 3, PIXELS, (PIXELS,))
+        image = add_tiled(graph, "upscale", "upscale_tile", image, grid, 1, scale, 3, PIXELS, (PIXELS,), held=held)
         h, w = h * scale, w * scale
     if (h, w) == (height, width):
         return image
@@ -160,6 +169,8 @@ def encode_graph(
     channels = plan.model.latent_channels
     if isinstance(pixels, Resized):  # the workers enlarge their own boxes: a quarter of the bytes, no driver resize
         pixels = Enlarged(pixels)
+    if isinstance(pixels.resized.source if isinstance(pixels, Enlarged) else pixels, HeldCanvas):
+        share = None  # a read is a Patch: the handles of the tiles over it, nothing worth sharing
     return add_tiled_shared_norm(
         graph, "encode", "encode_stats", "encode_tile", pixels, grid, plan.f, 1, channels, share=share,
         tiles_per_task=ENCODE_TILES_PER_TASK,
@@ -314,7 +325,7 @@ def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
     # the detailer reads the whole upscaled image, and the chess passes wait on their neighbours anyway
     streamed = spec.tiling == "blend" and not spec.concepts
     size, scale = base.shape[-2:], s.facts.upscale
-    pixels = upscale_graph(plan, graph, Fixed(base), size, scale, spec.height, spec.width) if streamed else None
+    pixels = upscale_graph(plan, graph, Fixed(base), size, scale, spec.height, spec.width, True) if streamed else None
     refined_mask = None
     if pixels is None:
         with clock.stage("upscale"):
@@ -401,7 +412,9 @@ def render_enhance(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Render
     graph = Graph()
     pixels = None
     if spec.tiling == "blend":
-        pixels = upscale_graph(plan, graph, Fixed(image), image.shape[-2:], s.facts.upscale, spec.height, spec.width)
+        pixels = upscale_graph(
+            plan, graph, Fixed(image), image.shape[-2:], s.facts.upscale, spec.height, spec.width, held=True
+        )
     if pixels is None:
         with clock.stage("upscale"):
             pixels = Fixed(upscale_pixels(plan, ex, image, s.facts.upscale, spec.height, spec.width))

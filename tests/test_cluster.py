@@ -105,18 +105,19 @@ def test_stages_overlap_and_actors_killed_in_the_encode_and_decode_change_nothin
     # one graph, no barrier between stages: the refine starts before the encode ends, the decode before the refine
     assert min(start for start, _ in spans["blend"]) < max(end for _, end in spans["encode"])
     assert min(start for start, _ in spans["decode"]) < max(end for _, end in spans["blend"])
-    # each encode tile's pixels went to the object store once, for its statistics task and its own (the one
-    # killed in flight ran again on the same stored pixels); no other task names them. A task takes two tiles
+    # the upscaled pixels never came to the driver: each encode tile's statistics task and its own were sent the
+    # handles of the upscale tiles under their input spans, and no pixels by value (TiledCanvas -> HeldCanvas)
     log = run.executor.scheduler.log
-    sent = {stage: {d.task: [r.hex() for r in d.refs] for d in log if d.stage == stage} for stage in spans}
-    stats, tiles = sent["encode stats"], sent["encode"]
+    sent = {stage: {d.task: {r.hex() for r in d.refs} for d in log if d.stage == stage} for stage in spans}
+    upscaled = {d.task for d in log if d.stage == "upscale"}
     n_tiles = len({t for r in rows if r["kind"] == "task" and r["stage"] == "encode" for t in r["tiles"]})
-    assert ENCODE_TILES_PER_TASK == 2 and len(tiles) == -(-n_tiles // 2)
-    assert {len(refs) for refs in (*stats.values(), *tiles.values())} <= {1, 2}
-    assert sorted(r for refs in stats.values() for r in refs) == sorted(r for refs in tiles.values() for r in refs)
-    assert len({r for refs in tiles.values() for r in refs}) == n_tiles
-    others = {r for stage in spans.keys() - {"encode stats", "encode"} for refs in sent[stage].values() for r in refs}
-    assert others.isdisjoint(r for refs in tiles.values() for r in refs)
+    assert ENCODE_TILES_PER_TASK == 2 and len(sent["encode"]) == -(-n_tiles // 2)
+    reads = [d for d in log if d.stage in ("encode stats", "encode")]
+    assert all(d.refs and d.bytes_by_value < 4096 for d in reads)  # handles, the span's place, the statistics
+    assert len({r.hex() for d in reads for r in d.refs}) == len(upscaled) > 1  # one handle per upscale tile
+    assert not {r.hex() for d in log if d.stage == "upscale" for r in d.refs} & {r.hex() for d in reads for r in d.refs}
+    # a tile's statistics task and its own read the same upscale tiles
+    assert sorted(map(sorted, sent["encode stats"].values())) == sorted(map(sorted, sent["encode"].values()))
     # the decode tiles stayed on their workers: each block's blend task got the handles of the tiles over it (up to
     # 3 x 3 for a block of 2 x 2 tiles), and no pixels by value
     blends = [d for d in log if d.stage == "decode blend"]

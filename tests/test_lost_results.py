@@ -14,6 +14,9 @@ ray = pytest.importorskip("ray")
 
 from cluster.actor import run_on  # noqa: E402
 from cluster.scheduler import PullScheduler  # noqa: E402
+from pipeline.geometry.chess import cover_grid  # noqa: E402
+from pipeline.geometry.resize import as_pixels  # noqa: E402
+from pipeline.graph.canvas import HeldCanvas  # noqa: E402
 from pipeline.graph.taskgraph import Task  # noqa: E402
 
 
@@ -26,6 +29,9 @@ class Maker:
 
     def total(self, *tiles: torch.Tensor) -> torch.Tensor:
         return torch.cat([t.flatten()[:8] for t in tiles])
+
+    def total_of(self, patch) -> torch.Tensor:
+        return self.total(as_pixels(patch))
 
 
 class MakerActor:
@@ -58,17 +64,37 @@ def two_nodes():
     cluster.shutdown()
 
 
-def test_a_result_lost_with_its_node_is_made_again(two_nodes):
+def _reads(by_patch: bool) -> list[Task]:
+    """A tile made and held where it is made, then read: by its handle, or through a Patch of a HeldCanvas (the
+    handle inside the argument, fetched by the reading actor)."""
+    if not by_patch:
+        return [
+            Task(0, "make", lambda done: (7,), stage="make", handle=True),
+            Task(1, "total", lambda done: (done[0],), deps=frozenset({0}), stage="read"),
+        ]
+    canvas = HeldCanvas(cover_grid(512, 512, 512, 0), 3, torch.float32)
+    canvas.task_of[0] = 0
+    return [
+        Task(0, "make", lambda done: (7,), stage="make", handle=True),
+        Task(
+            1,
+            "total_of",
+            lambda done: (canvas.read((0, 0, 512, 512)).resolved(done),),
+            deps=frozenset({0}),
+            stage="read",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("by_patch", [False, True], ids=["handle", "patch"])
+def test_a_result_lost_with_its_node_is_made_again(two_nodes, by_patch):
     cluster, nodes = two_nodes
     cls = ray.remote(MakerActor)
     actors = [cls.options(num_cpus=1, resources={f"node{i}": 0.5}).remote() for i in range(2)]
     ray.get([a.info.remote() for a in actors])
     rows = []
     scheduler = PullScheduler(actors, record=rows.append)
-    tasks = [
-        Task(0, "make", lambda done: (7,), stage="make", handle=True),
-        Task(1, "total", lambda done: (done[0],), deps=frozenset({0}), stage="read"),
-    ]
+    tasks = _reads(by_patch)
 
     left = []
 

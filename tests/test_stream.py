@@ -8,7 +8,8 @@ import torch
 from farm.executor import LocalExecutor
 from pipeline.geometry.chess import cover_grid
 from pipeline.geometry.feather import composite_pass
-from pipeline.graph.canvas import BLEND_GROUP, Blank, TiledCanvas, blend_cells
+from pipeline.geometry.resize import Enlarge
+from pipeline.graph.canvas import BLEND_GROUP, Blank, HeldCanvas, Patch, TiledCanvas, blend_cells
 from pipeline.graph.checkpoint import Checkpointed
 from pipeline.graph.stream import Enlarged, Fixed, Graph, Resized, add_tiled
 
@@ -27,6 +28,23 @@ def test_a_canvas_composited_as_tiles_arrive_equals_the_whole_composite():
             assert canvas.results, "a tile is dropped only once every cell under it is composited"
     assert torch.equal(canvas.canvas, whole)  # same sums in the same tile-id order, whatever the arrival order
     assert not canvas.results and not canvas.pending  # nothing held after the last tile
+
+
+def test_a_patch_of_held_tiles_is_the_same_box_of_the_drivers_composite():
+    grid = cover_grid(70, 90, 24, 6)
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float16):
+        results = {t.id: torch.randn(1, 3, t.h, t.w, generator=g).to(dtype) for t in grid.tiles}
+        canvas = TiledCanvas(grid, 3, dtype)
+        for tile_id, value in results.items():
+            canvas.add(tile_id, value)
+        held = HeldCanvas(grid, 3, dtype)
+        held.task_of.update({t.id: 100 + t.id for t in grid.tiles})  # task ids need not be tile ids
+        done = {100 + i: v for i, v in results.items()}
+        for box in [(0, 0, 70, 90), (5, 7, 30, 41), (20, 60, 50, 30), (69, 89, 1, 1), (18, 18, 6, 6)]:
+            patch = held.read(box)
+            assert set(patch.tasks) == held.deps(box) and len(patch.ids) < len(grid.tiles) or box[2:] == (70, 90)
+            assert torch.equal(patch.resolved(done).pixels(), canvas.read(box))
 
 
 def test_a_blank_canvas_is_all_zeros_whether_read_at_once_or_after_its_thread():
@@ -321,17 +339,34 @@ def test_workers_that_enlarge_their_own_boxes_encode_what_the_drivers_resize_did
     scale = ex.call("load", "facts").upscale
     base = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(8))
 
-    def encoded(on_workers: bool, per_task: int = 1) -> tuple[torch.Tensor, list]:
+    upscaled: list = []
+
+    def encoded(on_workers: bool, per_task: int = 1, held: bool = False) -> tuple[torch.Tensor, list]:
         graph = Graph()
         # the 4x model to 256 x 512, then 2x to 512 x 1024
-        pixels = upscale_graph(plan, graph, Fixed(base), (64, 128), scale, 512, 1024)
+        pixels = upscale_graph(plan, graph, Fixed(base), (64, 128), scale, 512, 1024, held=held)
         assert isinstance(pixels, Resized)
+        upscaled.append(pixels.source)
         source = Enlarged(pixels) if on_workers else pixels
         grid = cover_grid(64, 128, 24, 6)
         args = (graph, "encode", "encode_stats", "encode_tile", source, grid, 8, 1, 4)
-        out = add_tiled_shared_norm(*args, share=ex.share, tiles_per_task=per_task)
-        graph.run(ex)
+        out = add_tiled_shared_norm(*args, share=None if held else ex.share, tiles_per_task=per_task)
+        sent.clear()
+        graph.run(Sent(ex))
         return out.canvas, graph.tasks
+
+    sent: list = []
+
+    class Sent(LocalExecutor):
+        """The local executor, keeping the encode statistics tasks' first argument as it was sent."""
+
+        def __init__(self, ex):
+            super().__init__(ex.worker)
+
+        def _run_task(self, stage, task, args, place):
+            if task.stage == "encode stats":
+                sent.extend(a for a in args if isinstance(a, Enlarge))
+            return super()._run_task(stage, task, args, place)
 
     driver, _ = encoded(False)
     workers, tasks = encoded(True)
@@ -341,9 +376,15 @@ def test_workers_that_enlarge_their_own_boxes_encode_what_the_drivers_resize_did
     assert torch.equal(paired, driver)
     count = sum(t.stage == "encode" for t in tasks)
     assert sum(t.stage == "encode" for t in paired_tasks) == -(-count // 2) and count > 2
-    sent = [task.args({})[0] for task in tasks if task.stage == "encode stats"]
+    encoded(True)
+    composited = upscaled[-1]  # the upscale's tiles composited on the driver (TiledCanvas)
     # each task was sent its box's input span (a quarter of the box and a margin), not the box
     assert sent and all(s.span.shape[-2] * s.span.shape[-1] < s.height * s.width / 2 for s in sent)
+    # with the upscale's tiles held where they were made, each span is a Patch of them, composited by the worker
+    held, _ = encoded(True, per_task=2, held=True)
+    assert torch.equal(held, driver)
+    assert sent and all(isinstance(s.span, Patch) and s.span.values for s in sent)
+    assert all(torch.equal(s.span.pixels(), composited.read(s.span.box)) for s in sent)
 
 
 def test_the_graph_decodes_to_float16_pixels_that_make_the_png_a_float32_decode_makes(tiny_worker, small_spec):

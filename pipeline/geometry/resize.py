@@ -45,7 +45,7 @@ class Enlarge:
     enlarges the span and crops the box, which equals the same box of the whole image enlarged (source_span's
     margin), rounded to PIXELS as the graph's pixel canvases are."""
 
-    span: torch.Tensor  # [B, C, ih, iw]: the input rows and columns source_span gives for the box
+    span: torch.Tensor  # [B, C, ih, iw]: the input rows and columns source_span gives for the box (or a Patch of them)
     factor: int
     top: int  # the box's offset in the enlarged span
     left: int
@@ -60,13 +60,14 @@ class Enlarge:
     def pixels(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The box's pixels [B, C, height, width] in PIXELS, enlarged on `device`."""
         k, (ih, iw) = self.factor, self.span.shape[-2:]
-        out = resize(self.span.to(device).float(), ih * k, iw * k)
+        out = resize(as_pixels(self.span, device).to(device).float(), ih * k, iw * k)
         return out[..., self.top : self.top + self.height, self.left : self.left + self.width].to(PIXELS)
 
 
-def as_pixels(pixels: torch.Tensor | Enlarge, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Pixels a worker was sent: a tensor as it is, an Enlarge enlarged on the worker's device."""
-    return pixels.pixels(device) if isinstance(pixels, Enlarge) else pixels
+def as_pixels(pixels, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pixels a worker was sent: a tensor as it is; an Enlarge enlarged, or a Patch of a canvas
+    (pipeline.graph.canvas) composited, on the worker's device."""
+    return pixels if isinstance(pixels, torch.Tensor) else pixels.pixels(device)
 
 
 def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:

@@ -172,6 +172,83 @@ class TiledCanvas:
         return {t.id for t in self.grid.tiles if meets(t, box)}
 
 
+# feather weights of the tiles Patches are composited from, by device, shape and interior overlaps (tile_mask): a worker
+# reads many boxes of the same few tile shapes; bounded, since a farm renders many sizes
+_PATCH_MASKS: dict = {}
+_PATCH_MASKS_MAX = 64
+
+
+class Patch:
+    """A box of a tiled stage's canvas, sent as the outputs of the tiles over it and composited where it is read:
+    the canvas's cells clipped to the box, each blended from those tiles as a TiledCanvas blends it (blend_cell,
+    elementwise: a clipped cell has the same bits as the whole one). On a cluster its `values` are object store
+    handles until the reading actor fetches them (cluster.actor.run_on); the driver never holds the pixels."""
+
+    __slots__ = ("grid", "box", "cells", "channels", "dtype", "ids", "tasks", "values")
+
+    def __init__(self, grid: TileGrid, box: Box, cells: tuple[Cell, ...], channels: int, dtype: torch.dtype,
+                 ids: tuple[int, ...], tasks: tuple[int, ...], values: tuple = ()):  # fmt: skip
+        self.grid, self.box, self.cells, self.channels, self.dtype = grid, box, cells, channels, dtype
+        self.ids, self.tasks, self.values = ids, tasks, values  # tile ids, the tasks that made them, their outputs
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the pixels it stands for."""
+        return (1, self.channels, self.box[2], self.box[3])
+
+    def with_values(self, values: tuple) -> Patch:
+        return Patch(self.grid, self.box, self.cells, self.channels, self.dtype, self.ids, self.tasks, tuple(values))
+
+    def resolved(self, done: dict) -> Patch:
+        """The patch with its tiles' outputs (or handles to them) from the graph's finished tasks."""
+        return self.with_values(done[t] for t in self.tasks)
+
+    def pixels(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The box composited on `device` in the canvas's dtype (zeros where no tile lies, as a canvas's gaps)."""
+        y, x, h, w = self.box
+        if len(_PATCH_MASKS) > _PATCH_MASKS_MAX:
+            _PATCH_MASKS.clear()
+        tiles = {t.id: t for t in self.grid.tiles if t.id in self.ids}
+        results = {
+            i: (v.to(device), tile_mask(self.grid, tiles[i], _PATCH_MASKS, device))
+            for i, v in zip(self.ids, self.values, strict=True)
+        }
+        out = torch.zeros(*self.shape, dtype=self.dtype, device=device)
+        for c in self.cells:
+            blend_cell(c, tiles, results, out[..., c.y - y : c.y - y + c.h, c.x - x : c.x - x + c.w])
+        return out
+
+
+def clip(cell: Cell, box: Box) -> Cell | None:
+    """The part of a cell inside a (y, x, h, w) box, with the same tiles; None where they do not meet."""
+    y, x, h, w = box
+    y0, y1 = max(cell.y, y), min(cell.y + cell.h, y + h)
+    x0, x1 = max(cell.x, x), min(cell.x + cell.w, x + w)
+    return Cell(y0, x0, y1 - y0, x1 - x0, cell.tiles) if y0 < y1 and x0 < x1 else None
+
+
+class HeldCanvas:
+    """A tiled stage's output [1, C, H, W] in `dtype` that is never composited on the driver: each tile's output
+    stays where it was made (Task.handle), and a read is a Patch of the box, which the task reading it composites
+    on its own device from the outputs of the tiles over the box. Where a TiledCanvas would take each tile's pixels
+    to the driver, composite them there and send the next stage's boxes out again (at 8K, 100 MB of upscaled pixels
+    in and 190 MB of encode inputs out), the driver only passes handles on."""
+
+    def __init__(self, grid: TileGrid, channels: int, dtype: torch.dtype):
+        self.grid, self.channels, self.dtype = grid, channels, dtype
+        self.cells = [c for c in grid_cells(grid) if c.tiles]
+        self.task_of: dict[int, int] = {}  # tile id -> the task that makes it
+
+    def read(self, box: Box) -> Patch:
+        """The box as a Patch whose values are still to be taken from the finished tasks (Patch.resolved)."""
+        cells = tuple(c for c in (clip(cell, box) for cell in self.cells) if c is not None)
+        ids = tuple(sorted({t for cell in cells for t in cell.tiles}))
+        return Patch(self.grid, box, cells, self.channels, self.dtype, ids, tuple(self.task_of[i] for i in ids))
+
+    def deps(self, box: Box) -> frozenset[int]:
+        return frozenset(self.task_of[t.id] for t in self.grid.tiles if meets(t, box))
+
+
 # tiles per side of the square whose cells one blend task composites (AssembledCanvas): at 8K, 36 tasks instead of 121,
 # which took 0.3-0.4 s off the render's tail on 16 simulated actors (BENCHMARKS.md "Eighth round")
 BLEND_GROUP = 2

@@ -11,8 +11,9 @@ first decode tiles while the refine finishes. The driver keeps each canvas once,
 pixels in float16 (they come from an image and go into the VAE or into an 8-bit PNG; the workers round
 them on their device, so they travel in float16 too), latents in float32, and tile results only until
 every cell under them is composited. The decode's canvas is blended on the workers instead
-(AssembledCanvas): its tiles stay where they were made, and blocks of finished cells come back. The local
-executor runs the same graph: the same bits.
+(AssembledCanvas): its tiles stay where they were made, and blocks of finished cells come back. The upscale's
+canvas is not made at all where only the encode reads it (HeldCanvas): its tiles stay where they were made, and
+each encode task composites the box it reads from them. The local executor runs the same graph: the same bits.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch
 
 from pipeline.geometry.chess import Tile, TileGrid
 from pipeline.geometry.resize import PIXELS, Enlarge, source_span
-from pipeline.graph.canvas import AssembledCanvas, Box, TiledCanvas
+from pipeline.graph.canvas import AssembledCanvas, Box, HeldCanvas, Patch, TiledCanvas
 from pipeline.graph.taskgraph import GRAPH_STAGE, Executor, Task
+from pipeline.graph.tree import walk
 from pipeline.sampling.groupnorm import combine_stats
 
 
@@ -197,8 +199,13 @@ class SharedReads:
         return self.source.deps(box)
 
 
+def _resolve(value, done):
+    """A read with the outputs its Patches stand for (handles on a cluster) taken from the finished tasks."""
+    return walk(value, lambda v: v.resolved(done) if isinstance(v, Patch) else v)
+
+
 def _read(source: Source, box: Box, extra, done) -> tuple:
-    return (source.read(box), *(e(done) if callable(e) else e for e in extra))
+    return (_resolve(source.read(box), done), *(e(done) if callable(e) else e for e in extra))
 
 
 def _read_each(method: str, source: Source, reads: tuple, done) -> tuple:
@@ -261,16 +268,22 @@ def add_tiled(
     extra_deps=frozenset(),
     on_workers: bool = False,
     tiles_per_task: int = 1,
-) -> TiledCanvas | AssembledCanvas:
+    held: bool = False,
+) -> TiledCanvas | AssembledCanvas | HeldCanvas:
     """`method(crop, *extra)` on each tile of `grid` (in units of scale_in source px), its outputs composited
     into a TiledCanvas scale_out x the grid; an `extra` that is callable is given the finished results. With
-    `on_workers` the outputs are blended on the workers instead, block by block (AssembledCanvas). With
-    `tiles_per_task` > 1 (not on_workers) a task runs that many tiles, in id order, through the worker's `each`."""
+    `on_workers` the outputs are blended on the workers instead, block by block (AssembledCanvas); with `held`
+    they are never blended into a canvas: each task that reads a box composites it (HeldCanvas). With
+    `tiles_per_task` > 1 (neither) a task runs that many tiles, in id order, through the worker's `each`."""
     each = tiles_per_task > 1
-    if each and on_workers:  # a blend reads each tile's output by its own handle
+    if each and (on_workers or held):  # their readers take each tile's output by its own handle
         raise ValueError("tiles blended on the workers go one to a task")
     scaled = _scaled_grid(grid, scale_out)
-    out = AssembledCanvas(scaled, channels, dtype) if on_workers else TiledCanvas(scaled, channels, dtype)
+    if held:
+        out = HeldCanvas(scaled, channels, dtype)
+    else:
+        out = AssembledCanvas(scaled, channels, dtype) if on_workers else TiledCanvas(scaled, channels, dtype)
+    on_workers = on_workers or held
     for chunk in _chunks(grid.tiles, tiles_per_task):
         ids = tuple(tile.id for tile in chunk)
         task = _add_chunk(
@@ -279,7 +292,8 @@ def add_tiled(
             handle=on_workers,
         )  # fmt: skip
         out.task_of.update(dict.fromkeys(ids, task))
-        if on_workers and ids[0] in out.blocks:  # right after its group's last tile: blocks blend as they complete
+        # right after its group's last tile: blocks blend as they complete
+        if isinstance(out, AssembledCanvas) and ids[0] in out.blocks:
             out.add_blend(graph, stage, ids[0], scale_out)
     return out
 
