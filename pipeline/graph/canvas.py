@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -204,15 +205,18 @@ class Patch:
         return self.with_values(done[t] for t in self.tasks)
 
     def pixels(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The box composited on `device` in the canvas's dtype (zeros where no tile lies, as a canvas's gaps)."""
+        """The box composited on `device` in the canvas's dtype (zeros where no tile lies, as a canvas's gaps). Only
+        the part of each tile inside the box goes to the device (an 8K upscale tile is 13 MB, its part a few)."""
         y, x, h, w = self.box
         if len(_PATCH_MASKS) > _PATCH_MASKS_MAX:
             _PATCH_MASKS.clear()
-        tiles = {t.id: t for t in self.grid.tiles if t.id in self.ids}
-        results = {
-            i: (v.to(device), tile_mask(self.grid, tiles[i], _PATCH_MASKS, device))
-            for i, v in zip(self.ids, self.values, strict=True)
-        }
+        tiles, results, by_id = {}, {}, {t.id: t for t in self.grid.tiles}
+        for tile, value in zip((by_id[i] for i in self.ids), self.values, strict=True):
+            part = clip(Cell(tile.y, tile.x, tile.h, tile.w, ()), self.box)
+            rows, cols = part.within(tile)
+            mask = tile_mask(self.grid, tile, _PATCH_MASKS, device)[rows, cols]
+            tiles[tile.id] = replace(tile, y=part.y, x=part.x, h=part.h, w=part.w)  # the part, as a tile of its own
+            results[tile.id] = (value[..., rows, cols].to(device), mask)
         out = torch.zeros(*self.shape, dtype=self.dtype, device=device)
         for c in self.cells:
             blend_cell(c, tiles, results, out[..., c.y - y : c.y - y + c.h, c.x - x : c.x - x + c.w])
