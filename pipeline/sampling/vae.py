@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from pipeline.geometry.resize import Enlarge, as_pixels
+from pipeline.geometry.resize import as_pixels
 from pipeline.sampling.groupnorm import Core, StopForward, apply_stats, record_stats
 
 
@@ -63,9 +63,10 @@ def _normalising(vae, stats: dict[str, torch.Tensor] | None):
     return nullcontext() if stats is None else apply_stats(vae, stats)
 
 
-def _pixels_in(vae, pixels: torch.Tensor | Enlarge) -> torch.Tensor:
+def _pixels_in(vae, pixels) -> torch.Tensor:
     param = next(vae.parameters())
-    pixels = as_pixels(pixels, param.device)  # a box of an enlargement is enlarged here, on the VAE's device
+    # a box of an enlargement (Enlarge) is enlarged here, a box of a held canvas (Patch) composited, on the VAE's device
+    pixels = as_pixels(pixels, param.device)
     return (pixels.float() * 2 - 1).to(param.device, param.dtype)  # float16 pixels (a graph's canvas) exactly
 
 
