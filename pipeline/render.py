@@ -32,7 +32,7 @@ from pipeline.geometry.chess import cover_grid, fitted_cover_grid
 from pipeline.geometry.resize import PIXELS, describe_fit, doubling_factor, fit_exact, resize
 from pipeline.geometry.scaffold import make_scaffold, pool_noise
 from pipeline.geometry.tiling import run_tiled, run_tiled_exact_norm, run_tiled_shared_norm
-from pipeline.graph.canvas import AssembledCanvas, HeldCanvas
+from pipeline.graph.canvas import AssembledCanvas
 from pipeline.graph.clock import Clock
 from pipeline.graph.progress import Progress, no_progress, stage_bar, task_progress  # noqa: F401 (re-exported)
 from pipeline.graph.stream import (
@@ -169,8 +169,6 @@ def encode_graph(
     channels = plan.model.latent_channels
     if isinstance(pixels, Resized):  # the workers enlarge their own boxes: a quarter of the bytes, no driver resize
         pixels = Enlarged(pixels)
-    if isinstance(pixels.resized.source if isinstance(pixels, Enlarged) else pixels, HeldCanvas):
-        share = None  # a read is a Patch: the handles of the tiles over it, nothing worth sharing
     return add_tiled_shared_norm(
         graph, "encode", "encode_stats", "encode_tile", pixels, grid, plan.f, 1, channels, share=share,
         tiles_per_task=ENCODE_TILES_PER_TASK,
@@ -325,7 +323,9 @@ def render_top_down(plan: RenderPlan, ex: Executor, clock: Clock, note) -> Rende
     # the detailer reads the whole upscaled image, and the chess passes wait on their neighbours anyway
     streamed = spec.tiling == "blend" and not spec.concepts
     size, scale = base.shape[-2:], s.facts.upscale
-    pixels = upscale_graph(plan, graph, Fixed(base), size, scale, spec.height, spec.width, True) if streamed else None
+    pixels = None
+    if streamed:
+        pixels = upscale_graph(plan, graph, Fixed(base), size, scale, spec.height, spec.width, held=True)
     refined_mask = None
     if pixels is None:
         with clock.stage("upscale"):

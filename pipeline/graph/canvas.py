@@ -210,8 +210,8 @@ class Patch:
         y, x, h, w = self.box
         if len(_PATCH_MASKS) > _PATCH_MASKS_MAX:
             _PATCH_MASKS.clear()
-        tiles, results, by_id = {}, {}, {t.id: t for t in self.grid.tiles}
-        for tile, value in zip((by_id[i] for i in self.ids), self.values, strict=True):
+        tiles, results = {}, {}
+        for tile, value in zip((self.grid.tiles[i] for i in self.ids), self.values, strict=True):  # tiles by id
             part = clip(Cell(tile.y, tile.x, tile.h, tile.w, ()), self.box)
             rows, cols = part.within(tile)
             mask = tile_mask(self.grid, tile, _PATCH_MASKS, device)[rows, cols]

@@ -28,7 +28,7 @@ from pipeline.geometry.chess import Tile, TileGrid
 from pipeline.geometry.resize import PIXELS, Enlarge, source_span
 from pipeline.graph.canvas import AssembledCanvas, Box, HeldCanvas, Patch, TiledCanvas
 from pipeline.graph.taskgraph import GRAPH_STAGE, Executor, Task
-from pipeline.graph.tree import walk
+from pipeline.graph.tree import leaves, walk
 from pipeline.sampling.groupnorm import combine_stats
 
 
@@ -180,16 +180,20 @@ class Enlarged:
 class SharedReads:
     """A source whose boxes are each read by `readers` tasks (a tile's statistics task, then the tile's own) and
     travel to the workers once: the first read puts the box in the executor's object store (Executor.share;
-    the local executor passes it as it is), the others send its handle, and it is let go after the last."""
+    the local executor passes it as it is), the others send its handle, and it is let go after the last. A read
+    that is a Patch (of a HeldCanvas) is only handles already, and goes as it is."""
 
     def __init__(self, source: Source, share, readers: int = 2):
         self.source, self.share, self.readers = source, share, readers
         self.handles: dict[Box, list] = {}  # box -> [handle, reads so far]
 
     def read(self, box: Box):
-        entry = self.handles.setdefault(box, [None, 0])
-        if entry[1] == 0:
-            entry[0] = self.share(self.source.read(box))
+        entry = self.handles.get(box)
+        if entry is None:
+            value = self.source.read(box)
+            if any(isinstance(v, Patch) for v in leaves(value)):  # resolved from the finished tasks as it is sent
+                return value
+            entry = self.handles[box] = [self.share(value), 0]
         entry[1] += 1
         if entry[1] == self.readers:
             del self.handles[box]
@@ -283,13 +287,13 @@ def add_tiled(
         out = HeldCanvas(scaled, channels, dtype)
     else:
         out = AssembledCanvas(scaled, channels, dtype) if on_workers else TiledCanvas(scaled, channels, dtype)
-    on_workers = on_workers or held
+    handle = on_workers or held  # the outputs stay where they are made; the tasks that read them get handles
     for chunk in _chunks(grid.tiles, tiles_per_task):
         ids = tuple(tile.id for tile in chunk)
         task = _add_chunk(
             graph, stage, method, source, chunk, scale_in, [extra] * len(chunk), each, deps=extra_deps,
-            on_result=partial(_add_each, out, ids) if each else None if on_workers else partial(out.add, ids[0]),
-            handle=on_workers,
+            on_result=partial(_add_each, out, ids) if each else None if handle else partial(out.add, ids[0]),
+            handle=handle,
         )  # fmt: skip
         out.task_of.update(dict.fromkeys(ids, task))
         # right after its group's last tile: blocks blend as they complete
