@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import sys
+
+JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # Ray's job supervisor gives its entrypoint the job's runtime_env here
 
 
 def wrong_python(missing: str) -> str:
@@ -30,6 +34,24 @@ def wrong_python(missing: str) -> str:
         "entrypoint: ray job submit --address http://HEAD:8265 --working-dir . -- "
         '"$PWD/.venv/bin/python" -m cluster.job spec.toml'
     )
+
+
+def use_the_nodes_cores(environ=os.environ) -> None:
+    """Let torch choose the driver's thread count as in a shell, where Ray's job supervisor forced one thread.
+
+    The supervisor is an actor that reserves no CPU, so Ray sets OMP_NUM_THREADS=1 in it, and the entrypoint
+    inherits it. The driver's own work (the blended sampler's steps over the whole canvas, composites, the 8-bit
+    conversion) would then run on one core, and CPU workers, which take the driver's thread count
+    (WorkerConfig.cpu_threads), would round differently from a `farm render` of the same spec. A count the job's
+    runtime_env names (--runtime-env-json) stands. Call before torch loads."""
+    if JOB_CONFIG not in environ or environ.get("OMP_NUM_THREADS") != "1":
+        return
+    try:
+        named = (json.loads(environ[JOB_CONFIG]).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        named = {}
+    if "OMP_NUM_THREADS" not in named:
+        del environ["OMP_NUM_THREADS"]
 
 
 def farm_is_up() -> bool:
@@ -66,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(wrong_python(" or ".join(missing)), file=sys.stderr)
         return 2
-    from farm.cli import main as farm_main  # after the check: what it imports may need them
+    use_the_nodes_cores()
+    from farm.cli import main as farm_main  # after the check: what it imports may need them (torch among them)
 
     # with a warm farm up (`farm up`), the job is its client: the farm's resident workers render it, and
     # `ray job stop` cancels it there; without one, the job starts its own actors

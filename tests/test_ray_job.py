@@ -18,8 +18,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+
+from cluster.job import JOB_CONFIG, use_the_nodes_cores
+from farm.cli import main as farm_main
 
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")  # a Ray dependency
@@ -84,8 +88,8 @@ def _stop_head(temp: str) -> None:
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def _write_spec(folder: Path, tiny_sdxl: Path, tiny_upscaler: Path, out: Path) -> Path:
-    spec = {
+def _write_spec(folder: Path, tiny_sdxl: Path, tiny_upscaler: Path, out: Path, **more) -> Path:
+    spec = more | {
         "model": str(tiny_sdxl),
         "upscaler": str(tiny_upscaler),
         "prompt": "a harbour at night",
@@ -141,7 +145,27 @@ def test_readme_recipe_renders_end_to_end(recipe_head, tiny_sdxl, tiny_upscaler,
     with Image.open(out) as image:
         assert image.size == (512, 512)
         seed = json.loads(image.info["tilefarm"])["spec"]["seed"]  # the spec has none: the job drew one
+        pixels = np.asarray(image.convert("RGB"))
     assert 0 <= seed < 2**32 and f"seed: {seed}" in logs
+    # the same image as `farm render` gives here: Ray starts a job's entrypoint with OMP_NUM_THREADS=1, and CPU
+    # workers take the driver's thread count, whose sums round differently (cluster.job.use_the_nodes_cores)
+    local = tmp_path / "local"
+    local.mkdir()
+    again = _write_spec(local, tiny_sdxl, tiny_upscaler, local / "local.png", seed=seed)
+    assert farm_main(["render", str(again), "--quiet"]) == 0
+    with Image.open(local / "local.png") as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), pixels)
+
+
+def test_a_job_uses_the_nodes_cores_unless_its_runtime_env_names_a_count():
+    def job(env_vars: dict) -> dict:
+        return {"OMP_NUM_THREADS": "1", JOB_CONFIG: json.dumps({"runtime_env": {"env_vars": env_vars}})}
+
+    forced, named, shell = job({"HF_HOME": "/models"}), job({"OMP_NUM_THREADS": "1"}), {"OMP_NUM_THREADS": "1"}
+    for environ in (forced, named, shell):
+        use_the_nodes_cores(environ)
+    assert "OMP_NUM_THREADS" not in forced  # Ray's supervisor forced it: torch chooses, as in a shell
+    assert named["OMP_NUM_THREADS"] == "1" and shell["OMP_NUM_THREADS"] == "1"  # the user's choice stands
 
 
 def _farm(head: Head, *args: str, cwd: Path) -> subprocess.CompletedProcess:
