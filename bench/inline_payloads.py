@@ -2,7 +2,7 @@
 
 One actor echoes a float32 array back; each size is timed one call at a time (round trip) and with all
 calls in flight at once, with Ray's inline limit (RAY_max_direct_call_object_size) at its default,
-100 KiB, at tilefarm's (cluster.wire.INLINE_BYTES) and at 8 MiB (every size inline). Each limit runs in
+100 KiB, at tilefarm's (cluster.inline.INLINE_BYTES) and at 8 MiB (every size inline). Each limit runs in
 a fresh local Ray in its own process, since Ray reads the limit as it starts. Driver CPU is the driver
 process's user + system time per call.
 
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from cluster.wire import INLINE_BYTES, INLINE_VAR  # noqa: E402
+from cluster.inline import INLINE_BYTES, INLINE_VAR  # noqa: E402
 
 RAY_DEFAULT = 100 * 1024
 EVERYTHING = 8 * 1024 * 1024  # every size here inline: where inlining stops paying

@@ -27,7 +27,8 @@ from flops import DEFAULT_TFLOPS, describe, load_table  # noqa: E402
 from sim_render import SDXL, SimActor  # noqa: E402
 
 from cluster.executor import ClusterExecutor  # noqa: E402
-from cluster.wire import actor_env, inline_tile_payloads, to_wire  # noqa: E402
+from cluster.inline import actor_env, inline_tile_payloads  # noqa: E402
+from cluster.wire import to_wire  # noqa: E402
 from pipeline.graph.clock import Clock  # noqa: E402
 from pipeline.graph.health import stage_row  # noqa: E402
 from pipeline.plan import RenderPlan, make_plan  # noqa: E402

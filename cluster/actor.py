@@ -7,7 +7,8 @@ import socket
 
 import ray
 
-from cluster.wire import actor_env, from_wire, reply
+from cluster.inline import actor_env
+from cluster.wire import from_wire, reply
 from pipeline.graph.canvas import Patch
 from pipeline.graph.tree import walk
 from pipeline.graph.worker import TileWorker, WorkerConfig

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.wire import inline_tile_payloads
+from cluster.address import reachable
+from cluster.inline import inline_tile_payloads
 from pipeline.errors import RenderError, UserError
 from pipeline.graph.checkpoint import Checkpointed
 from pipeline.graph.clock import Clock
@@ -29,26 +30,9 @@ from pipeline.graph.worker import WorkerConfig
 from pipeline.plan import RenderPlan
 from pipeline.render import RenderResult, render
 
-CONNECT_TIMEOUT_S = 5.0
-
 
 class ClusterError(RenderError):
     """The cluster lost what the render needs (every worker); names what was lost and what was kept."""
-
-
-def _reachable(address: str) -> None:
-    """Fail fast, with the fix, when nothing listens at a host:port address."""
-    target = address.split("://", 1)[-1]
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--cluster {address!r}: give 'auto' or a Ray address HOST:PORT (e.g. 127.0.0.1:6379)")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as err:
-        raise UserError(
-            f"--cluster {address}: cannot reach a Ray cluster there ({err.strerror or err}); start one with "
-            "`ray start --head` on that machine, check the address and port, or use --cluster auto"
-        ) from None
 
 
 PACKAGES = ("farm", "pipeline", "cluster")  # tilefarm's top-level packages
@@ -81,7 +65,7 @@ def connect(address: str) -> None:
 
     check_working_dir("--cluster")
     if address != "auto":
-        _reachable(address)
+        reachable(address)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -133,7 +117,6 @@ def _node_check():
     def check_node(paths: list[str]) -> dict:
         import importlib
         import platform
-        import socket
         import sys
         from pathlib import Path
 

@@ -27,7 +27,6 @@ from pipeline.errors import RenderError, UserError
 from pipeline.graph.progress import Bar
 from pipeline.graph.worker import WorkerConfig
 
-CONTROLLER = "controller"
 POLL_S = 0.2  # how often the dispatcher looks for queued renders when nothing woke it
 RESULT_TTL_H = 24.0  # hours a finished render's PNG is kept (farm up --result-ttl)
 SWEEP_S = 60.0  # how often the dispatcher deletes expired PNGs

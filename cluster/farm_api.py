@@ -21,8 +21,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from cluster.farm import CONTROLLER
-from cluster.farm_pool import NAMESPACE
+from cluster.farm_names import CONTROLLER, NAMESPACE
 from cluster.queue import FINAL, expired_message
 from cluster.remote_spec import Forbidden, check_remote_spec
 from pipeline.errors import UserError

@@ -8,25 +8,24 @@ import time
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from cluster.farm import CONTROLLER, RESULT_TTL_H, Controller
-from cluster.farm_pool import NAMESPACE
-from cluster.wire import actor_env, inline_tile_payloads
+from cluster.address import reachable
+from cluster.farm_names import CONTROLLER, NAMESPACE
+from cluster.inline import actor_env, inline_tile_payloads
 from pipeline.errors import UserError
 
 GONE_TIMEOUT_S = 30.0  # how long `farm down` waits for Ray to report the killed actors gone
 RESTART_WAIT_S = 120.0  # how long a client waits for a restarting controller
 
 
-def join(address: str) -> None:
-    """Join a running Ray cluster; never start one (a farm started inside this process would end with it)."""
-    from cluster.executor import _reachable
-
+def join(address: str, flag: str = "--address") -> None:
+    """Join a running Ray cluster (given with `flag`); never start one (a farm started inside this process would
+    end with it)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     inline_tile_payloads()
     if address != "auto":
-        _reachable(address)
+        reachable(address, flag)
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     except ConnectionError as err:
@@ -37,9 +36,9 @@ def join(address: str) -> None:
         ) from None
 
 
-def controller(address: str):
+def controller(address: str, flag: str = "--address"):
     """The farm's controller actor; a clear error when no farm is up."""
-    join(address)
+    join(address, flag)
     try:
         return ray.get_actor(CONTROLLER, namespace=NAMESPACE)
     except ValueError:
@@ -70,7 +69,7 @@ def up(
     gpus_per_worker: float | None = None,
     max_running: int = 2,
     max_models: int = 2,
-    result_ttl_h: float = RESULT_TTL_H,
+    result_ttl_h: float | None = None,
 ) -> dict:
     """Start the farm (the controller on this node, where its queue file lives) or report the running one."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -85,6 +84,7 @@ def up(
     except ValueError:
         pass
     from cluster.executor import preflight
+    from cluster.farm import RESULT_TTL_H, Controller
     from pipeline.graph.worker import WorkerConfig
 
     preflight(WorkerConfig("", "", "", "auto"), 0)  # every node imports tilefarm: a foreign cluster is refused here
@@ -102,7 +102,14 @@ def up(
             scheduling_strategy=here,
             runtime_env=actor_env(),  # it sends the renders' calls: tile payloads inline, as a driver does
         )
-        .remote(state_dir, workers, gpus_per_worker, max_running, max_models, result_ttl_h)
+        .remote(
+            state_dir,
+            workers,
+            gpus_per_worker,
+            max_running,
+            max_models,
+            RESULT_TTL_H if result_ttl_h is None else result_ttl_h,
+        )
     )
     return call(handle.ready) | {"already": False}
 

@@ -19,10 +19,10 @@ import ray
 from ray.exceptions import RayActorError
 
 from cluster.actor import run_on, where
-from cluster.wire import actor_env
+from cluster.farm_names import NAMESPACE
+from cluster.inline import actor_env
 from pipeline.graph.worker import TileWorker, WorkerConfig
 
-NAMESPACE = "tilefarm"  # the farm's Ray namespace: its controller and workers are found there by name
 WORKER_PREFIX = "worker-"
 
 GROW_S = 2.0  # how often the controller looks for GPUs that joined the cluster

@@ -58,9 +58,8 @@ def farm_is_up() -> bool:
     """Whether the cluster this job runs on has a warm farm's controller (`farm up`)."""
     import ray
 
-    from cluster.farm import CONTROLLER
     from cluster.farm_client import join
-    from cluster.farm_pool import NAMESPACE
+    from cluster.farm_names import CONTROLLER, NAMESPACE
 
     joined_here = not ray.is_initialized()
     join("auto")

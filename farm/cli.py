@@ -138,13 +138,12 @@ def _resumed(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from farm.executor import memory_report, prepare, run_local
-    from farm.farm_cli import FARM_COMMANDS, render_on_farm, run_farm_command
-    from farm.output import check_output_path, save_png
-    from farm.progress import tqdm_progress
+    from farm.farm_cli import FARM_COMMANDS, run_farm_command
+
+    if args.command in FARM_COMMANDS:  # first: asking the farm something needs no model libraries (a second or two)
+        return run_farm_command(args)
     from farm.rundir import RunDir
-    from farm.runs import find_run, forget, new_run, runs_table
-    from pipeline.graph.health import now, stage_row
+    from farm.runs import find_run, runs_table
 
     if args.command == "ledger":
         from farm.ledger import summary
@@ -165,8 +164,12 @@ def run(args: argparse.Namespace) -> int:
 
         print(presets_table())
         return 0
-    if args.command in FARM_COMMANDS:
-        return run_farm_command(args)
+    from farm.executor import memory_report, prepare, run_local
+    from farm.farm_cli import render_on_farm
+    from farm.output import check_output_path, save_png
+    from farm.progress import tqdm_progress
+    from farm.runs import forget, new_run
+    from pipeline.graph.health import now, stage_row
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")

@@ -208,7 +208,7 @@ def render_on_farm(args: argparse.Namespace, plan, out: Path, metadata: bool) ->
 
     from cluster import farm_client
 
-    ctl = farm_client.controller(args.farm)
+    ctl = farm_client.controller(args.farm, "--farm")
     # the farm's workers use this machine's CPU thread count, so a CPU render matches a local one bit for bit
     options = {"cpu_threads": torch.get_num_threads(), "metadata": metadata}
     render_id = farm_client.call(ctl.submit, plan.spec.to_dict(), options, args.priority)

@@ -11,8 +11,8 @@ ray = pytest.importorskip("ray")
 
 from cluster.actor import start_actors  # noqa: E402
 from cluster.executor import ClusterError, ClusterExecutor, preflight, run_cluster  # noqa: E402
+from cluster.inline import INLINE_BYTES, INLINE_VAR  # noqa: E402
 from cluster.scheduler import DEPTH  # noqa: E402
-from cluster.wire import INLINE_BYTES, INLINE_VAR  # noqa: E402
 from farm.cli import main  # noqa: E402
 from farm.executor import prepare, run_local  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402

@@ -24,7 +24,7 @@ class Maker:
     """A worker whose tiles are made from a seed (the same bytes wherever they run) and read by a reader."""
 
     def make(self, seed: int) -> torch.Tensor:
-        # 3 MB: over Ray's inline limit (cluster.wire.INLINE_BYTES), so it stays in the object store where it is made
+        # 3 MB: over Ray's inline limit (cluster.inline.INLINE_BYTES), so it stays in the object store where it is made
         return torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(seed))
 
     def total(self, *tiles: torch.Tensor) -> torch.Tensor:
