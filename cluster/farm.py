@@ -19,13 +19,15 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cluster.farm_lease import PriorityLease
 from cluster.farm_pool import WorkerPool
 from cluster.queue import CANCELED, DONE, FAILED, QUEUED, RUNNING, RenderQueue, expire_results, expired_message
 from pipeline.errors import RenderError, UserError
 from pipeline.graph.progress import Bar
-from pipeline.graph.worker import WorkerConfig
+
+if TYPE_CHECKING:
+    from pipeline.graph.worker import WorkerConfig
 
 POLL_S = 0.2  # how often the dispatcher looks for queued renders when nothing woke it
 RESULT_TTL_H = 24.0  # hours a finished render's PNG is kept (farm up --result-ttl)
@@ -101,6 +103,7 @@ class Controller(WorkerPool):
         result_ttl_h: float = RESULT_TTL_H,
     ):
         from cluster.executor import gpus_per_worker_for, worker_count
+        from cluster.farm_lease import PriorityLease
 
         self.result_ttl_s = result_ttl_h * 3600  # 0: images are kept until removed by hand
 
@@ -258,6 +261,7 @@ class Controller(WorkerPool):
         from farm.executor import prepare
         from farm.output import save_png
         from pipeline.graph.clock import Clock
+        from pipeline.graph.worker import WorkerConfig
         from pipeline.render import render
         from pipeline.spec import RenderSpec
 

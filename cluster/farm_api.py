@@ -23,7 +23,6 @@ from ray import serve
 
 from cluster.farm_names import CONTROLLER, NAMESPACE
 from cluster.queue import FINAL, expired_message
-from cluster.remote_spec import Forbidden, check_remote_spec
 from pipeline.errors import UserError
 
 APP_NAME = "tilefarm-api"
@@ -34,6 +33,8 @@ app = FastAPI(title="tilefarm", description=__doc__)
 
 @app.exception_handler(UserError)
 async def _refused(request: Request, err: UserError) -> JSONResponse:
+    from cluster.remote_spec import Forbidden  # here, not at the top: `farm down` loads this module to stop the API
+
     return JSONResponse({"error": str(err)}, status_code=403 if isinstance(err, Forbidden) else 400)
 
 
@@ -67,6 +68,7 @@ class FarmApi:
 
     @app.post("/v1/renders", status_code=201)
     async def submit(self, request: Request) -> dict:
+        from cluster.remote_spec import check_remote_spec
         from farm.executor import prepare
 
         self._check_key(request)

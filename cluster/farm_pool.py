@@ -4,87 +4,27 @@ Ray starts a worker again (max_restarts=-1) when its process dies, and when its 
 free for it: on a node that comes back, or any other. A node that brings more GPUs than the farm has workers for
 (a new node, or one back with more GPUs) gets new workers from the controller, which looks for free GPUs every
 GROW_S seconds (WorkerPool.grow). A controller is a WorkerPool: it owns `workers`, `lease`, `running`, `wake`.
+
+The worker actor itself is cluster/farm_worker.py, imported where a worker starts: Ray imports the controller's
+module wherever a client looks the controller up (`farm status`), and it loads no model libraries there.
 """
 
 from __future__ import annotations
 
-import gc
-import os
 import time
 import traceback
-from collections import OrderedDict
-from dataclasses import replace
 
 import ray
 from ray.exceptions import RayActorError
 
-from cluster.actor import run_on, where
 from cluster.farm_names import NAMESPACE
 from cluster.inline import actor_env
-from pipeline.graph.worker import TileWorker, WorkerConfig
 
 WORKER_PREFIX = "worker-"
 
 GROW_S = 2.0  # how often the controller looks for GPUs that joined the cluster
 PING_S = 10.0  # how long a worker may take to answer before it counts as not there
 JOIN_S = 120.0  # how long a worker started for a joined GPU may take to start before it is given up
-
-
-class FarmWorker:
-    """A worker actor holding the models of up to `max_models` model sets, as many as fit its device's memory
-    by the pre-flight's weight estimates (least recently used goes first).
-
-    Every call names its model set, so renders with different models can share the worker task by task."""
-
-    def __init__(self, max_models: int = 2, memory_bytes: int = 0):
-        self.max_models = max(1, max_models)
-        self.memory_bytes = memory_bytes  # what the model sets may share; 0 = what the device has (plus theirs)
-        self.resident: OrderedDict[WorkerConfig, TileWorker] = OrderedDict()
-        self.weights: dict[WorkerConfig, int] = {}  # each resident set's estimated weights
-        self.loads: list[dict] = []  # one entry per model load: model, seconds, the render that caused it
-        self.evicted: list[str] = []  # the model of each set dropped, in order
-
-    def _models(self, config: WorkerConfig, render_id: int) -> TileWorker:
-        from pipeline.budget.memory import sets_to_evict
-        from pipeline.budget.preflight import check_worker, worker_memory
-
-        worker = self.resident.get(config)
-        if worker is not None:
-            self.resident.move_to_end(config)
-            return worker
-        new, budget = worker_memory(config)
-        sizes = [self.weights[c] for c in self.resident]
-        # the device's free memory counts without the resident sets: they hold what dropping them gives back
-        budget = replace(budget, available=self.memory_bytes or budget.available + sum(sizes))
-        for _ in range(sets_to_evict(sizes, new, budget, self.max_models)):
-            old, dropped = self.resident.popitem(last=False)
-            self.weights.pop(old)
-            self.evicted.append(old.model)
-            device = dropped.device
-            del dropped
-            gc.collect()  # the models' memory is free before the next set loads
-            if device.type == "cuda":
-                import torch
-
-                torch.cuda.empty_cache()
-        check_worker(config)  # its own GPU, before loading: a clear error instead of an out-of-memory mid-load
-        start = time.perf_counter()
-        worker = TileWorker(config)
-        self.loads.append({"model": config.model, "seconds": time.perf_counter() - start, "render": render_id})
-        self.resident[config] = worker
-        self.weights[config] = new
-        return worker
-
-    def run(self, config: WorkerConfig, render_id: int, method: str, *args, crash: str = "", held: bool = False):
-        """One unit of work on `config`'s models (loaded first if not resident); `crash` and `held` as in run_on."""
-        if crash == "exit":
-            os._exit(1)  # before any load: a lost process, not a slow one
-        return run_on(self._models(config, render_id), method, args, crash, held)
-
-    def info(self) -> dict:
-        device = str(next(iter(self.resident.values())).device) if self.resident else ""
-        resident = [c.model for c in self.resident]
-        return where(device) | {"resident": resident, "loads": list(self.loads), "evicted": list(self.evicted)}
 
 
 class WorkerPool:
@@ -125,6 +65,8 @@ class WorkerPool:
     def _worker(self, index: int):
         """The detached worker actor `worker-<index>`: found again by name after a controller restart; Ray starts
         it again (its models reload) when its process or node dies, as soon as a GPU is free for it."""
+        from cluster.farm_worker import FarmWorker
+
         return (
             ray.remote(FarmWorker)
             .options(

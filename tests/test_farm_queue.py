@@ -108,7 +108,7 @@ def test_the_least_recently_used_model_sets_go_until_the_weights_fit_the_budget(
 
 
 def test_a_farm_worker_keeps_the_model_sets_that_fit_its_memory(tiny_sdxl, tiny_upscaler):
-    from cluster.farm_pool import FarmWorker
+    from cluster.farm_worker import FarmWorker
     from pipeline.budget.memory import HEADROOM
     from pipeline.budget.preflight import worker_memory
     from pipeline.graph.worker import WorkerConfig
