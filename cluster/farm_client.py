@@ -9,6 +9,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.address import reachable
+from cluster.farm import RESULT_TTL_H, Controller
 from cluster.farm_names import CONTROLLER, NAMESPACE
 from cluster.inline import actor_env, inline_tile_payloads
 from pipeline.errors import UserError
@@ -69,7 +70,7 @@ def up(
     gpus_per_worker: float | None = None,
     max_running: int = 2,
     max_models: int = 2,
-    result_ttl_h: float | None = None,
+    result_ttl_h: float = RESULT_TTL_H,
 ) -> dict:
     """Start the farm (the controller on this node, where its queue file lives) or report the running one."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -84,7 +85,6 @@ def up(
     except ValueError:
         pass
     from cluster.executor import preflight
-    from cluster.farm import RESULT_TTL_H, Controller
     from pipeline.graph.worker import WorkerConfig
 
     preflight(WorkerConfig("", "", "", "auto"), 0)  # every node imports tilefarm: a foreign cluster is refused here
@@ -102,14 +102,7 @@ def up(
             scheduling_strategy=here,
             runtime_env=actor_env(),  # it sends the renders' calls: tile payloads inline, as a driver does
         )
-        .remote(
-            state_dir,
-            workers,
-            gpus_per_worker,
-            max_running,
-            max_models,
-            RESULT_TTL_H if result_ttl_h is None else result_ttl_h,
-        )
+        .remote(state_dir, workers, gpus_per_worker, max_running, max_models, result_ttl_h)
     )
     return call(handle.ready) | {"already": False}
 
