@@ -1,5 +1,6 @@
 """The farm's worker actor: one per GPU, holding the models of the last few model sets (cluster/farm_pool.py starts
-them)."""
+them). The models' libraries are imported in its methods: Ray imports this module in every client that looks a worker
+up (`farm down` ends them by handle), and there they are not needed."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from cluster.actor import run_on, where
-from pipeline.graph.worker import TileWorker, WorkerConfig
+if TYPE_CHECKING:
+    from pipeline.graph.worker import TileWorker, WorkerConfig
 
 
 class FarmWorker:
@@ -30,6 +32,7 @@ class FarmWorker:
     def _models(self, config: WorkerConfig, render_id: int) -> TileWorker:
         from pipeline.budget.memory import sets_to_evict
         from pipeline.budget.preflight import check_worker, worker_memory
+        from pipeline.graph.worker import TileWorker
 
         worker = self.resident.get(config)
         if worker is not None:
@@ -62,9 +65,13 @@ class FarmWorker:
         """One unit of work on `config`'s models (loaded first if not resident); `crash` and `held` as in run_on."""
         if crash == "exit":
             os._exit(1)  # before any load: a lost process, not a slow one
+        from cluster.actor import run_on
+
         return run_on(self._models(config, render_id), method, args, crash, held)
 
     def info(self) -> dict:
         device = str(next(iter(self.resident.values())).device) if self.resident else ""
         resident = [c.model for c in self.resident]
+        from cluster.actor import where
+
         return where(device) | {"resident": resident, "loads": list(self.loads), "evicted": list(self.evicted)}

@@ -140,11 +140,12 @@ def test_asking_the_farm_something_loads_no_model_libraries():
     import subprocess
     import sys
 
-    # what `farm status` imports, the controller's module, which Ray imports wherever a client looks it up
-    # (ray.get_actor), and the HTTP API's, which `farm down` loads to stop it: with torch and diffusers there,
+    # what `farm status` imports, the controller's and the workers' modules, which Ray imports wherever a client looks
+    # them up (ray.get_actor), and the HTTP API's, which `farm down` loads to stop it: with torch and diffusers there,
     # every status query took seconds before it asked anything
     probe = (
-        "import sys, farm.cli, farm.farm_cli, cluster.farm_client, cluster.farm, cluster.farm_api; "
+        "import sys, farm.cli, farm.farm_cli, cluster.farm_client, cluster.farm, cluster.farm_worker, "
+        "cluster.farm_api; "
         "print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
