@@ -63,15 +63,15 @@ class FarmWorker:
 
     def run(self, config: WorkerConfig, render_id: int, method: str, *args, crash: str = "", held: bool = False):
         """One unit of work on `config`'s models (loaded first if not resident); `crash` and `held` as in run_on."""
-        if crash == "exit":
-            os._exit(1)  # before any load: a lost process, not a slow one
         from cluster.actor import run_on
 
+        if crash == "exit":
+            os._exit(1)  # before any load: a lost process, not a slow one
         return run_on(self._models(config, render_id), method, args, crash, held)
 
     def info(self) -> dict:
-        device = str(next(iter(self.resident.values())).device) if self.resident else ""
-        resident = [c.model for c in self.resident]
         from cluster.actor import where
 
+        device = str(next(iter(self.resident.values())).device) if self.resident else ""
+        resident = [c.model for c in self.resident]
         return where(device) | {"resident": resident, "loads": list(self.loads), "evicted": list(self.evicted)}
