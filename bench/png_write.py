@@ -1,5 +1,6 @@
-"""Writing the output PNG: the render's float16 image to 8-bit pixels (the whole image at once against
-farm/output.py's bands), then Pillow's encoder against farm/png.py's banded one, on a photo-like image.
+"""Writing the output PNG: a float16 image to 8-bit pixels (the whole image at once against farm/output.py's
+bands), a render's 8-bit image (its channels first) to the PNG's rows, then Pillow's encoder against
+farm/png.py's banded one, on a photo-like image.
 
 The image is smooth gradients plus Gaussian noise of 3% (an all-zero or pure-noise image would flatter or
 punish any compressor); both writers get the same uint8 pixels. Prints seconds and megabytes per size, and
@@ -25,6 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from farm.output import to_rgb8  # noqa: E402
 from farm.png import LEVEL, write_png  # noqa: E402
+from pipeline.geometry.resize import eight_bit_image  # noqa: E402
 
 
 def photo_like(size: int, seed: int = 0) -> np.ndarray:
@@ -62,7 +64,13 @@ def main(argv: list[str] | None = None) -> None:
         banded = to_rgb8(image)
         seconds = time.perf_counter() - start
         print(f"| {size} | to 8 bits, in bands (to_rgb8) | {seconds:.2f} | | {np.array_equal(banded, pixels)} |")
-        del whole, banded
+        levels = eight_bit_image(image)  # a render's image: 8-bit levels, channels first
+        start = time.perf_counter()
+        rows8 = to_rgb8(levels)
+        seconds = time.perf_counter() - start
+        same = np.array_equal(rows8, pixels)
+        print(f"| {size} | 8-bit image to rows, in bands (to_rgb8) | {seconds:.2f} | | {same} |")
+        del whole, banded, levels, rows8
         rows = [("PNG, Pillow", lambda out, p=pixels: Image.fromarray(p).save(out, format="PNG", compress_level=LEVEL))]
         rows += [
             (f"PNG, farm/png.py, {n} thread(s)", lambda out, p=pixels, n=n: write_png(out, p, [], n)) for n in threads

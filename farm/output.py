@@ -15,6 +15,7 @@ from farm.infotext import parameters
 from farm.png import write_png
 from farm.specfile import PNG_KEY
 from pipeline.errors import UserError
+from pipeline.geometry.resize import BAND_ROWS, eight_bit
 from pipeline.plan import RenderPlan
 
 A1111_KEY = "parameters"  # the text chunk A1111, Civitai and most image browsers read
@@ -42,18 +43,13 @@ def check_output_path(out: str | Path, overwrite: bool) -> Path:
     return path
 
 
-BAND_ROWS = 16  # rows converted at a time: a band's float32 copy stays in the CPU's cache
-
-
 def to_rgb8(image: torch.Tensor) -> np.ndarray:
-    """[1, 3, H, W] in [0, 1] -> [H, W, 3] uint8 (scaled in float32: float16 cannot hold x * 255 exactly),
-    converted band by band: at 8K the whole image at once was five passes over 805 MB of float32, 1.3 s on a
-    2-core VM against 0.34 s in bands, for the same bytes (bench/png_write.py)."""
+    """[1, 3, H, W] 8-bit levels (a render's image), or pixels in [0, 1] -> [H, W, 3] uint8 (eight_bit), band by
+    band: a band stays in the CPU's cache (bench/png_write.py)."""
     _, channels, height, width = image.shape
     array = torch.empty(height, width, channels, dtype=torch.uint8)
     for y in range(0, height, BAND_ROWS):
-        band = image[0, :, y : y + BAND_ROWS].float().clamp_(0, 1).mul_(255).round_()
-        array[y : y + BAND_ROWS].copy_(band.permute(1, 2, 0))  # whole numbers in 0-255: the cast is exact
+        array[y : y + BAND_ROWS].copy_(eight_bit(image[0, :, y : y + BAND_ROWS]).permute(1, 2, 0))
     return array.numpy()
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pipeline.detail.detailer import detail, plan_jobs
 from pipeline.detail.detection import choose
 from pipeline.geometry.chess import cover_grid, fitted_cover_grid
-from pipeline.geometry.resize import PIXELS, describe_fit, doubling_factor, fit_exact, resize
+from pipeline.geometry.resize import IMAGE, PIXELS, describe_fit, doubling_factor, eight_bit_image, fit_exact, resize
 from pipeline.geometry.scaffold import make_scaffold, pool_noise
 from pipeline.geometry.tiling import run_tiled, run_tiled_exact_norm, run_tiled_shared_norm
 from pipeline.graph.canvas import AssembledCanvas
@@ -62,9 +62,8 @@ ENCODE_TILES_PER_TASK = 2
 
 @dataclass
 class RenderResult:
-    """The final image ([1, 3, H, W] in [0, 1], CPU; float16 (PIXELS) where the graph decoded it), the latent
-    canvas it was decoded from, and the detailer's refinement mask (latent resolution; all zero without
-    detections)."""
+    """The final image ([1, 3, H, W] 8-bit levels, uint8 (IMAGE), CPU), the latent canvas it was decoded from,
+    and the detailer's refinement mask (latent resolution; all zero without detections)."""
 
     image: torch.Tensor
     canvas: torch.Tensor
@@ -175,20 +174,23 @@ def encode_graph(
     )  # fmt: skip
 
 
-def decode_graph(plan: RenderPlan, ex: Executor, graph: Graph, latents: Source, tile: int) -> AssembledCanvas:
-    """decode_canvas's tiles (and its layer-by-layer statistics), added to the graph. The tiles are blended on the
+def decode_graph(
+    plan: RenderPlan, ex: Executor, graph: Graph, latents: Source, tile: int, dtype: torch.dtype = PIXELS
+) -> AssembledCanvas:
+    """decode_canvas's tiles (and its layer-by-layer statistics), added to the graph, into a canvas of `dtype`
+    (IMAGE where it is the final image: the workers convert their blocks to 8 bits). The tiles are blended on the
     workers (AssembledCanvas): at 8K the decode's 121 tiles are 761 MB of float16 pixels, which the driver would
     otherwise composite one after another, after the last refine step."""
     if plan.vae_tile:
         tile = min(tile, max(1, plan.vae_tile // plan.f))
     grid = cover_grid(plan.latent_h, plan.latent_w, tile, max(1, tile // 4))
     if plan.spec.decode_norm == "tile":
-        args = (graph, "decode", "decode_tile", latents, grid, 1, plan.f, 3, PIXELS, (None, PIXELS))
+        args = (graph, "decode", "decode_tile", latents, grid, 1, plan.f, 3, dtype, (None, PIXELS))
         return add_tiled(*args, on_workers=True)
     # the decoder's GroupNorm layers, named by one call on a 2 x 2 latent (run_tiled_exact_norm's probe)
     probe = torch.zeros(1, plan.model.latent_channels, 2, 2)
     layers = list(ex.call("decode stats", "decode_stats", probe, (0.0, 1.0, 0.0, 1.0)))
-    args = (graph, "decode", "decode_stats", "decode_tile", latents, grid, 1, plan.f, 3, layers, PIXELS, (PIXELS,))
+    args = (graph, "decode", "decode_stats", "decode_tile", latents, grid, 1, plan.f, 3, layers, dtype, (PIXELS,))
     return add_tiled_exact_norm(*args, on_workers=True)
 
 
@@ -305,6 +307,7 @@ def render(plan: RenderPlan, ex: Executor, clock: Clock | None = None, log=lambd
 
     workflow = {"top-down": render_top_down, "two-pass": render_two_pass, "enhance": render_enhance}
     result = workflow[plan.spec.workflow](plan, ex, clock or Clock(), note)
+    result.image = eight_bit_image(result.image)  # where the workers did not make the 8-bit image themselves
     result.notes = tuple(notes)
     return result
 
@@ -346,7 +349,8 @@ def refine_and_decode(plan, ex, clock, s: Start, graph: Graph, pixels: Source, m
         latents = encode_graph(plan, graph, pixels, spec.height, spec.width, s.facts.encode_tile, ex.share)
         bar: list = []
         stepper = blend_graph(plan, graph, s, latents, mask, bar)
-        image = decode_graph(plan, ex, graph, stepper, s.facts.decode_tile)
+        final = plan.canvas_px == (spec.height, spec.width)  # the decode is the image, with no resize to come
+        image = decode_graph(plan, ex, graph, stepper, s.facts.decode_tile, IMAGE if final else PIXELS)
         with clock.stage("tiles"):
             run_graph(plan, ex, graph, stepper, bar)
         return RenderResult(fit_exact(image.canvas, spec.height, spec.width), stepper.latents, refined_mask)

@@ -207,6 +207,7 @@ def test_png_write_bench_compares_the_writers_on_the_same_pixels(capsys):
     assert [r.split(" | ")[1] for r in rows] == [
         "to 8 bits, whole image at once",
         "to 8 bits, in bands (to_rgb8)",
+        "8-bit image to rows, in bands (to_rgb8)",
         "PNG, Pillow",
         "PNG, farm/png.py, 1 thread(s)",
         "PNG, farm/png.py, 3 thread(s)",

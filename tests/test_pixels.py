@@ -150,3 +150,13 @@ def test_a_box_of_held_tiles_is_not_shared_but_sent_as_its_patch():
     # each read is the span's handles, taken from the finished tasks as its task is sent: nothing to share
     assert not shared and not source.handles
     assert all(isinstance(r.span, Patch) and not r.span.values and r.span.tasks for r in reads)
+
+
+def test_eight_bit_levels_leave_the_pixels_they_are_made_from_as_they_were():
+    from pipeline.geometry.resize import IMAGE, eight_bit, eight_bit_image
+
+    image = torch.tensor([[[[-0.5, 0.2, 1.5]]]]).expand(1, 3, 20, 3).contiguous()  # float32: .float() is itself
+    before = image.clone()
+    levels = eight_bit_image(image)
+    assert levels.dtype == IMAGE and levels[0, :, :, :].unique().tolist() == [0, 51, 255]
+    assert torch.equal(image, before) and eight_bit(levels) is levels

@@ -1,4 +1,5 @@
-"""Exact output sizes: resize pixels to cover the requested size, then centre-crop the excess."""
+"""The output image: exact sizes (resize pixels to cover the requested size, then centre-crop the excess) and the
+pixels' dtypes (float16 canvases, the 8-bit image)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,30 @@ def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 # an image's worth (float16 rounds a value in [0, 1] by at most 2^-12, a sixteenth of an 8-bit level) in half
 # the bytes of float32
 PIXELS = torch.float16
+
+# the final image's dtype: the 8-bit levels a PNG stores (a quarter of float32's bytes)
+IMAGE = torch.uint8
+BAND_ROWS = 16  # rows converted to 8 bits at a time: a band's float32 copy stays in the CPU's cache
+
+
+def eight_bit(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] -> 8-bit levels round(255 * clamp(x, 0, 1)) (sample depth scaling, W3C PNG 12.5), scaled in
+    float32 (float16 cannot hold x * 255 exactly) on the pixels' device; 8-bit levels are returned as they are."""
+    if pixels.dtype == IMAGE:
+        return pixels
+    return pixels.float().clamp(0, 1).mul_(255).round_().to(IMAGE)  # whole numbers in 0-255: the cast is exact
+
+
+def eight_bit_image(image: torch.Tensor) -> torch.Tensor:
+    """eight_bit over a whole [B, C, H, W] image, band by band: at 8K the whole image at once was five passes over
+    805 MB of float32, 1.3 s on a 2-core VM against 0.34 s in bands, for the same bytes (bench/png_write.py)."""
+    if image.dtype == IMAGE:
+        return image
+    out = torch.empty(image.shape, dtype=IMAGE, device=image.device)
+    for y in range(0, image.shape[-2], BAND_ROWS):
+        out[..., y : y + BAND_ROWS, :] = eight_bit(image[..., y : y + BAND_ROWS, :])
+    return out
+
 
 RESIZE_MARGIN = 4  # input px read beyond a span: the bicubic kernel's support is 2 px when enlarging
 

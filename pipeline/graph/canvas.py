@@ -15,6 +15,7 @@ import torch
 from pipeline.geometry.cells import Cell, grid_cells
 from pipeline.geometry.chess import Tile, TileGrid
 from pipeline.geometry.feather import feather_mask
+from pipeline.geometry.resize import IMAGE, PIXELS, eight_bit
 
 Box = tuple[int, int, int, int]  # (y, x, h, w)
 
@@ -63,15 +64,18 @@ def blend_cell(cell: Cell, tiles: dict[int, Tile], results, out: torch.Tensor) -
 def blend_cells(grid: TileGrid, cells: tuple[Cell, ...], values: tuple, dtype: torch.dtype, masks: dict) -> tuple:
     """The composites of `cells` in `dtype`, from the outputs of the tiles over them (`values`, in the order of
     those tiles' ids; on any device): what a TiledCanvas writes into the same cells, bit for bit on the same
-    device. `masks` caches the feather weights (tile_mask)."""
+    device. In IMAGE (8-bit levels) each cell is composited in PIXELS and then converted (eight_bit): the levels a
+    float16 canvas gives when the image is written. `masks` caches the feather weights (tile_mask)."""
     ids = sorted({t for cell in cells for t in cell.tiles})
     tiles = {t.id: t for t in grid.tiles if t.id in ids}
     results = {i: (v, tile_mask(grid, tiles[i], masks, v.device)) for i, v in zip(ids, values, strict=True)}
     shape, device = values[0].shape[:-2], values[0].device
-    return tuple(
-        blend_cell(cell, tiles, results, out=torch.empty(*shape, cell.h, cell.w, dtype=dtype, device=device))
+    blended = PIXELS if dtype == IMAGE else dtype
+    out = tuple(
+        blend_cell(cell, tiles, results, out=torch.empty(*shape, cell.h, cell.w, dtype=blended, device=device))
         for cell in cells
     )
+    return tuple(eight_bit(c) for c in out) if dtype == IMAGE else out
 
 
 class Blank:
@@ -272,8 +276,8 @@ class AssembledCanvas:
     waits for the tiles over its cells, reads their outputs through their handles and returns the cells
     composited as a TiledCanvas would (blend_cells); the driver only copies them in. With ids in row order a block
     is a rectangle, `group` tile strides a side, under at most (group + 1)^2 tiles. The pixels a render keeps
-    (float16) are the same as the driver's composite gives on the same device, and the driver holds no tile output
-    and does no float32 arithmetic over the image."""
+    (float16, or their 8-bit levels) are the same as the driver's composite gives on the same device, and the
+    driver holds no tile output and does no float32 arithmetic over the image."""
 
     def __init__(self, grid: TileGrid, channels: int, dtype: torch.dtype, group: int = BLEND_GROUP):
         self.grid, self.dtype = grid, dtype

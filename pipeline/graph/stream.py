@@ -11,9 +11,10 @@ first decode tiles while the refine finishes. The driver keeps each canvas once,
 pixels in float16 (they come from an image and go into the VAE or into an 8-bit PNG; the workers round
 them on their device, so they travel in float16 too), latents in float32, and tile results only until
 every cell under them is composited. The decode's canvas is blended on the workers instead
-(AssembledCanvas): its tiles stay where they were made, and blocks of finished cells come back. The upscale's
-canvas is not made at all where only the encode reads it (HeldCanvas): its tiles stay where they were made, and
-each encode task composites the box it reads from them. The local executor runs the same graph: the same bits.
+(AssembledCanvas): its tiles stay where they were made, and blocks of finished cells come back (in 8 bits
+where they are the final image). The upscale's canvas is not made at all where only the encode reads it
+(HeldCanvas): its tiles stay where they were made, and each encode task composites the box it reads from them.
+The local executor runs the same graph: the same bits.
 """
 
 from __future__ import annotations
