@@ -18,13 +18,14 @@ import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline.detail.detection import Detection
 from pipeline.errors import UserError
 from pipeline.spec import RenderSpec
+
+if TYPE_CHECKING:  # `farm runs` and `farm ledger` read a run folder without loading torch
+    import torch
 
 LEDGER_COLUMNS = (
     "run_id",
@@ -53,6 +54,8 @@ def _atomic(path: Path, write) -> None:
 
 def pack(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """A JSON skeleton of `value` with every tensor moved into `tensors` (tensors, dicts, lists, detections)."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         name = str(len(tensors))
         tensors[name] = value.detach().cpu().contiguous()

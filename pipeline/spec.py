@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from pipeline.detail.detection import Concept
 from pipeline.errors import SpecError
-from pipeline.sampling.schedule import SAMPLERS
+from pipeline.sampling.samplers import SAMPLERS
 from pipeline.text.prompt import STYLES as PROMPT_STYLES
 from pipeline.text.prompt import parse_prompt
 

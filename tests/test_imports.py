@@ -136,17 +136,26 @@ def test_the_drivers_packages_make_openmp_threads_sleep_before_torch_loads():
     assert chosen.stdout.split() == ["ACTIVE", "False"]  # a policy the user set stands
 
 
-def test_asking_the_farm_something_loads_no_model_libraries():
+def _model_libraries_after_importing(modules: str) -> str:
+    """What of torch, diffusers and transformers a fresh interpreter has loaded after importing `modules`."""
     import subprocess
     import sys
 
+    probe = f"import sys, {modules}; print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    return out.stdout.strip() or out.stderr
+
+
+def test_asking_the_farm_something_loads_no_model_libraries():
     # what `farm status` imports, the controller's and the workers' modules, which Ray imports wherever a client looks
     # them up (ray.get_actor), and the HTTP API's, which `farm down` loads to stop it: with torch and diffusers there,
     # every status query took seconds before it asked anything
-    probe = (
-        "import sys, farm.cli, farm.farm_cli, cluster.farm_client, cluster.farm, cluster.farm_worker, "
-        "cluster.farm_api; "
-        "print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    modules = "farm.cli, farm.farm_cli, cluster.farm_client, cluster.farm, cluster.farm_worker, cluster.farm_api"
+    assert _model_libraries_after_importing(modules) == "[]"
+
+
+def test_reading_run_folders_loads_no_model_libraries():
+    # `farm runs` and `farm ledger` read spec.json and the ledger: with the spec's sampler names and concepts coming
+    # from modules that import diffusers and torch, each took 6-8 s before it read a file
+    modules = "farm.runs, farm.rundir, farm.ledger, farm.timeline, pipeline.spec"
+    assert _model_libraries_after_importing(modules) == "[]"

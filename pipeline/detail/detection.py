@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from pipeline.errors import SpecError
+
+if TYPE_CHECKING:  # a spec's concepts are checked without loading torch
+    import torch
 
 SELECTIONS = ("largest", "center", "first", "all")
 MAX_LAYER = 5  # layers 0..5, as in seed 002's detection pipe: 0 structural (faces), 1+ details (eyes)

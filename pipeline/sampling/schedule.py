@@ -23,10 +23,7 @@ from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowM
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from pipeline.errors import SpecError
-
-AUTO = "auto"
-FAMILY_SAMPLERS = {"sdxl": ("dpmpp_2m_karras", "euler"), "flux": ("flow_euler",)}
-SAMPLERS = (AUTO, *(name for names in FAMILY_SAMPLERS.values() for name in names))
+from pipeline.sampling.samplers import AUTO, FAMILY_SAMPLERS, SAMPLERS
 
 
 def resolve_sampler(name: str, family: str) -> str:
