@@ -156,6 +156,6 @@ def test_asking_the_farm_something_loads_no_model_libraries():
 
 def test_reading_run_folders_loads_no_model_libraries():
     # `farm runs` and `farm ledger` read spec.json and the ledger: with the spec's sampler names and concepts coming
-    # from modules that import diffusers and torch, each took 6-8 s before it read a file
+    # from modules that import diffusers and torch, each took 5-8 s on a 2-core VM before it read a file
     modules = "farm.runs, farm.rundir, farm.ledger, farm.timeline, pipeline.spec"
     assert _model_libraries_after_importing(modules) == "[]"
